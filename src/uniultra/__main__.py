@@ -1,0 +1,3 @@
+from uniultra.cli import main
+
+raise SystemExit(main())

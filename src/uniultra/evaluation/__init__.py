@@ -1,0 +1,1 @@
+"""Evaluation: metrics, trivial baselines and the `uniultra evaluate` command."""

@@ -1,0 +1,205 @@
+"""Checkpoint I/O: official SAM2 / SAM2.1 checkpoints in, UniUltra checkpoints in and out.
+
+Official files are `{"model": state_dict}` holding the whole video model; only the image path is
+used, the video-memory keys are reported and ignored, and any missing image-path key is an error.
+UniUltra files hold the config next to the weights so a checkpoint rebuilds its own model.
+All loading uses `weights_only=True`: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniultra.atomic import atomic_write
+from uniultra.models.config import PRESETS, ImageModelConfig, preset
+from uniultra.models.image_model import SAM2ImageModel
+
+FORMAT_NAME = "uniultra"
+FORMAT_VERSION = 1
+# Keys of the official model that belong to the image path; everything else is video memory.
+IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot become the requested model; the message names the file."""
+
+
+@dataclass
+class LoadReport:
+    path: str
+    kind: str  # "official" or "uniultra"
+    preset: str
+    ignored_keys: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        groups = sorted({k.split(".")[0] for k in self.ignored_keys})
+        ignored = f"; ignored {len(self.ignored_keys)} video-memory keys ({', '.join(groups)})" if groups else ""
+        return f"loaded {self.kind} checkpoint {self.path} as preset '{self.preset}'{ignored}"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for corrupt or unsafe files
+        raise CheckpointError(f"{path}: not a readable weights-only torch checkpoint ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict at top level, found {type(data).__name__}")
+    return data
+
+
+def infer_preset(state: dict[str, torch.Tensor], path: str = "checkpoint") -> str:
+    """Name the official preset whose trunk width and depth match the state dict."""
+    try:
+        width = state["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: no image_encoder.trunk.patch_embed.proj.weight: not a SAM2 model") from exc
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("image_encoder.trunk.blocks."))
+    for name, cfg in PRESETS.items():
+        if cfg.embed_dim == width and sum(cfg.stages) == depth:
+            return name
+    raise CheckpointError(f"{path}: no preset has trunk width {width} and {depth} blocks")
+
+
+def load_state_into(model: SAM2ImageModel, state: dict[str, torch.Tensor], path: str) -> list[str]:
+    """Copy image-path weights into `model`; return the ignored (video-memory) keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} image-path keys, e.g. {missing[:5]}")
+    unknown_image_keys = [k for k in state if k.startswith(IMAGE_PATH_PREFIXES) and k not in own]
+    if unknown_image_keys:
+        raise CheckpointError(
+            f"{path}: {len(unknown_image_keys)} image-path keys this model does not have, "
+            f"e.g. {unknown_image_keys[:5]} (wrong preset?)"
+        )
+    bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if state[k].shape != v.shape]
+    if bad_shapes:
+        raise CheckpointError(f"{path}: shape mismatch for {len(bad_shapes)} keys, e.g. {bad_shapes[:3]}")
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    return sorted(k for k in state if k not in own)
+
+
+def load_official(
+    path: str | os.PathLike, image_size: int = 1024, preset_name: str | None = None
+) -> tuple[SAM2ImageModel, LoadReport]:
+    """Build the image model from an official `sam2_hiera_*.pt` / `sam2.1_hiera_*.pt` file."""
+    data = read_checkpoint(path)
+    state = data.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: no 'model' state dict: not an official SAM2 checkpoint")
+    name = preset_name or infer_preset(state, str(path))
+    model = SAM2ImageModel(preset(name, image_size))
+    ignored = load_state_into(model, state, str(path))
+    return model, LoadReport(str(path), "official", name, ignored)
+
+
+def save_model(
+    model: SAM2ImageModel,
+    path: str | os.PathLike,
+    meta: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write config + weights atomically (`.pt`, or `.safetensors` by suffix).
+
+    `state` defaults to the full state dict; pass a subset to store only trained parameters.
+    """
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+              "config": model.config.to_dict(), "meta": meta or {}}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        def write(tmp: str) -> None:
+            save_file(state, tmp, metadata={"uniultra": json.dumps(header)})
+    else:
+        def write(tmp: str) -> None:
+            torch.save({**header, "state_dict": state}, tmp)
+    atomic_write(path, write)
+    return path
+
+
+def load_uniultra(
+    path: str | os.PathLike, image_size: int | None = None, data: dict[str, Any] | None = None
+) -> tuple[SAM2ImageModel, LoadReport]:
+    data = data if data is not None else read_checkpoint(path)
+    if data.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a UniUltra checkpoint (no format='{FORMAT_NAME}')")
+    try:
+        config = ImageModelConfig.from_dict(data["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model config ({exc})") from exc
+    if image_size is not None:
+        config = config.with_size(image_size)
+    model = SAM2ImageModel(config)
+    load_state_into(model, data["state_dict"], str(path))
+    return model, LoadReport(str(path), FORMAT_NAME, config.name)
+
+
+def load_model(
+    spec: str | os.PathLike, image_size: int | None = None, device: str | torch.device = "cpu"
+) -> SAM2ImageModel:
+    """Build a ready-to-use model (eval mode) from a path, `default`, or `preset:NAME` (random weights)."""
+    spec_str = str(spec)
+    if spec_str == "default":
+        model = load_default_model(image_size)
+    elif spec_str.startswith("preset:"):
+        warnings.warn(f"{spec_str}: randomly initialised weights, masks will be meaningless", stacklevel=2)
+        model = SAM2ImageModel(preset(spec_str.split(":", 1)[1], image_size or 1024))
+    else:
+        data = read_checkpoint(spec_str)
+        if "model" in data and "format" not in data:
+            model, _ = load_official(spec_str, image_size or 1024)
+        else:
+            model, _ = load_uniultra(spec_str, image_size, data)
+    return model.to(device).eval()
+
+
+def bundled_default_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "uniultra-mini-default.safetensors"
+
+
+def load_default_model(image_size: int | None = None) -> SAM2ImageModel:
+    path = bundled_default_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled default model is not in this installation ({path}); "
+            "pass a checkpoint path with --model instead"
+        )
+    model, _ = load_uniultra(path, image_size)
+    return model
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Identity of a base checkpoint, recorded in adapter-only checkpoints."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("uniultra", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return {**header, "state_dict": state}

@@ -1,0 +1,122 @@
+"""`uniultra info`: parameters and FLOPs of a preset or a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from uniultra.models.config import PRESETS, preset
+from uniultra.models.image_model import SAM2ImageModel
+
+
+@dataclass
+class ModelInfo:
+    preset: str
+    image_size: int
+    trunk_params: int
+    neck_params: int
+    encoder_params: int
+    prompt_encoder_params: int
+    mask_decoder_params: int
+    whole_params: int
+    encoder_gflops: float
+    high_res_projection_gflops: float
+    decoder_gflops_per_prompt: float
+
+
+def describe(model: SAM2ImageModel) -> ModelInfo:
+    from uniultra.evaluation.efficiency import count_parameters
+
+    enc = model.image_encoder
+    enc_flops, proj_flops, dec_flops = count_model_flops(model)
+    return ModelInfo(
+        preset=model.config.name,
+        image_size=model.image_size,
+        trunk_params=count_parameters(enc.trunk),
+        neck_params=count_parameters(enc.neck),
+        encoder_params=count_parameters(enc),
+        prompt_encoder_params=count_parameters(model.sam_prompt_encoder),
+        mask_decoder_params=count_parameters(model.sam_mask_decoder),
+        whole_params=count_parameters(model),
+        encoder_gflops=enc_flops / 1e9,
+        high_res_projection_gflops=proj_flops / 1e9,
+        decoder_gflops_per_prompt=dec_flops / 1e9,
+    )
+
+
+def count_model_flops(model: SAM2ImageModel) -> tuple[int, int, int]:
+    """FLOPs of the image encoder (trunk + neck), of the decoder's once-per-image high-res
+    projections (conv_s0, conv_s1), and of one box-prompt decoding; attention included.
+
+    The count runs on shape-only "meta" copies, so even Hiera-L at 1024 costs no real compute.
+    """
+    from uniultra.evaluation.efficiency import count_flops
+
+    meta = SAM2ImageModel(model.config).to("meta") if _on_real_device(model) else model
+    size = model.image_size
+    images = torch.zeros(1, 3, size, size, device="meta")
+    box = torch.tensor([[0.1 * size, 0.1 * size, 0.6 * size, 0.7 * size]], device="meta")
+    with torch.inference_mode():
+        encoder_flops = count_flops(lambda: meta.image_encoder(images))
+        per_image_flops = count_flops(lambda: meta.encode_image(images))
+        features = meta.encode_image(images)
+        decoder_flops = count_flops(lambda: meta.decode(features, boxes=box))
+    return encoder_flops, per_image_flops - encoder_flops, decoder_flops
+
+
+def _on_real_device(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type != "meta"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="parameters and FLOPs of a model",
+        description="Print parameter counts (trunk, neck, image encoder, decoder, whole model) and FLOPs "
+        "(attention included) of a preset or a checkpoint.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset (random weights)")
+    source.add_argument("--model", help="checkpoint path or 'default'")
+    p.add_argument("--size", type=int, default=None, help="input size, a multiple of 32 (default 1024 for presets)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.preset:
+        # Parameters do not depend on the values, so a meta-device model is enough and instant.
+        with torch.device("meta"):
+            model = SAM2ImageModel(preset(args.preset, args.size or 1024))
+    else:
+        from uniultra.models.checkpoint import load_model
+
+        model = load_model(args.model, image_size=args.size)
+    info = describe(model)
+    print(json.dumps(asdict(info), indent=2) if args.json else format_info(info))
+    return 0
+
+
+def format_info(info: ModelInfo) -> str:
+    rows = [
+        ("Hiera trunk", info.trunk_params),
+        ("FPN neck", info.neck_params),
+        ("image encoder (trunk + neck)", info.encoder_params),
+        ("prompt encoder", info.prompt_encoder_params),
+        ("mask decoder", info.mask_decoder_params),
+        ("whole image model", info.whole_params),
+    ]
+    # Official checkpoints also hold video-memory modules (memory attention/encoder, object
+    # pointers); they are not part of the image path and are not counted here.
+    lines = [f"preset {info.preset}, input {info.image_size}x{info.image_size}", "parameters:"]
+    lines += [f"  {name:<30} {n / 1e6:10.3f} M  ({n:,})" for name, n in rows]
+    lines += [
+        "FLOPs (attention counted; 1 multiply-add = 2 FLOPs):",
+        f"  {'image encoder (trunk + neck)':<30} {info.encoder_gflops:10.1f} G",
+        f"  {'high-res projections':<30} {info.high_res_projection_gflops:10.2f} G  (once per image)",
+        f"  {'decoder, one box prompt':<30} {info.decoder_gflops_per_prompt:10.2f} G",
+    ]
+    return "\n".join(lines)
