@@ -14,6 +14,8 @@ import sys
 # dependency of one command does not take the others down.
 COMMAND_MODULES: tuple[str, ...] = (
     "uniultra.models.info_command",
+    "uniultra.data.commands",
+    "uniultra.evaluation.command",
 )
 
 

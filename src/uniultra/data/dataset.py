@@ -1,0 +1,163 @@
+"""Dataset folders: `DATASET/images/<stem>.<ext>` paired with `DATASET/masks/<stem>.png`.
+
+A dataset is named after its directory (`../shared/data/busi` -> `busi`); that name travels
+with every sample so several datasets can be trained on together and reported separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from uniultra.data.image_io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_image, read_mask
+
+IMAGES_DIR = "images"
+MASKS_DIR = "masks"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/mask pair on disk; `mask_path` is None only in an unlabelled folder."""
+
+    dataset: str
+    stem: str
+    image_path: Path
+    mask_path: Path | None
+
+
+@dataclass
+class FolderListing:
+    """What `images/` and `masks/` contain, before any file is decoded."""
+
+    images: dict[str, list[Path]] = field(default_factory=dict)
+    masks: dict[str, list[Path]] = field(default_factory=dict)
+    ignored: list[Path] = field(default_factory=list)
+
+    def paired_stems(self) -> list[str]:
+        return natural_sorted(set(self.images) & set(self.masks))
+
+
+def dataset_name(root: str | Path) -> str:
+    return Path(root).resolve().name
+
+
+def natural_sorted(stems: Iterable[str]) -> list[str]:
+    """Sort so `img2` comes before `img10` (the order users expect when editing a split file)."""
+
+    def key(stem: str) -> list[tuple[int, int | str]]:
+        return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", stem) if part]
+
+    return sorted(stems, key=key)
+
+
+def list_folder(root: str | Path) -> FolderListing:
+    """Index image and mask files by stem; hidden files are skipped, other extensions ignored."""
+    root = Path(root)
+    listing = FolderListing()
+    for subdir, extensions, index in (
+        (IMAGES_DIR, IMAGE_EXTENSIONS, listing.images),
+        (MASKS_DIR, MASK_EXTENSIONS, listing.masks),
+    ):
+        for path in sorted((root / subdir).iterdir()) if (root / subdir).is_dir() else []:
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if path.suffix.lower() in extensions:
+                index.setdefault(path.stem, []).append(path)
+            else:
+                listing.ignored.append(path)
+    return listing
+
+
+def require_dataset_dir(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory {root} does not exist")
+    if not (root / IMAGES_DIR).is_dir():
+        raise FileNotFoundError(f"{root} has no {IMAGES_DIR}/ folder (expected images/ and masks/)")
+    return root
+
+
+def image_content_hash(image: np.ndarray) -> str:
+    """Hash of the decoded pixels, so the same image saved twice with different encoders matches."""
+    digest = hashlib.sha1(f"{image.dtype.str}{image.shape}".encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+class SegmentationDataset:
+    """The pairs of one dataset folder, optionally restricted to one split.
+
+    `split=None` means every paired image. Items are dicts with `dataset`, `stem`, `image`
+    (native dtype, see `read_image`) and `mask` (HxW bool).
+    """
+
+    def __init__(self, root: str | Path, split: str | None = None, splits_file: str | Path | None = None):
+        from uniultra.data.split import load_split_stems
+
+        self.root = require_dataset_dir(root)
+        self.name = dataset_name(self.root)
+        listing = list_folder(self.root)
+        _refuse_ambiguous(listing)
+        stems = listing.paired_stems()
+        if split is not None:
+            stems = load_split_stems(self.root, split, splits_file, available=stems)
+        self.split = split
+        self.samples = [
+            Sample(self.name, stem, listing.images[stem][0], listing.masks[stem][0]) for stem in stems
+        ]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_sample(self.samples[index])
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+
+class MultiDataset:
+    """Several datasets behind one index, each item still naming its dataset for per-set reports."""
+
+    def __init__(self, datasets: Sequence[SegmentationDataset]):
+        names = [d.name for d in datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets must have distinct directory names, got {names}")
+        self.datasets = list(datasets)
+        self.samples = [sample for d in self.datasets for sample in d.samples]
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_sample(self.samples[index])
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+
+def load_sample(sample: Sample) -> dict:
+    image = read_image(sample.image_path)
+    mask = read_mask(sample.mask_path) if sample.mask_path is not None else None
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"{sample.mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+            f"{sample.image_path.name} size {image.shape[1]}x{image.shape[0]}"
+        )
+    return {"dataset": sample.dataset, "stem": sample.stem, "image": image, "mask": mask}
+
+
+def _refuse_ambiguous(listing: FolderListing) -> None:
+    for stem, paths in listing.images.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise ValueError(f"stem {stem!r} has several images ({names}); keep one")
