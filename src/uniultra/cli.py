@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "uniultra.models.info_command",
     "uniultra.data.commands",
     "uniultra.evaluation.command",
+    "uniultra.segment.command",
 )
 
 
