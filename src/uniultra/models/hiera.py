@@ -149,6 +149,15 @@ class MultiScaleBlock(nn.Module):
         # The residual must change width with the attention branch; it is projected from the
         # *normalised* input (as in the official model), then pooled like the queries.
         self.proj = nn.Linear(dim, dim_out) if dim != dim_out else None
+        # Optional adapter slot (uniultra.peft): a module mapping norm2(x) (B, H, W, dim_out) to a
+        # residual added in parallel with the MLP. None costs nothing, keeps the official state-dict
+        # keys and leaves the block's outputs bit-identical.
+        self.adapter: nn.Module | None = None
+        # Distillation taps (uniultra.peft.taps.record_taps): when set to a dict, forward stores
+        # "block" (x + MLP, without the adapter: D2), "adapter" (the adapter output: D3, None when
+        # there is no adapter) and "output" (their sum, the block's return value: D1 at a stage end).
+        # Tensors are stored as computed (not detached) so a student's taps carry gradients.
+        self.tap_store: dict[str, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = self.norm1(x)
@@ -162,7 +171,13 @@ class MultiScaleBlock(nn.Module):
         else:
             out = self.attn(normed)
         x = shortcut + self.drop_path(out)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        normed = self.norm2(x)
+        x = x + self.drop_path(self.mlp(normed))
+        adapter_out = None if self.adapter is None else self.adapter(normed)
+        out = x if adapter_out is None else x + adapter_out
+        if self.tap_store is not None:
+            self.tap_store.update(block=x, adapter=adapter_out, output=out)
+        return out
 
 
 @dataclass(frozen=True)
