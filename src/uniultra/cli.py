@@ -17,6 +17,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "uniultra.data.commands",
     "uniultra.evaluation.command",
     "uniultra.segment.command",
+    "uniultra.engine.command",
+    "uniultra.serve.command",
 )
 
 

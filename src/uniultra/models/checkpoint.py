@@ -4,6 +4,15 @@ Official files are `{"model": state_dict}` holding the whole video model; only t
 used, the video-memory keys are reported and ignored, and any missing image-path key is an error.
 UniUltra files hold the config next to the weights so a checkpoint rebuilds its own model.
 All loading uses `weights_only=True`: a checkpoint is data, never code.
+
+A UniUltra file's `meta` may describe how it was trained (written by `uniultra train`):
+- `meta["peft"]`: the PEFT config; applied before loading when the weights contain inserted
+  modules (adapters, LoRA);
+- `meta["weights"] == "trained"`: the file holds ONLY the trained parameters (adapter-only
+  checkpoint). `meta["base"]` names the checkpoint they were trained on (`path`, `abs_path`,
+  `sha256`); loading rebuilds that base (or the file given as `base=`), checks its sha256,
+  applies the PEFT config and copies the trained parameters in. Without this key the file is
+  complete and loads on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from uniultra.models.image_model import SAM2ImageModel
 
 FORMAT_NAME = "uniultra"
 FORMAT_VERSION = 1
+# meta["weights"] of a file holding only the trained parameters (needs its base to load).
+WEIGHTS_TRAINED = "trained"
+WEIGHTS_FULL = "full"
 # Keys of the official model that belong to the image path; everything else is video memory.
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
 
@@ -134,8 +146,12 @@ def save_model(
 
 
 def load_uniultra(
-    path: str | os.PathLike, image_size: int | None = None, data: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    data: dict[str, Any] | None = None,
+    base: str | os.PathLike | None = None,
 ) -> tuple[SAM2ImageModel, LoadReport]:
+    """Rebuild a UniUltra checkpoint; `base` overrides where an adapter-only file's base is read."""
     data = data if data is not None else read_checkpoint(path)
     if data.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a UniUltra checkpoint (no format='{FORMAT_NAME}')")
@@ -145,15 +161,108 @@ def load_uniultra(
         raise CheckpointError(f"{path}: invalid model config ({exc})") from exc
     if image_size is not None:
         config = config.with_size(image_size)
+    meta = data.get("meta") or {}
+    state = data["state_dict"]
+    if meta.get("weights") == WEIGHTS_TRAINED:
+        return _load_trained_subset(Path(path), config, meta, state, base)
     model = SAM2ImageModel(config)
-    load_state_into(model, data["state_dict"], str(path))
+    plain_keys = set(model.state_dict())
+    if any(k not in plain_keys for k in state):
+        if not meta.get("peft"):
+            extra = sorted(k for k in state if k not in plain_keys)
+            raise CheckpointError(f"{path}: {len(extra)} keys this model does not have, e.g. {extra[:4]}, "
+                                  "and no PEFT config in the file to insert them")
+        _apply_peft(model, meta["peft"], path)
+    load_state_into(model, state, str(path))
     return model, LoadReport(str(path), FORMAT_NAME, config.name)
 
 
+def base_identity(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """What an adapter-only checkpoint records about the checkpoint it was trained on."""
+    path = Path(path)
+    return {"kind": kind, "path": str(path), "abs_path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def load_base_model(
+    path: str | os.PathLike, image_size: int | None = None
+) -> tuple[SAM2ImageModel, dict[str, Any]]:
+    """A starting point for training: an official SAM2 file or a UniUltra checkpoint, plus its identity."""
+    data = read_checkpoint(path)
+    if "model" in data and "format" not in data:
+        model, _ = load_official(path, image_size or 1024)
+        kind = "official"
+    else:
+        model, _ = load_uniultra(path, image_size, data)
+        kind = FORMAT_NAME
+    return model, base_identity(path, kind)
+
+
+def _apply_peft(model: SAM2ImageModel, peft: dict[str, Any], path: str | os.PathLike):
+    from uniultra.peft.apply import apply_peft
+
+    try:
+        return apply_peft(model, peft)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot apply its PEFT config {peft} ({exc})") from exc
+
+
+def _find_base(path: Path, recorded: dict[str, Any], explicit: str | os.PathLike | None) -> Path:
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"base checkpoint {explicit} does not exist")
+        return Path(explicit)
+    candidates = [Path(p) for p in (recorded.get("path"), recorded.get("abs_path")) if p]
+    if recorded.get("path"):
+        candidates.append(path.parent / Path(recorded["path"]).name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates) or "nowhere (no base recorded)"
+    raise CheckpointError(
+        f"{path}: holds only trained parameters; its base checkpoint (sha256 {recorded.get('sha256', '?')}) "
+        f"was not found (looked at {looked}); pass the base file (load_model(..., base=FILE), --base FILE)"
+    )
+
+
+def _load_trained_subset(
+    path: Path, config: ImageModelConfig, meta: dict[str, Any], state: dict[str, torch.Tensor],
+    explicit_base: str | os.PathLike | None,
+) -> tuple[SAM2ImageModel, LoadReport]:
+    from uniultra.peft.apply import PeftError, load_trainable_state
+
+    recorded = meta.get("base") or {}
+    if "peft" not in meta:
+        raise CheckpointError(f"{path}: adapter-only checkpoint without its PEFT config (meta['peft'])")
+    base_path = _find_base(path, recorded, explicit_base)
+    digest = file_sha256(base_path)
+    if recorded.get("sha256") and digest != recorded["sha256"]:
+        raise CheckpointError(
+            f"{path}: was trained on a base with sha256 {recorded['sha256']} ({recorded.get('path')}), "
+            f"but {base_path} has sha256 {digest}: not the same base checkpoint"
+        )
+    model, _ = load_base_model(base_path, config.image_size)
+    arch = ("trunk", "neck", "decoder", "backbone_stride")
+    if any(getattr(model.config, k) != getattr(config, k) for k in arch):
+        raise CheckpointError(f"{path}: base {base_path} has another architecture than the trained model")
+    model.config = config
+    _apply_peft(model, meta["peft"], path)
+    try:
+        load_trainable_state(model, state)
+    except PeftError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return model, LoadReport(str(path), f"{FORMAT_NAME} adapter-only on {base_path}", config.name)
+
+
 def load_model(
-    spec: str | os.PathLike, image_size: int | None = None, device: str | torch.device = "cpu"
+    spec: str | os.PathLike,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    base: str | os.PathLike | None = None,
 ) -> SAM2ImageModel:
-    """Build a ready-to-use model (eval mode) from a path, `default`, or `preset:NAME` (random weights)."""
+    """Build a ready-to-use model (eval mode) from a path, `default`, or `preset:NAME` (random weights).
+
+    `base`: for an adapter-only checkpoint, the base checkpoint file (default: the path recorded in it).
+    """
     spec_str = str(spec)
     if spec_str == "default":
         model = load_default_model(image_size)
@@ -165,7 +274,7 @@ def load_model(
         if "model" in data and "format" not in data:
             model, _ = load_official(spec_str, image_size or 1024)
         else:
-            model, _ = load_uniultra(spec_str, image_size, data)
+            model, _ = load_uniultra(spec_str, image_size, data, base=base)
     return model.to(device).eval()
 
 

@@ -1,0 +1,73 @@
+"""`uniultra train`: train or adapt a model from a YAML config (docs/training.md).
+
+Several processes: `torchrun --nproc_per_node N -m uniultra train --config ...` (DDP; nccl on
+CUDA, gloo on CPU). Only process 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from uniultra.config_io import merge_dicts
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train / adapt a model (PEFT, DDP, resumable) from a YAML config",
+        description="Train from a YAML config. Relative paths in the config are resolved against the "
+                    "current directory. Writes OUT/{last.pt,best.pt,steps.csv,epochs.csv,log.json,curves.png}.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="YAML training config (e.g. configs/cpu/...)")
+    parser.add_argument("--data", action="append", default=None, metavar="DIR",
+                        help="dataset folder (repeatable); replaces the config's data list, train/val splits")
+    parser.add_argument("--base", default=None, metavar="CHECKPOINT",
+                        help="starting checkpoint (official SAM2 .pt or UniUltra); overrides model.base")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides out_dir)")
+    parser.add_argument("--epochs", type=int, default=None, help="number of epochs (overrides optim.epochs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/last.pt (starts fresh when there is none)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                        help="override any config key, e.g. --set optim.lr=5e-4 (value read as YAML; repeatable)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (overrides device)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no progress bar / cache bars (lines every log_every steps instead)")
+    parser.set_defaults(func=run_train)
+
+
+def build_overrides(args: argparse.Namespace) -> dict:
+    from uniultra.engine.config import parse_set_option
+
+    overrides: dict = {}
+    for text in args.set_options:
+        overrides = merge_dicts(overrides, parse_set_option(text))
+    if args.base is not None:
+        overrides = merge_dicts(overrides, {"model": {"base": args.base}})
+    if args.out is not None:
+        overrides["out_dir"] = args.out
+    if args.epochs is not None:
+        overrides = merge_dicts(overrides, {"optim": {"epochs": args.epochs}})
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.progress is not None:
+        overrides["progress"] = args.progress
+    return overrides
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from uniultra.engine.config import load_train_config
+    from uniultra.engine.trainer import train
+
+    config = load_train_config(args.config, build_overrides(args), args.data)
+    command = shlex.join(["uniultra", *sys.argv[1:]])
+    result = train(config, resume=args.resume, command=command, source=str(args.config))
+    state = result.state
+    if state.best_epoch is not None and state.best_score is not None:
+        print(f"done: {state.epoch} epochs, {state.step} steps; best val Dice {100 * state.best_score:.2f} "
+              f"at epoch {state.best_epoch}; {result.out_dir / 'best.pt'}")
+    else:
+        print(f"done: {state.epoch} epochs, {state.step} steps; {result.out_dir / 'best.pt'}")
+    return 0

@@ -1,0 +1,238 @@
+"""`TrainConfig`: everything a training run needs, read from a small YAML file.
+
+Paths inside a config (data folders, the base checkpoint, `out_dir`, `cache_dir`) are resolved
+against the CURRENT WORKING DIRECTORY, exactly like paths given on the command line; the shipped
+configs assume you run from the repository root (so `../shared/data/busi` is the shared data).
+See docs/training.md for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from uniultra.config_io import ConfigError, from_dict, load_yaml, merge_dicts, to_dict
+
+TRAIN_PROMPT_MODES = ("box", "point", "points3", "box+point")
+PHANTOM_KINDS = Literal["hypoechoic", "hyperechoic", "cyst", "mixed"]
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Architecture and starting weights.
+
+    - `base`: a checkpoint to start from (official SAM2/SAM2.1 `.pt` or a UniUltra checkpoint);
+      the architecture then comes from that file, and `preset`/`config`, when given, must match it.
+    - no `base`: random initialisation (seeded) of `preset`, with `config` (a partial or whole
+      ImageModelConfig mapping: name, trunk, neck, decoder, ...) merged over it.
+    """
+
+    preset: str | None = None
+    config: dict[str, Any] | None = None
+    image_size: int = 1024
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """Synthetic phantoms generated once (uniultra.data.phantom) and used as a dataset."""
+
+    n: int = 200
+    seed: int = 0
+    size: int = 256
+    kind: PHANTOM_KINDS = "mixed"
+    n_lesions: int = 1
+    geometry: Literal["linear", "sector", "random"] = "random"
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"phantom n must be >= 2, got {self.n}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"phantom val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class DataEntry:
+    """One dataset folder. `split_train` / `split_val`: a split name, "all" (every image) or null
+    (the set is not used for training / for validation). `phantom`: generate the folder first
+    (into `path`, default `<out_dir>/data/<name>`), with its own splits.json."""
+
+    path: str | None = None
+    name: str | None = None
+    split_train: str | None = "train"
+    split_val: str | None = "val"
+    splits_file: str | None = None
+    phantom: PhantomSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.phantom is None:
+            raise ValueError("a data entry needs a path (or a phantom spec)")
+        if self.phantom is not None and self.name is None and self.path is None:
+            raise ValueError("a phantom data entry needs a name or a path")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path or "").resolve().name
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    gamma: float = 0.98  # lr *= gamma after every epoch
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr over the first steps
+    grad_clip: float | None = 1.0  # max global gradient norm; null = no clipping
+    batch_size: int = 4  # per process (global batch = batch_size * processes)
+    epochs: int = 200
+    ema: float | None = None  # decay of an exponential moving average of the trained weights
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.warmup_steps < 0:
+            raise ValueError("need lr > 0, batch_size >= 1, epochs >= 0, warmup_steps >= 0")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be a decay in (0, 1) or null, got {self.ema}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    focal: float = 0.2
+    dice: float = 0.8
+    iou: float = 1.0  # MSE between the IoU head and the real IoU of the predicted mask
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # One positive point is ambiguous: predict the 3 multimask candidates and train the best one
+    # (SAM/SAM2 practice); every other prompt trains the single-mask output.
+    multimask_for_points: bool = True
+
+
+@dataclass(frozen=True)
+class TrainPromptConfig:
+    # Probability of each prompt kind per training sample (normalised to sum 1).
+    modes: dict[str, float] = field(default_factory=lambda: {"box": 0.6, "point": 0.2, "box+point": 0.2})
+    # Box jitter J (px at 1024 scale): each sample draws J from this list, then pushes each side
+    # outward by uniform 0..J. Keep 0 in the list: exact boxes must be trained too (SPEC 8).
+    jitter: tuple[float, ...] = (0.0, 10.0, 20.0, 30.0)
+    # Probability that a positive point is the farthest-interior pixel (what evaluation uses);
+    # otherwise it is uniform inside the object.
+    center_point_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.modes) - set(TRAIN_PROMPT_MODES))
+        if bad:
+            raise ValueError(f"unknown training prompt modes {bad}; choose from {list(TRAIN_PROMPT_MODES)}")
+        if not self.modes or any(p < 0 for p in self.modes.values()) or sum(self.modes.values()) <= 0:
+            raise ValueError("training prompt mode probabilities must be >= 0 with a positive sum")
+        if not self.jitter or any(j < 0 for j in self.jitter):
+            raise ValueError("jitter must be a non-empty list of values >= 0")
+
+
+@dataclass(frozen=True)
+class ValPromptConfig:
+    mode: Literal["box", "point", "points3", "box+point"] = "box"
+    jitter: float = 20.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    train: TrainPromptConfig = field(default_factory=TrainPromptConfig)
+    val: ValPromptConfig = field(default_factory=ValPromptConfig)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.5  # probability of a left-right flip
+    vflip: float = 0.0  # probability of an up-down flip (off: the probe is at the top)
+    affine_prob: float = 0.8  # probability of the random scale / shift below
+    scale: tuple[float, float] = (0.9, 1.1)
+    shift: float = 0.1  # max translation, fraction of the image side
+    rotate: float = 0.0  # max rotation in degrees
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    peft: dict[str, Any] = field(default_factory=lambda: {"method": "full"})
+    data: tuple[DataEntry, ...] = ()
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    out_dir: str = "runs/train"
+    log_every: int = 20  # steps between progress lines / log flushes
+    checkpoint_every: int = 0  # steps between mid-epoch last.pt saves (0: at epoch ends only)
+    num_workers: int = 0  # DataLoader workers per process
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # autocast dtype on CUDA (CPU always runs fp32)
+    device: str = "auto"  # auto = cuda if available else cpu; or cpu, cuda, cuda:1, mps
+    threads: int | None = None  # torch CPU threads per process (null: torch's default)
+    cache_dir: str | None = None  # resized-image cache on disk (shared by processes); null = memory
+    val_batch_size: int = 8
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        config = from_dict(cls, data, source)
+        config.peft_config(source)  # validate now, with the file named
+        if not config.data:
+            raise ConfigError(f"{source}: data: no dataset given (list entries, or pass --data DIR)")
+        labels = [d.label for d in config.data]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"{source}: data: dataset names must be distinct, got {labels}")
+        return config
+
+    def peft_config(self, source: str = "config"):
+        from uniultra.peft.config import PeftConfig
+
+        try:
+            return PeftConfig.from_dict(self.peft)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: peft: {exc}") from exc
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_train_config(
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    data_dirs: list[str] | None = None,
+) -> TrainConfig:
+    """Read a YAML config, apply command-line overrides (a nested mapping merged over it) and
+    `--data` folders (which replace the config's data list), and validate the result."""
+    data = load_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "command line"
+    if overrides:
+        data = merge_dicts(data, overrides)
+    if data_dirs:
+        data["data"] = [{"path": d} for d in data_dirs]
+    return TrainConfig.from_dict(data, source)
+
+
+def parse_set_option(text: str) -> dict[str, Any]:
+    """`optim.lr=1e-3` -> {"optim": {"lr": 0.001}}; the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    result: dict[str, Any] = {}
+    node = result
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
