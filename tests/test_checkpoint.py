@@ -93,3 +93,39 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {}, "hook": CheckpointError("x")}, path)
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_model(path)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_pack_makes_a_standalone_file(mini, tmp_path, half):
+    from uniultra.cli import main
+
+    src = save_model(mini, tmp_path / "src.pt")
+    out = tmp_path / "packed.safetensors"
+    assert main(["pack", str(src), str(out), *(["--half"] if half else []), "--meta", '{"note": "x"}']) == 0
+    packed = load_model(out)
+    a, b = mini.state_dict(), packed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if half and a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k].half().float(), rtol=0, atol=0)
+        else:
+            assert torch.equal(a[k], b[k])
+    assert packed.state_dict()["no_mem_embed"].dtype == torch.float32
+
+
+def test_pack_keeps_adapters(tmp_path):
+    from uniultra.models.checkpoint import pack_model
+    from uniultra.peft import PeftConfig, apply_peft
+
+    torch.manual_seed(0)
+    model = SAM2ImageModel.from_preset("mini", 64)
+    apply_peft(model, PeftConfig(method="ch_adapter"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter" in name:
+                p.normal_()
+    src = save_model(model, tmp_path / "ad.pt", meta={"peft": model.peft_config.to_dict()})
+    packed = load_model(pack_model(src, tmp_path / "ad.safetensors"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(packed.encode_image(x).image_embed, model.eval().encode_image(x).image_embed)

@@ -14,10 +14,12 @@ import sys
 # dependency of one command does not take the others down.
 COMMAND_MODULES: tuple[str, ...] = (
     "uniultra.models.info_command",
+    "uniultra.models.pack_command",
     "uniultra.data.commands",
     "uniultra.evaluation.command",
     "uniultra.segment.command",
     "uniultra.engine.command",
+    "uniultra.distill.command",
     "uniultra.serve.command",
 )
 

@@ -241,7 +241,13 @@ class Trainer:
         hooks: TrainHooks | None = None,
         command: str | None = None,
         source: str = "config",
+        start_model: tuple[SAM2ImageModel, dict[str, Any]] | None = None,
     ) -> None:
+        """`start_model`: (model, identity of its weights) to train INSTEAD of building one from
+        `config.model` and applying `config.peft` (e.g. a distilled student, uniultra.distill). The
+        model comes with its PEFT already applied and its trained parameters marked requires_grad;
+        `config.peft` must be that PEFT config (it is stored in best.pt). Its checkpoints always hold
+        every weight (there is no base file to rebuild the frozen part from)."""
         self.config = config
         self.resume = resume
         self.hooks = hooks or TrainHooks()
@@ -249,6 +255,7 @@ class Trainer:
         self.source = source
         self.out_dir = Path(config.out_dir)
         self.state = TrainState()
+        self.start_model = start_model
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -269,11 +276,15 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
 
-        self.model, self.base_identity = build_model(cfg, self.source)
-        from uniultra.peft.apply import apply_peft, set_train_mode
+        from uniultra.peft.apply import apply_peft, set_train_mode, trainable_report
 
         self.peft = cfg.peft_config(self.source)
-        self.report = apply_peft(self.model, self.peft)
+        if self.start_model is not None:
+            self.model, self.base_identity = self.start_model
+            self.report = trainable_report(self.model)
+        else:
+            self.model, self.base_identity = build_model(cfg, self.source)
+            self.report = apply_peft(self.model, self.peft)
         self._say(self.report.format())
         self.model.to(self.ctx.device)
         set_train_mode(self.model, True)
@@ -281,8 +292,8 @@ class Trainer:
         if not self.trained:
             raise ValueError("nothing to train: the PEFT config freezes every parameter")
         # Complete weights unless a base file holds the frozen part.
-        self.save_full = self.base_identity["kind"] == "random init" or len(self.trained) == len(
-            list(self.model.parameters()))
+        self.save_full = self.start_model is not None or self.base_identity["kind"] == "random init" or len(
+            self.trained) == len(list(self.model.parameters()))
 
         self._setup_data()
         self._setup_optim()

@@ -312,3 +312,22 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     return {**header, "state_dict": state}
+
+
+def pack_model(
+    source: str | os.PathLike, out: str | os.PathLike, half: bool = False, meta: dict[str, Any] | None = None
+) -> Path:
+    """A standalone deployable file from any loadable checkpoint (adapters merged into one file).
+
+    `half` stores floating-point weights as fp16 (half the size); they are widened back to the
+    model's fp32 parameters on load.
+    """
+    model = load_model(source)
+    state = model.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    peft = getattr(model, "peft_config", None)
+    info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
+    if peft is not None:
+        info["peft"] = peft.to_dict()
+    return save_model(model, out, meta=info, state=state)

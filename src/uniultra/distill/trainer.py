@@ -1,0 +1,652 @@
+"""The distillation run: `distill(config)` (what `uniultra distill` runs), see docs/distill.md.
+
+Phase 1, DSKD (SPEC 4): per step the frozen teacher's taps (computed, or read from the teacher
+cache) and the student's taps through their necks give L_DSKD; Adam(W) with the engine's schedule
+`lr * gamma**epoch * min(1, (step + 1) / warmup_steps)`, gradient clipping, optional EMA. Trained:
+the student trunk up to the last distilled stage with its adapters, and the necks; frozen: the
+teacher, the student's later stages and FPN neck (outside L_DSKD) and the inherited prompt
+encoder, mask decoder and no_mem_embed (distillation happens at the encoder only). Per epoch:
+L_DSKD on the val split (un-augmented; never the test split); `distilled.pt` keeps the student of
+the best (lowest) val L_DSKD, or of the last epoch without a val split.
+
+Phase 2, optional (`finetune.epochs > 0`): end-to-end fine-tuning of the distilled student with the
+segmentation loss by the training engine (uniultra.engine.trainer.Trainer, handed the student
+prebuilt), in `<out_dir>/finetune` with its own logs, last.pt and best.pt (val Dice selection).
+The student's later stages and FPN neck are first trained here, so a usable segmenter needs it.
+
+Files in `out_dir`:
+- `student.pt`   THE result: the full student (mini trunk + adapters + FPN neck + inherited or
+  fine-tuned decoder), every weight, `meta.peft` so `load_model("student.pt")` rebuilds the adapters;
+  it is finetune/best.pt when fine-tuning ran, else distilled.pt;
+- `distilled.pt` the student after DSKD (same format);
+- `last.pt`      resume state of the DSKD phase (student + necks, optimiser, EMA, RNG states, epoch,
+  step, position in the epoch); written atomically at epoch ends and every `checkpoint_every` steps;
+- `steps.csv`, `epochs.csv`, `log.json`, `curves.png`: DSKD logs (one column per term);
+- `distill_report.json`: config, teacher identity, parameter counts, per-term losses, timings,
+  fine-tuning result, output files;
+- `teacher_cache/` (when enabled without a `dir`), `finetune/`.
+
+Resume (`--resume`): data order is a function of (seed, epoch), each sample's augmentation of
+(seed, epoch, index), RNG states are restored, so a resumed run reproduces the uninterrupted one
+bit for bit on CPU (same seed and process count). A finished DSKD phase is not redone; the
+fine-tuning phase resumes through the engine's own mechanism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from uniultra.atomic import atomic_write, atomic_write_text
+from uniultra.distill import data as DD
+from uniultra.distill.config import DistillConfig, term_name
+from uniultra.distill.logs import DistillLog
+from uniultra.distill.model import (
+    DSKD,
+    build_student,
+    load_teacher,
+    mark_dskd_trainable,
+    mark_finetune_trainable,
+    resolve_student_peft,
+    stage_strides,
+    teacher_taps,
+)
+from uniultra.engine import data as D
+from uniultra.engine.distributed import setup
+from uniultra.engine.trainer import EMA, HASH_DIR_ENV, TrainHooks, rng_state, set_rng_state, state_hash
+from uniultra.models.checkpoint import WEIGHTS_FULL, base_identity, load_model, save_model
+from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft.config import PeftConfig
+
+STATE_FORMAT = "uniultra-distill-state"
+STATE_VERSION = 1
+# Config keys that may change between a run and its resumption (they do not change the DSKD result).
+RESUMABLE_CHANGES = ("optim.epochs", "teacher.", "finetune.", "out_dir", "log_every", "checkpoint_every",
+                     "num_workers", "device", "progress", "cache_dir", "val_batch_size", "threads",
+                     "teacher_cache.dir")
+
+
+@dataclass
+class DistillState:
+    epoch: int = 0  # completed DSKD epochs
+    step: int = 0
+    batch_in_epoch: int = 0
+    best_score: float | None = None  # lowest val L_DSKD so far
+    best_epoch: int | None = None
+    seconds: float = 0.0  # DSKD training time (steps only), summed over sessions
+
+
+@dataclass
+class DistillHooks:
+    """Callbacks for tests and tools; an exception raised here stops the run like a crash would."""
+
+    on_step_end: Callable[[DistillState], None] | None = None
+    on_epoch_end: Callable[[DistillState, dict[str, Any]], None] | None = None
+    finetune: TrainHooks | None = None
+
+
+@dataclass
+class DistillResult:
+    out_dir: Path
+    state: DistillState
+    student: SAM2ImageModel | None  # the final student (eval mode), on process 0
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def encoder_params(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of a SAM2ImageModel: image encoder (trunk + FPN neck, adapters included),
+    adapters alone, and the whole model."""
+    enc = sum(p.numel() for p in model.image_encoder.parameters())
+    adapters = sum(p.numel() for n, p in model.image_encoder.named_parameters() if ".adapter." in n)
+    return {"encoder": enc, "adapters": adapters, "encoder_without_adapters": enc - adapters,
+            "whole": sum(p.numel() for p in model.parameters())}
+
+
+class Distiller:
+    def __init__(
+        self,
+        config: DistillConfig,
+        *,
+        resume: bool = False,
+        hooks: DistillHooks | None = None,
+        command: str | None = None,
+        source: str = "config",
+    ) -> None:
+        self.config = config
+        self.resume = resume
+        self.hooks = hooks or DistillHooks()
+        self.command = command
+        self.source = source
+        self.out_dir = Path(config.out_dir)
+        self.state = DistillState()
+        self.teacher_identity: dict[str, Any] | None = None
+        self.dskd_info: dict[str, Any] = {}
+
+    def _say(self, text: str) -> None:
+        if self.ctx.is_main:
+            print(text, flush=True)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _peek_last(self) -> dict[str, Any] | None:
+        last = self.out_dir / "last.pt"
+        if not last.is_file():
+            return None
+        if not self.resume:
+            raise ValueError(f"{self.out_dir} already holds a run ({last}); pass --resume to continue it "
+                             "or choose another --out")
+        doc = torch.load(last, map_location="cpu", weights_only=True)
+        if doc.get("format") != STATE_FORMAT:
+            raise ValueError(f"{last}: not a distillation state written by uniultra distill")
+        return doc
+
+    def _setup(self, last: dict[str, Any] | None) -> None:
+        cfg = self.config
+        if cfg.teacher.checkpoint is None:
+            raise ValueError("no teacher: set teacher.checkpoint in the config or pass --teacher CKPT")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        device = self.ctx.device
+        self.teacher, self.teacher_identity = load_teacher(cfg.teacher.checkpoint, cfg.student.image_size,
+                                                           cfg.teacher.base, device)
+        self.peft = resolve_student_peft(self.teacher, cfg.student)
+        teacher_peft = getattr(self.teacher, "peft_config", None)
+        if "D3" in cfg.taps and not (PeftConfig.from_dict(self.peft).uses_adapter
+                                     and teacher_peft is not None and teacher_peft.uses_adapter):
+            raise ValueError("tap D3 (adapter output) needs adapters in teacher and student (PEFT method "
+                             f"ch_adapter / adapter / adapter_lora; student: {self.peft['method']}, teacher: "
+                             f"{teacher_peft.method if teacher_peft else None}); drop D3 from taps")
+        torch.manual_seed(cfg.seed)  # the student's and the necks' initialisation
+        self.student = build_student(self.teacher, cfg.student, self.peft)
+        self.dskd = DSKD(self.student, self.teacher, cfg.levels, cfg.taps, cfg.neck_activation).to(device)
+        mark_dskd_trainable(self.student, cfg.levels)
+        self.trained = {n: p for n, p in self.dskd.named_parameters() if p.requires_grad}
+        self.params = {"teacher": encoder_params(self.teacher), "student": encoder_params(self.student),
+                       "necks": sum(p.numel() for p in self.dskd.necks.parameters()),
+                       "trained_in_dskd": sum(p.numel() for p in self.trained.values())}
+        t, s = self.teacher.config, self.student.config
+        self._say(f"teacher {cfg.teacher.checkpoint}: '{t.name}' trunk C={t.trunk.embed_dim} stages {t.trunk.stages}, "
+                  f"encoder {self.params['teacher']['encoder'] / 1e6:.3f}M params; PEFT {self.peft['method']}")
+        p = {k: v / 1e6 for k, v in self.params["student"].items()}
+        self._say(f"student '{s.name}' trunk C={s.trunk.embed_dim} stages {s.trunk.stages} at {s.image_size} px: "
+                  f"encoder {p['encoder']:.3f}M params ({p['adapters']:.3f}M adapters), whole {p['whole']:.3f}M; "
+                  f"necks {self.params['necks'] / 1e6:.3f}M; "
+                  f"trained in DSKD {self.params['trained_in_dskd'] / 1e6:.3f}M")
+        self._say(f"DSKD terms ({len(self.dskd.term_names)}): {', '.join(self.dskd.term_names)}")
+        self._setup_data()
+        self._setup_optim()
+        self.log = DistillLog(self.out_dir, self.dskd.term_names, enabled=self.ctx.is_main)
+        if last is not None:
+            self._load_last(last)
+        self.log.info = self._run_info()
+
+    def _setup_data(self) -> None:
+        cfg, ctx = self.config, self.ctx
+        size = cfg.student.image_size
+        if ctx.is_main:
+            for entry in cfg.data:
+                if entry.phantom is not None:
+                    D.ensure_phantoms(entry, self.out_dir)
+        ctx.barrier()
+        shared_cache = ctx.distributed and cfg.cache_dir is not None
+        if shared_cache and not ctx.is_main:
+            ctx.barrier()
+        bars = cfg.progress and ctx.is_main
+        train, val = [], []  # (cached set, dataset)
+        for entry in cfg.data:
+            root = D.entry_root(entry, self.out_dir)
+            for split, target in ((entry.split_train, train), (entry.split_val, val)):
+                if split is None:
+                    continue
+                ds = D.open_split(entry, root, split)
+                target.append((D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir, progress=bars), ds))
+        if shared_cache and ctx.is_main:
+            ctx.barrier()
+        train_teacher = val_teacher = None
+        if cfg.teacher_cache.enabled:
+            train_teacher = [self._teacher_cache(s, ds) for s, ds in train]
+            val_teacher = [self._teacher_cache(s, ds) for s, ds in val]
+        self.train_set = DD.DistillSet([s for s, _ in train], cfg.augment, cfg.seed, train_teacher)
+        self.val_set = DD.DistillSet([s for s, _ in val], None, cfg.seed, val_teacher)
+        if len(self.train_set) == 0:
+            raise ValueError("no distillation image (no data entry has a split_train with images)")
+        self.sampler = D.EpochSampler(self.train_set, ctx.world_size, ctx.rank, cfg.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=cfg.optim.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=cfg.num_workers, collate_fn=DD.collate, pin_memory=ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} distillation images give no full batch of "
+                             f"{cfg.optim.batch_size} per process ({ctx.world_size} processes)")
+        self.data_counts = {"train": {s.name: len(s) for s, _ in train}, "val": {s.name: len(s) for s, _ in val}}
+        for s, _ in train:
+            self._say(f"distil on {s.name} ({s.split}): {len(s)} images (empty masks included)")
+        for s, _ in val:
+            self._say(f"val   {s.name} ({s.split}): {len(s)} images (val L_DSKD, un-augmented)")
+        if not val:
+            self._say("WARNING: no validation split: distilled.pt will hold the last epoch's student")
+
+    def _teacher_cache(self, images: D.CachedSet, dataset) -> dict[str, np.ndarray]:
+        cfg, ctx = self.config, self.ctx
+        directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else self.out_dir / "teacher_cache"
+        keep = DD.stored_taps(cfg.taps)
+        trunk = self.teacher.image_encoder.trunk
+        strides = stage_strides(trunk.config)
+        size = cfg.student.image_size
+        shapes = {term_name(lv, tap): (trunk.stage_dims[lv - 1], size // strides[lv - 1], size // strides[lv - 1])
+                  for lv in cfg.levels for tap in keep}
+        stem = DD.cache_stem(images.name, dataset, self.teacher_identity["sha256"], size, cfg.levels, cfg.taps,
+                             cfg.teacher_cache.dtype)
+
+        def compute(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            with self._autocast():
+                x = self.teacher.normalize(batch.to(ctx.device))
+                return teacher_taps(self.teacher, x, cfg.levels, keep)
+
+        start = time.perf_counter()
+        arrays = DD.build_teacher_cache(stem, directory, images, shapes, compute, cfg.teacher_cache.dtype,
+                                        batch_size=cfg.val_batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                        barrier=ctx.barrier, progress=cfg.progress and ctx.is_main)
+        nbytes = sum(a.nbytes for a in arrays.values())
+        self._say(f"teacher cache {images.name} ({images.split}): {len(images)} images, {nbytes / 2**20:.0f} MiB "
+                  f"in {directory} ({time.perf_counter() - start:.1f} s)")
+        return arrays
+
+    def _setup_optim(self) -> None:
+        cfg, ctx = self.config, self.ctx
+        o = cfg.optim
+        kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        self.optimizer = kind(list(self.trained.values()), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.ema = EMA(self.trained, o.ema) if o.ema else None
+        cuda = ctx.device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        forward: nn.Module = self.dskd
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Every trained parameter enters L_DSKD (mark_dskd_trainable trains exactly the used blocks).
+            forward = DistributedDataParallel(self.dskd, device_ids=[ctx.device.index] if cuda else None)
+        self.forward = forward
+
+    def _autocast(self):
+        if getattr(self, "amp_dtype", None) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
+
+    def lr_at(self, epoch: int, step: int) -> float:
+        o = self.config.optim
+        warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+        return o.lr * o.gamma**epoch * warm
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _save_last(self) -> None:
+        if not self.ctx.is_main:
+            return
+        document = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
+            "model": {k: v.detach().cpu().clone() for k, v in self.dskd.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng_state(), "state": asdict(self.state), "world_size": self.ctx.world_size,
+            "teacher": self.teacher_identity, "peft": self.peft, "dskd_info": self.dskd_info,
+        }
+        atomic_write(self.out_dir / "last.pt", lambda tmp: torch.save(document, tmp))
+        self.log.flush()
+
+    def _check_resumable(self, doc: dict[str, Any]) -> None:
+        path = self.out_dir / "last.pt"
+        before, now = _flatten(doc["config"]), _flatten(self.config.to_dict())
+        changed = sorted(k for k in set(before) | set(now)
+                         if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+        if changed:
+            details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+            raise ValueError(f"{path}: the config differs from the run being resumed ({details}); "
+                             f"only {', '.join(RESUMABLE_CHANGES)} may change")
+
+    def _load_last(self, doc: dict[str, Any]) -> None:
+        path = self.out_dir / "last.pt"
+        if doc["teacher"].get("sha256") != self.teacher_identity.get("sha256"):
+            raise ValueError(f"{path}: the run distils teacher {doc['teacher'].get('path')} (sha256 "
+                             f"{doc['teacher'].get('sha256')}), not {self.teacher_identity.get('path')}")
+        state = DistillState(**doc["state"])
+        if doc["world_size"] != self.ctx.world_size and state.batch_in_epoch:
+            raise ValueError(f"{path}: saved mid-epoch by {doc['world_size']} processes; resume it with the same "
+                             f"number (now {self.ctx.world_size})")
+        self.dskd.load_state_dict(doc["model"])
+        self.optimizer.load_state_dict(doc["optimizer"])
+        if self.ema is not None:
+            if doc["ema"] is None:
+                raise ValueError(f"{path}: the run had no EMA")
+            self.ema.load_state_dict(doc["ema"])
+        if self.scaler is not None and doc["scaler"] is not None:
+            self.scaler.load_state_dict(doc["scaler"])
+        set_rng_state(doc["rng"])
+        self.state = state
+        self.dskd_info = doc.get("dskd_info") or {}
+        self.log.restore(state.step, state.epoch)
+        where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
+            f"the end of epoch {state.epoch}"
+        self._say(f"resumed from {path} at {where} (step {state.step})")
+
+    def _save_distilled(self, val: dict[str, Any] | None) -> None:
+        if not self.ctx.is_main:
+            return
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            meta = {
+                "weights": WEIGHTS_FULL, "peft": self.peft,
+                "distill": {"teacher": self.teacher_identity, "levels": list(self.config.levels),
+                            "taps": list(self.config.taps), "epoch": self.state.epoch, "step": self.state.step,
+                            "ema": self.config.optim.ema, "val": val, "config": self.config.to_dict(),
+                            "selection": "lowest val L_DSKD" if val else "last epoch (no val)"},
+            }
+            save_model(self.student, self.out_dir / "distilled.pt", meta=meta)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any] | None:
+        """Mean L_DSKD and terms per val image (un-augmented), sharded over processes."""
+        if len(self.val_set) == 0:
+            return None
+        ctx, cfg = self.ctx, self.config
+        mine = list(range(ctx.rank, len(self.val_set), ctx.world_size))
+        sums = {name: 0.0 for name in self.dskd.term_names}
+        count = 0
+        self.dskd.eval()
+        try:
+            with self.ema.applied() if self.ema else contextlib.nullcontext(), self._autocast():
+                for start in range(0, len(mine), cfg.val_batch_size):
+                    batch = DD.collate([self.val_set[(0, i)] for i in mine[start:start + cfg.val_batch_size]])
+                    _, terms = self.dskd(*self._inputs(batch))
+                    n = batch["images"].shape[0]
+                    for k, v in terms.items():
+                        sums[k] += float(v) * n
+                    count += n
+        finally:
+            self.dskd.train()
+        gathered = ctx.all_gather_object((sums, count))
+        total = sum(c for _, c in gathered)
+        terms = {k: sum(s[k] for s, _ in gathered) / total for k in sums}
+        return {"loss": sum(terms.values()), "terms": terms, "images": total}
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(normalised images, teacher taps) of a collated batch."""
+        cfg, device = self.config, self.ctx.device
+        x = self.student.normalize(batch["images"].to(device, non_blocking=True))
+        if "teacher" in batch:
+            target = {k: v.to(device, non_blocking=True) for k, v in batch["teacher"].items()}
+            target = DD.complete_taps(target, cfg.levels, cfg.taps)
+        else:
+            with self._autocast():
+                target = teacher_taps(self.teacher, x, cfg.levels, cfg.taps)
+        return x, target
+
+    def _train_step(self, batch: dict, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        x, target = self._inputs(batch)
+        with self._autocast():
+            loss, terms = self.forward(x, target)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trained.values()), clip)
+        lr = self.lr_at(epoch, self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.state.step)
+        names = self.dskd.term_names
+        values = torch.stack([loss.detach().float()] + [terms[k].detach().float() for k in names]
+                             + [grad_norm.detach().float().to(loss.device)])
+        values = self.ctx.mean(values).tolist()
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"L_DSKD is {values[0]} at step {self.state.step + 1} "
+                                     "(lower optim.lr, or enable optim.grad_clip / warmup)")
+        return {"lr": lr, "loss": values[0], **dict(zip(names, values[1:-1], strict=True)), "grad_norm": values[-1]}
+
+    def _epoch(self, epoch: int) -> tuple[float, int]:
+        cfg, state = self.config, self.state
+        self.sampler.set_epoch(epoch, skip=state.batch_in_epoch * cfg.optim.batch_size)
+        total = self.steps_per_epoch
+        bar = None
+        if cfg.progress and self.ctx.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=state.batch_in_epoch, desc=f"DSKD epoch {epoch + 1}/{cfg.optim.epochs}",
+                       unit="step", leave=False, mininterval=1.0)
+        start = step_start = time.perf_counter()
+        done = 0
+        for batch in self.loader:
+            done += 1
+            row = self._train_step(batch, epoch)
+            state.step += 1
+            state.batch_in_epoch += 1
+            now = time.perf_counter()
+            state.seconds += now - step_start
+            row = {"step": state.step, "epoch": epoch + 1, "batch": state.batch_in_epoch, **row,
+                   "seconds": now - step_start}
+            step_start = now
+            self.log.add_step(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", refresh=False)
+            elif state.step % max(cfg.log_every, 1) == 0:
+                self._say(f"DSKD epoch {epoch + 1} step {state.batch_in_epoch}/{total} (global {state.step}) "
+                          f"L_DSKD {row['loss']:.4g} lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch_in_epoch < total:
+                self._save_last()
+            if self.hooks.on_step_end is not None:
+                self.hooks.on_step_end(state)
+        if bar is not None:
+            bar.close()
+        return time.perf_counter() - start, done
+
+    def _run_dskd(self) -> None:
+        cfg, state = self.config, self.state
+        self._say(f"distilling {cfg.optim.epochs} epochs x {self.steps_per_epoch} steps (batch {cfg.optim.batch_size} "
+                  f"x {self.ctx.world_size} process(es)) on {self.ctx.device}; out {self.out_dir}")
+        self.dskd.train()
+        self.teacher.eval()
+        while state.epoch < cfg.optim.epochs:
+            epoch = state.epoch
+            train_seconds, steps_now = self._epoch(epoch)
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            val_start = time.perf_counter()
+            val = self.validate()
+            val_seconds = time.perf_counter() - val_start
+            score = val["loss"] if val else None
+            improved = score is None or state.best_score is None or score < state.best_score
+            if improved:
+                state.best_score, state.best_epoch = score, state.epoch
+                self._save_distilled(val)
+            rows = [r for r in self.log.steps if r["epoch"] == epoch + 1]
+            row: dict[str, Any] = {
+                "epoch": state.epoch, "end_step": state.step, "lr": self.lr_at(epoch, state.step - 1),
+                "train_loss": float(np.mean([r["loss"] for r in rows])) if rows else None,
+            }
+            for name in self.dskd.term_names:
+                row[f"train_{name}"] = float(np.mean([r[name] for r in rows])) if rows else None
+            row["val_loss"] = score
+            for name, value in (val or {}).get("terms", {}).items():
+                row[f"val_{name}"] = value
+            row.update({"best": bool(improved and score is not None), "seconds_train": train_seconds,
+                        "seconds_val": val_seconds,
+                        "seconds_per_step": train_seconds / steps_now if steps_now else None})
+            self.log.add_epoch(row, {"epoch": state.best_epoch, "val_loss": state.best_score})
+            self._save_last()
+            self.ctx.barrier()
+            self._say(f"DSKD epoch {state.epoch}/{cfg.optim.epochs}  train L_DSKD {row['train_loss']:.4g}"
+                      + (f"  val {score:.4g}{'  *best*' if row['best'] else ''}" if score is not None else "")
+                      + f"  {train_seconds:.0f}+{val_seconds:.0f} s"
+                      + (f"  {row['seconds_per_step']:.3f} s/step" if row["seconds_per_step"] else ""))
+            if self.hooks.on_epoch_end is not None:
+                self.hooks.on_epoch_end(state, row)
+        epochs = self.log.epochs
+        self.dskd_info = {
+            "epochs": state.epoch, "steps": state.step, "steps_per_epoch": self.steps_per_epoch,
+            "seconds_train": state.seconds, "seconds_per_step": state.seconds / state.step if state.step else None,
+            "best_epoch": state.best_epoch, "best_val_loss": state.best_score,
+            "first_epoch": epochs[0] if epochs else None, "last_epoch": epochs[-1] if epochs else None,
+            "params": self.params, "data": self.data_counts,
+        }
+
+    # -- fine-tuning ----------------------------------------------------------------------------
+
+    def _finetune(self) -> dict[str, Any]:
+        from uniultra.engine.trainer import Trainer
+
+        cfg = self.config
+        distilled = self.out_dir / "distilled.pt"
+        student = load_model(distilled, device=self.ctx.device)
+        mark_finetune_trainable(student, cfg.finetune.freeze_decoder)
+        identity = base_identity(distilled, "uniultra distilled student")
+        peft = student.peft_config.to_dict()
+        ft_dir = self.out_dir / "finetune"
+        train_config = cfg.finetune_train_config(peft, ft_dir)
+        self._say(f"fine-tuning the distilled student end to end for {cfg.finetune.epochs} epochs"
+                  f"{' (inherited decoder frozen)' if cfg.finetune.freeze_decoder else ''}; out {ft_dir}")
+        trainer = Trainer(train_config, resume=self.resume, hooks=self.hooks.finetune, command=self.command,
+                          source=f"{self.source} (finetune)", start_model=(student, identity))
+        result = trainer.run()
+        epochs = result.epochs
+        return {"epochs": result.state.epoch, "steps": result.state.step, "best_epoch": result.state.best_epoch,
+                "best_val_dice": result.state.best_score, "out_dir": str(ft_dir),
+                "last_epoch": epochs[-1] if epochs else None,
+                "seconds_train": float(sum(e.get("seconds_train") or 0.0 for e in epochs)),
+                "seconds_per_step": epochs[-1].get("seconds_per_step") if epochs else None}
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run(self) -> DistillResult:
+        self.ctx = setup(self.config.device)
+        try:
+            return self._run()
+        finally:
+            self.ctx.close()
+
+    def _run(self) -> DistillResult:
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        last = self._peek_last()
+        if last is not None:
+            self._check_resumable(last)
+        done = last is not None and DistillState(**last["state"]).epoch >= cfg.optim.epochs \
+            and (self.out_dir / "distilled.pt").is_file()
+        if done:
+            self.state = DistillState(**last["state"])
+            self.teacher_identity = last["teacher"]
+            self.peft = last["peft"]
+            self.dskd_info = last.get("dskd_info") or {}
+            self._say(f"DSKD phase already complete in {self.out_dir} ({self.state.epoch} epochs)")
+        else:
+            self._setup(last)
+            self._run_dskd()
+            if self.ctx.is_main:
+                # The info of the finished phase goes into last.pt too, for a later --resume.
+                self._save_last()
+            self._write_hash()
+            del self.forward, self.optimizer
+        self.ctx.barrier()
+        finetune = self._finetune() if cfg.finetune.epochs > 0 else None
+        final = self.out_dir / "finetune" / "best.pt" if finetune else self.out_dir / "distilled.pt"
+        report, student = {}, None
+        if self.ctx.is_main:
+            atomic_write(self.out_dir / "student.pt", lambda tmp: shutil.copyfile(final, tmp))
+            student = load_model(self.out_dir / "student.pt")
+            report = self._report(finetune, final, student)
+            atomic_write_text(self.out_dir / "distill_report.json", json.dumps(report, indent=1) + "\n")
+            self._say(f"done: student {self.out_dir / 'student.pt'} (from {final.name}); "
+                      f"report {self.out_dir / 'distill_report.json'}")
+        self.ctx.barrier()
+        return DistillResult(self.out_dir, self.state, student, report)
+
+    def _write_hash(self) -> None:
+        """Debug aid of the DDP test (as uniultra train): `distill-rank<r>.json` with the sha256 of
+        this process's student + necks after DSKD, in $UNIULTRA_TRAIN_HASH_DIR."""
+        target = os.environ.get(HASH_DIR_ENV)
+        if target:
+            atomic_write_text(Path(target) / f"distill-rank{self.ctx.rank}.json", json.dumps({
+                "rank": self.ctx.rank, "world_size": self.ctx.world_size, "step": self.state.step,
+                "sha256": state_hash(self.dskd.state_dict())}))
+
+    def _report(self, finetune: dict[str, Any] | None, final: Path, student: SAM2ImageModel) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "command": self.command, "config_file": self.source, "config": cfg.to_dict(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "teacher": self.teacher_identity,
+            "student": {"config": student.config.to_dict(), "peft": self.peft, "params": encoder_params(student)},
+            "dskd": {"levels": list(cfg.levels), "taps": list(cfg.taps),
+                     "terms": [term_name(lv, t) for lv in cfg.levels for t in cfg.taps],
+                     "teacher_cache": cfg.teacher_cache.enabled, "augment": cfg.augment is not None,
+                     **self.dskd_info},
+            "finetune": finetune,
+            "outputs": {"student": str(self.out_dir / "student.pt"), "student_from": str(final),
+                        "distilled": str(self.out_dir / "distilled.pt"), "logs": str(self.out_dir)},
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "device": str(self.ctx.device), "processes": self.ctx.world_size},
+        }
+
+    def _run_info(self) -> dict[str, Any]:
+        return {
+            "command": self.command, "config_file": self.source, "config": self.config.to_dict(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "device": str(self.ctx.device), "processes": self.ctx.world_size},
+            "teacher": self.teacher_identity, "student": self.student.config.to_dict(), "peft": self.peft,
+            "terms": list(self.dskd.term_names), "params": self.params, "data": self.data_counts,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+
+def distill(config: DistillConfig, *, resume: bool = False, hooks: DistillHooks | None = None,
+            command: str | None = None, source: str = "config") -> DistillResult:
+    """Distil (and optionally fine-tune) as configured; see the module docstring for the files."""
+    return Distiller(config, resume=resume, hooks=hooks, command=command, source=source).run()
