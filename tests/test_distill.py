@@ -8,12 +8,8 @@ Hiera C=8 (mini layout) with CH-Adapters, neck/decoder width 32; student = the s
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from run_outputs import read_rows, same_state
+from torchrun_cli import run_two_processes
 from uniultra.config_io import ConfigError, from_dict, merge_dicts
 from uniultra.data.phantom import write_phantom_dataset
 from uniultra.distill.config import DistillConfig, StudentSection, load_distill_config
@@ -33,7 +31,7 @@ from uniultra.distill.model import (
     teacher_taps,
 )
 from uniultra.distill.trainer import DistillHooks, distill
-from uniultra.engine.trainer import HASH_DIR_ENV, state_hash
+from uniultra.engine.trainer import state_hash
 from uniultra.models.checkpoint import load_model, read_checkpoint, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import SAM2ImageModel
@@ -248,15 +246,6 @@ def run_config(out: Path, teacher_file: Path, data: Path, **overrides) -> Distil
     return DistillConfig.from_dict(merge_dicts(document, overrides), "test")
 
 
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_short_run_lowers_the_loss_writes_a_standalone_student_and_resumes_exactly(teacher_file, teacher, phantoms,
                                                                                    tmp_path):
     ref = distill(run_config(tmp_path / "ref", teacher_file, phantoms, optim={"epochs": 3}))
@@ -360,11 +349,7 @@ def test_torchrun_two_processes(teacher_file, phantoms, tmp_path):
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config))
     hashes = tmp_path / "hashes"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", HASH_DIR_ENV: str(hashes),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "uniultra", "distill", "--config", str(config_file), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_two_processes("distill", config_file, hashes, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((hashes / f"distill-rank{r}.json").read_text()) for r in (0, 1)]
     # 9 images over 2 processes: 5 and 4 (padded to 5 by the sampler), 2 steps of 2 per process.

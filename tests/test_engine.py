@@ -6,12 +6,8 @@ phantom datasets, one torch thread (the test box is a shared 2-core CPU).
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +15,12 @@ import torch
 import yaml
 
 from dataset_factory import write_pair
+from run_outputs import read_rows, same_state
+from torchrun_cli import run_two_processes
 from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
-from uniultra.engine.trainer import HASH_DIR_ENV, TrainHooks, state_hash, train
+from uniultra.engine.trainer import TrainHooks, state_hash, train
 from uniultra.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_model
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.predictor import Predictor
@@ -79,15 +77,6 @@ def tiny_config(out_dir: Path, data: list[Path], **overrides) -> TrainConfig:
         else:
             document[key] = value
     return TrainConfig.from_dict(document, "test")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- a short run --------------------------------------------------------------------------------
@@ -246,11 +235,7 @@ def test_torchrun_two_processes_end_with_identical_weights(datasets, tmp_path):
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config))
     hashes = tmp_path / "hashes"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", HASH_DIR_ENV: str(hashes),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "uniultra", "train", "--config", str(config_file), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = run_two_processes("train", config_file, hashes, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((hashes / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2 and ranks[0]["sha256"] == ranks[1]["sha256"]

@@ -8,11 +8,10 @@ CUDA, gloo on CPU). Only process 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 from uniultra.config_io import merge_dicts
+from uniultra.engine.command import add_data_option, add_out_option, add_run_options, command_line, run_overrides
 
 
 def register(subparsers) -> None:
@@ -28,41 +27,25 @@ def register(subparsers) -> None:
                         help="teacher checkpoint (UniUltra, with CH-Adapters); overrides teacher.checkpoint")
     parser.add_argument("--teacher-base", default=None, metavar="CHECKPOINT",
                         help="base file of an adapter-only teacher (default: the path recorded in it)")
-    parser.add_argument("--data", action="append", default=None, metavar="DIR",
-                        help="dataset folder (repeatable); replaces the config's data list, train/val splits")
-    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides out_dir)")
+    add_data_option(parser)
+    add_out_option(parser)
     parser.add_argument("--epochs", type=int, default=None, help="DSKD epochs (overrides optim.epochs)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="end-to-end fine-tuning epochs after DSKD (overrides finetune.epochs; 0 = none)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/last.pt (starts fresh when there is none)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
-                        help="override any config key, e.g. --set levels=[1] (value read as YAML; repeatable)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (overrides device)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                        help="no progress bars (lines every log_every steps instead)")
+    add_run_options(parser, set_example="levels=[1]",
+                    progress_help="no progress bars (lines every log_every steps instead)")
     parser.set_defaults(func=run_distill)
 
 
 def build_overrides(args: argparse.Namespace) -> dict:
-    from uniultra.engine.config import parse_set_option
-
-    overrides: dict = {}
-    for text in args.set_options:
-        overrides = merge_dicts(overrides, parse_set_option(text))
+    # The shared options touch none of the teacher / finetune keys, so merging these last only
+    # makes them win over a --set of the same key, as before.
+    overrides = run_overrides(args)
     teacher = {k: v for k, v in (("checkpoint", args.teacher), ("base", args.teacher_base)) if v is not None}
     if teacher:
         overrides = merge_dicts(overrides, {"teacher": teacher})
-    if args.out is not None:
-        overrides["out_dir"] = args.out
-    if args.epochs is not None:
-        overrides = merge_dicts(overrides, {"optim": {"epochs": args.epochs}})
     if args.finetune_epochs is not None:
         overrides = merge_dicts(overrides, {"finetune": {"epochs": args.finetune_epochs}})
-    if args.device is not None:
-        overrides["device"] = args.device
-    if args.progress is not None:
-        overrides["progress"] = args.progress
     return overrides
 
 
@@ -71,8 +54,7 @@ def run_distill(args: argparse.Namespace) -> int:
     from uniultra.distill.trainer import distill
 
     config = load_distill_config(args.config, build_overrides(args), args.data)
-    command = shlex.join(["uniultra", *sys.argv[1:]])
-    result = distill(config, resume=args.resume, command=command, source=str(args.config))
+    result = distill(config, resume=args.resume, command=command_line(), source=str(args.config))
     dskd = result.report.get("dskd", {})
     if dskd.get("best_val_loss") is not None:
         print(f"DSKD: {dskd.get('epochs')} epochs, best val L_DSKD {dskd['best_val_loss']:.4g} at epoch "

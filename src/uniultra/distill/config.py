@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from uniultra.config_io import ConfigError, from_dict, load_yaml, merge_dicts, to_dict
+from uniultra.config_io import ConfigError, from_dict, to_dict
 from uniultra.engine.config import (
     AugmentConfig,
     DataEntry,
@@ -20,6 +20,8 @@ from uniultra.engine.config import (
     OptimConfig,
     PromptConfig,
     TrainConfig,
+    check_data_entries,
+    read_config_document,
 )
 
 # Tap names of the paper: D1 = stage output (block + adapter), D2 = Hiera block output, D3 = adapter output.
@@ -147,11 +149,7 @@ class DistillConfig:
         if isinstance(ft_optim, dict) and "epochs" in ft_optim and ft_optim["epochs"] != finetune.get("epochs", 0):
             raise ConfigError(f"{source}: finetune.optim.epochs: set finetune.epochs instead (0 = no fine-tuning)")
         config = from_dict(cls, data, source)
-        if not config.data:
-            raise ConfigError(f"{source}: data: no dataset given (list entries, or pass --data DIR)")
-        labels = [d.label for d in config.data]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"{source}: data: dataset names must be distinct, got {labels}")
+        check_data_entries(config.data, source)
         if config.student.peft is not None:
             from uniultra.peft.config import PeftConfig
 
@@ -193,10 +191,4 @@ def load_distill_config(
 ) -> DistillConfig:
     """Read a YAML config, merge command-line overrides over it, replace `data` by `--data`
     folders when given, and validate."""
-    data = load_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "command line"
-    if overrides:
-        data = merge_dicts(data, overrides)
-    if data_dirs:
-        data["data"] = [{"path": d} for d in data_dirs]
-    return DistillConfig.from_dict(data, source)
+    return DistillConfig.from_dict(*read_config_document(path, overrides, data_dirs))

@@ -37,14 +37,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import platform
-import random
 import shutil
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +63,23 @@ from uniultra.distill.model import (
     teacher_taps,
 )
 from uniultra.engine import data as D
+from uniultra.engine.checkpointing import (
+    LAST,
+    check_config_unchanged,
+    check_world_size,
+    existing_state,
+    progress_entries,
+    read_state,
+    restore_progress,
+    resumed_message,
+)
 from uniultra.engine.distributed import setup
-from uniultra.engine.trainer import EMA, HASH_DIR_ENV, TrainHooks, rng_state, set_rng_state, state_hash
+from uniultra.engine.epoch_loop import EpochLoop
+from uniultra.engine.logs import machine_info, run_info
+from uniultra.engine.optimisation import Optimisation
+from uniultra.engine.rng import seed_all
+from uniultra.engine.trainer import TrainHooks
+from uniultra.engine.weights_hash import write_weights_hash
 from uniultra.models.checkpoint import WEIGHTS_FULL, base_identity, load_model, save_model
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.peft.config import PeftConfig
@@ -108,17 +119,6 @@ class DistillResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def encoder_params(model: nn.Module) -> dict[str, int]:
     """Parameter counts of a SAM2ImageModel: image encoder (trunk + FPN neck, adapters included),
     adapters alone, and the whole model."""
@@ -128,7 +128,12 @@ def encoder_params(model: nn.Module) -> dict[str, int]:
             "whole": sum(p.numel() for p in model.parameters())}
 
 
-class Distiller:
+class Distiller(EpochLoop):
+    epoch_label = "DSKD epoch"
+    loss_format = ".4g"
+    score_key = "loss"  # val L_DSKD: lower is better
+    higher_is_better = False
+
     def __init__(
         self,
         config: DistillConfig,
@@ -138,41 +143,24 @@ class Distiller:
         command: str | None = None,
         source: str = "config",
     ) -> None:
-        self.config = config
-        self.resume = resume
-        self.hooks = hooks or DistillHooks()
-        self.command = command
-        self.source = source
-        self.out_dir = Path(config.out_dir)
-        self.state = DistillState()
+        super().__init__(config, resume=resume, hooks=hooks or DistillHooks(), command=command, source=source,
+                         state=DistillState())
         self.teacher_identity: dict[str, Any] | None = None
         self.dskd_info: dict[str, Any] = {}
-
-    def _say(self, text: str) -> None:
-        if self.ctx.is_main:
-            print(text, flush=True)
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def _peek_last(self) -> dict[str, Any] | None:
-        last = self.out_dir / "last.pt"
-        if not last.is_file():
+        last = existing_state(self.out_dir, self.resume)
+        if last is None:
             return None
-        if not self.resume:
-            raise ValueError(f"{self.out_dir} already holds a run ({last}); pass --resume to continue it "
-                             "or choose another --out")
-        doc = torch.load(last, map_location="cpu", weights_only=True)
-        if doc.get("format") != STATE_FORMAT:
-            raise ValueError(f"{last}: not a distillation state written by uniultra distill")
-        return doc
+        return read_state(last, STATE_FORMAT, "distillation state written by uniultra distill")
 
     def _setup(self, last: dict[str, Any] | None) -> None:
         cfg = self.config
         if cfg.teacher.checkpoint is None:
             raise ValueError("no teacher: set teacher.checkpoint in the config or pass --teacher CKPT")
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        random.seed(cfg.seed)
+        seed_all(cfg.seed)
         device = self.ctx.device
         self.teacher, self.teacher_identity = load_teacher(cfg.teacher.checkpoint, cfg.student.image_size,
                                                            cfg.teacher.base, device)
@@ -210,25 +198,18 @@ class Distiller:
     def _setup_data(self) -> None:
         cfg, ctx = self.config, self.ctx
         size = cfg.student.image_size
-        if ctx.is_main:
-            for entry in cfg.data:
-                if entry.phantom is not None:
-                    D.ensure_phantoms(entry, self.out_dir)
-        ctx.barrier()
-        shared_cache = ctx.distributed and cfg.cache_dir is not None
-        if shared_cache and not ctx.is_main:
-            ctx.barrier()
+        D.ensure_all_phantoms(cfg.data, self.out_dir, ctx)
         bars = cfg.progress and ctx.is_main
         train, val = [], []  # (cached set, dataset)
-        for entry in cfg.data:
-            root = D.entry_root(entry, self.out_dir)
-            for split, target in ((entry.split_train, train), (entry.split_val, val)):
-                if split is None:
-                    continue
-                ds = D.open_split(entry, root, split)
-                target.append((D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir, progress=bars), ds))
-        if shared_cache and ctx.is_main:
-            ctx.barrier()
+        with D.main_fills_cache_first(ctx, cfg.cache_dir):
+            for entry in cfg.data:
+                root = D.entry_root(entry, self.out_dir)
+                for split, target in ((entry.split_train, train), (entry.split_val, val)):
+                    if split is None:
+                        continue
+                    ds = D.open_split(entry, root, split)
+                    target.append((D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir,
+                                                      progress=bars), ds))
         train_teacher = val_teacher = None
         if cfg.teacher_cache.enabled:
             train_teacher = [self._teacher_cache(s, ds) for s, ds in train]
@@ -237,16 +218,7 @@ class Distiller:
         self.val_set = DD.DistillSet([s for s, _ in val], None, cfg.seed, val_teacher)
         if len(self.train_set) == 0:
             raise ValueError("no distillation image (no data entry has a split_train with images)")
-        self.sampler = D.EpochSampler(self.train_set, ctx.world_size, ctx.rank, cfg.seed)
-        self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=cfg.optim.batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=cfg.num_workers, collate_fn=DD.collate, pin_memory=ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} distillation images give no full batch of "
-                             f"{cfg.optim.batch_size} per process ({ctx.world_size} processes)")
+        self._setup_loader(DD.collate, "distillation images")
         self.data_counts = {"train": {s.name: len(s) for s, _ in train}, "val": {s.name: len(s) for s, _ in val}}
         for s, _ in train:
             self._say(f"distil on {s.name} ({s.split}): {len(s)} images (empty masks included)")
@@ -283,87 +255,50 @@ class Distiller:
 
     def _setup_optim(self) -> None:
         cfg, ctx = self.config, self.ctx
-        o = cfg.optim
-        kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        self.optimizer = kind(list(self.trained.values()), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.ema = EMA(self.trained, o.ema) if o.ema else None
-        cuda = ctx.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        forward: nn.Module = self.dskd
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Every trained parameter enters L_DSKD (mark_dskd_trainable trains exactly the used blocks).
-            forward = DistributedDataParallel(self.dskd, device_ids=[ctx.device.index] if cuda else None)
-        self.forward = forward
+        self.optimisation = Optimisation(self.trained, cfg.optim, cfg.amp, ctx.device)
+        # Every trained parameter enters L_DSKD (mark_dskd_trainable trains exactly the used blocks).
+        self.forward = ctx.wrap(self.dskd)
 
     def _autocast(self):
-        if getattr(self, "amp_dtype", None) is None:
+        # The teacher cache is built during set-up, before the optimisation (and its autocast) exist.
+        if not hasattr(self, "optimisation"):
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
-
-    def lr_at(self, epoch: int, step: int) -> float:
-        o = self.config.optim
-        warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-        return o.lr * o.gamma**epoch * warm
+        return self.optimisation.autocast()
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def _save_last(self) -> None:
         if not self.ctx.is_main:
             return
-        document = {
+        self._write_last({
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
             "model": {k: v.detach().cpu().clone() for k, v in self.dskd.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": rng_state(), "state": asdict(self.state), "world_size": self.ctx.world_size,
+            **progress_entries(self.optimisation, self.state, self.ctx.world_size),
             "teacher": self.teacher_identity, "peft": self.peft, "dskd_info": self.dskd_info,
-        }
-        atomic_write(self.out_dir / "last.pt", lambda tmp: torch.save(document, tmp))
-        self.log.flush()
+        })
 
     def _check_resumable(self, doc: dict[str, Any]) -> None:
-        path = self.out_dir / "last.pt"
-        before, now = _flatten(doc["config"]), _flatten(self.config.to_dict())
-        changed = sorted(k for k in set(before) | set(now)
-                         if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
-        if changed:
-            details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
-            raise ValueError(f"{path}: the config differs from the run being resumed ({details}); "
-                             f"only {', '.join(RESUMABLE_CHANGES)} may change")
+        check_config_unchanged(self.out_dir / LAST, doc["config"], self.config.to_dict(), RESUMABLE_CHANGES)
 
     def _load_last(self, doc: dict[str, Any]) -> None:
-        path = self.out_dir / "last.pt"
+        path = self.out_dir / LAST
         if doc["teacher"].get("sha256") != self.teacher_identity.get("sha256"):
             raise ValueError(f"{path}: the run distils teacher {doc['teacher'].get('path')} (sha256 "
                              f"{doc['teacher'].get('sha256')}), not {self.teacher_identity.get('path')}")
         state = DistillState(**doc["state"])
-        if doc["world_size"] != self.ctx.world_size and state.batch_in_epoch:
-            raise ValueError(f"{path}: saved mid-epoch by {doc['world_size']} processes; resume it with the same "
-                             f"number (now {self.ctx.world_size})")
+        check_world_size(path, doc, self.ctx.world_size, state.batch_in_epoch)
         self.dskd.load_state_dict(doc["model"])
-        self.optimizer.load_state_dict(doc["optimizer"])
-        if self.ema is not None:
-            if doc["ema"] is None:
-                raise ValueError(f"{path}: the run had no EMA")
-            self.ema.load_state_dict(doc["ema"])
-        if self.scaler is not None and doc["scaler"] is not None:
-            self.scaler.load_state_dict(doc["scaler"])
-        set_rng_state(doc["rng"])
+        restore_progress(doc, self.optimisation, path)
         self.state = state
         self.dskd_info = doc.get("dskd_info") or {}
         self.log.restore(state.step, state.epoch)
-        where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
-            f"the end of epoch {state.epoch}"
-        self._say(f"resumed from {path} at {where} (step {state.step})")
+        self._say(resumed_message(path, state))
 
-    def _save_distilled(self, val: dict[str, Any] | None) -> None:
+    def _save_best(self, val: dict[str, Any] | None) -> None:
+        """`distilled.pt`: the student of the best epoch (EMA weights when EMA is on)."""
         if not self.ctx.is_main:
             return
-        with self.ema.applied() if self.ema else contextlib.nullcontext():
+        with self.optimisation.ema_applied():
             meta = {
                 "weights": WEIGHTS_FULL, "peft": self.peft,
                 "distill": {"teacher": self.teacher_identity, "levels": list(self.config.levels),
@@ -386,7 +321,7 @@ class Distiller:
         count = 0
         self.dskd.eval()
         try:
-            with self.ema.applied() if self.ema else contextlib.nullcontext(), self._autocast():
+            with self.optimisation.ema_applied(), self._autocast():
                 for start in range(0, len(mine), cfg.val_batch_size):
                     batch = DD.collate([self.val_set[(0, i)] for i in mine[start:start + cfg.val_batch_size]])
                     _, terms = self.dskd(*self._inputs(batch))
@@ -416,28 +351,10 @@ class Distiller:
         return x, target
 
     def _train_step(self, batch: dict, epoch: int) -> dict[str, float]:
-        cfg = self.config
         x, target = self._inputs(batch)
         with self._autocast():
             loss, terms = self.forward(x, target)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trained.values()), clip)
-        lr = self.lr_at(epoch, self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.state.step)
+        lr, grad_norm = self.optimisation.step(loss, epoch, self.state.step)
         names = self.dskd.term_names
         values = torch.stack([loss.detach().float()] + [terms[k].detach().float() for k in names]
                              + [grad_norm.detach().float().to(loss.device)])
@@ -447,42 +364,35 @@ class Distiller:
                                      "(lower optim.lr, or enable optim.grad_clip / warmup)")
         return {"lr": lr, "loss": values[0], **dict(zip(names, values[1:-1], strict=True)), "grad_norm": values[-1]}
 
-    def _epoch(self, epoch: int) -> tuple[float, int]:
-        cfg, state = self.config, self.state
-        self.sampler.set_epoch(epoch, skip=state.batch_in_epoch * cfg.optim.batch_size)
-        total = self.steps_per_epoch
-        bar = None
-        if cfg.progress and self.ctx.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
+    def _record_step(self, row: dict[str, Any]) -> None:
+        self.state.seconds += row["seconds"]  # DSKD time over every session, for the report
+        super()._record_step(row)
 
-            bar = tqdm(total=total, initial=state.batch_in_epoch, desc=f"DSKD epoch {epoch + 1}/{cfg.optim.epochs}",
-                       unit="step", leave=False, mininterval=1.0)
-        start = step_start = time.perf_counter()
-        done = 0
-        for batch in self.loader:
-            done += 1
-            row = self._train_step(batch, epoch)
-            state.step += 1
-            state.batch_in_epoch += 1
-            now = time.perf_counter()
-            state.seconds += now - step_start
-            row = {"step": state.step, "epoch": epoch + 1, "batch": state.batch_in_epoch, **row,
-                   "seconds": now - step_start}
-            step_start = now
-            self.log.add_step(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", refresh=False)
-            elif state.step % max(cfg.log_every, 1) == 0:
-                self._say(f"DSKD epoch {epoch + 1} step {state.batch_in_epoch}/{total} (global {state.step}) "
-                          f"L_DSKD {row['loss']:.4g} lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch_in_epoch < total:
-                self._save_last()
-            if self.hooks.on_step_end is not None:
-                self.hooks.on_step_end(state)
-        if bar is not None:
-            bar.close()
-        return time.perf_counter() - start, done
+    def _step_line(self, epoch: int, row: dict[str, Any]) -> str:
+        return (f"DSKD epoch {epoch + 1} step {row['batch']}/{self.steps_per_epoch} (global {row['step']}) "
+                f"L_DSKD {row['loss']:.4g} lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
+
+    def _epoch_row(self, epoch: int, val: dict[str, Any] | None, best: bool,
+                   seconds: dict[str, float | None]) -> dict[str, Any]:
+        state = self.state
+        rows = [r for r in self.log.steps if r["epoch"] == epoch + 1]
+        row: dict[str, Any] = {
+            "epoch": state.epoch, "end_step": state.step, "lr": self.lr_at(epoch, state.step - 1),
+            "train_loss": float(np.mean([r["loss"] for r in rows])) if rows else None,
+        }
+        for name in self.dskd.term_names:
+            row[f"train_{name}"] = float(np.mean([r[name] for r in rows])) if rows else None
+        row["val_loss"] = val["loss"] if val else None
+        for name, value in (val or {}).get("terms", {}).items():
+            row[f"val_{name}"] = value
+        row.update({"best": best, **seconds})
+        return row
+
+    def _epoch_line(self, row: dict[str, Any], val: dict[str, Any] | None) -> str:
+        score = row["val_loss"]
+        return (f"DSKD epoch {row['epoch']}/{self.config.optim.epochs}  train L_DSKD {row['train_loss']:.4g}"
+                + (f"  val {score:.4g}{'  *best*' if row['best'] else ''}" if score is not None else "")
+                + "  " + self._timing_text(row))
 
     def _run_dskd(self) -> None:
         cfg, state = self.config, self.state
@@ -490,41 +400,7 @@ class Distiller:
                   f"x {self.ctx.world_size} process(es)) on {self.ctx.device}; out {self.out_dir}")
         self.dskd.train()
         self.teacher.eval()
-        while state.epoch < cfg.optim.epochs:
-            epoch = state.epoch
-            train_seconds, steps_now = self._epoch(epoch)
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            val_start = time.perf_counter()
-            val = self.validate()
-            val_seconds = time.perf_counter() - val_start
-            score = val["loss"] if val else None
-            improved = score is None or state.best_score is None or score < state.best_score
-            if improved:
-                state.best_score, state.best_epoch = score, state.epoch
-                self._save_distilled(val)
-            rows = [r for r in self.log.steps if r["epoch"] == epoch + 1]
-            row: dict[str, Any] = {
-                "epoch": state.epoch, "end_step": state.step, "lr": self.lr_at(epoch, state.step - 1),
-                "train_loss": float(np.mean([r["loss"] for r in rows])) if rows else None,
-            }
-            for name in self.dskd.term_names:
-                row[f"train_{name}"] = float(np.mean([r[name] for r in rows])) if rows else None
-            row["val_loss"] = score
-            for name, value in (val or {}).get("terms", {}).items():
-                row[f"val_{name}"] = value
-            row.update({"best": bool(improved and score is not None), "seconds_train": train_seconds,
-                        "seconds_val": val_seconds,
-                        "seconds_per_step": train_seconds / steps_now if steps_now else None})
-            self.log.add_epoch(row, {"epoch": state.best_epoch, "val_loss": state.best_score})
-            self._save_last()
-            self.ctx.barrier()
-            self._say(f"DSKD epoch {state.epoch}/{cfg.optim.epochs}  train L_DSKD {row['train_loss']:.4g}"
-                      + (f"  val {score:.4g}{'  *best*' if row['best'] else ''}" if score is not None else "")
-                      + f"  {train_seconds:.0f}+{val_seconds:.0f} s"
-                      + (f"  {row['seconds_per_step']:.3f} s/step" if row["seconds_per_step"] else ""))
-            if self.hooks.on_epoch_end is not None:
-                self.hooks.on_epoch_end(state, row)
+        self._run_epochs()
         epochs = self.log.epochs
         self.dskd_info = {
             "epochs": state.epoch, "steps": state.step, "steps_per_epoch": self.steps_per_epoch,
@@ -590,7 +466,7 @@ class Distiller:
                 # The info of the finished phase goes into last.pt too, for a later --resume.
                 self._save_last()
             self._write_hash()
-            del self.forward, self.optimizer
+            del self.forward, self.optimisation
         self.ctx.barrier()
         finetune = self._finetune() if cfg.finetune.epochs > 0 else None
         final = self.out_dir / "finetune" / "best.pt" if finetune else self.out_dir / "distilled.pt"
@@ -608,11 +484,7 @@ class Distiller:
     def _write_hash(self) -> None:
         """Debug aid of the DDP test (as uniultra train): `distill-rank<r>.json` with the sha256 of
         this process's student + necks after DSKD, in $UNIULTRA_TRAIN_HASH_DIR."""
-        target = os.environ.get(HASH_DIR_ENV)
-        if target:
-            atomic_write_text(Path(target) / f"distill-rank{self.ctx.rank}.json", json.dumps({
-                "rank": self.ctx.rank, "world_size": self.ctx.world_size, "step": self.state.step,
-                "sha256": state_hash(self.dskd.state_dict())}))
+        write_weights_hash("distill-", self.ctx.rank, self.ctx.world_size, self.state.step, self.dskd.state_dict())
 
     def _report(self, finetune: dict[str, Any] | None, final: Path, student: SAM2ImageModel) -> dict[str, Any]:
         cfg = self.config
@@ -628,18 +500,12 @@ class Distiller:
             "finetune": finetune,
             "outputs": {"student": str(self.out_dir / "student.pt"), "student_from": str(final),
                         "distilled": str(self.out_dir / "distilled.pt"), "logs": str(self.out_dir)},
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": str(self.ctx.device), "processes": self.ctx.world_size},
+            "machine": machine_info(self.ctx),
         }
 
     def _run_info(self) -> dict[str, Any]:
         return {
-            "command": self.command, "config_file": self.source, "config": self.config.to_dict(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": str(self.ctx.device), "processes": self.ctx.world_size},
+            **run_info(self.command, self.source, self.config.to_dict(), self.ctx),
             "teacher": self.teacher_identity, "student": self.student.config.to_dict(), "peft": self.peft,
             "terms": list(self.dskd.term_names), "params": self.params, "data": self.data_counts,
             "steps_per_epoch": self.steps_per_epoch,

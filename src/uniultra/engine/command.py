@@ -22,30 +22,46 @@ def register(subparsers) -> None:
                     "current directory. Writes OUT/{last.pt,best.pt,steps.csv,epochs.csv,log.json,curves.png}.",
     )
     parser.add_argument("--config", required=True, type=Path, help="YAML training config (e.g. configs/cpu/...)")
-    parser.add_argument("--data", action="append", default=None, metavar="DIR",
-                        help="dataset folder (repeatable); replaces the config's data list, train/val splits")
+    add_data_option(parser)
     parser.add_argument("--base", default=None, metavar="CHECKPOINT",
                         help="starting checkpoint (official SAM2 .pt or UniUltra); overrides model.base")
-    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides out_dir)")
+    add_out_option(parser)
     parser.add_argument("--epochs", type=int, default=None, help="number of epochs (overrides optim.epochs)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/last.pt (starts fresh when there is none)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
-                        help="override any config key, e.g. --set optim.lr=5e-4 (value read as YAML; repeatable)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (overrides device)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                        help="no progress bar / cache bars (lines every log_every steps instead)")
+    add_run_options(parser, set_example="optim.lr=5e-4",
+                    progress_help="no progress bar / cache bars (lines every log_every steps instead)")
     parser.set_defaults(func=run_train)
 
 
-def build_overrides(args: argparse.Namespace) -> dict:
+# --- options shared with `uniultra distill` ------------------------------------------------------
+
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", action="append", default=None, metavar="DIR",
+                        help="dataset folder (repeatable); replaces the config's data list, train/val splits")
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides out_dir)")
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, set_example: str, progress_help: str) -> None:
+    """--resume, --set, --device, --no-progress (registered last, so they close the help)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/last.pt (starts fresh when there is none)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                        help=f"override any config key, e.g. --set {set_example} (value read as YAML; repeatable)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps (overrides device)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help=progress_help)
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides of the shared options: every --set, then --out, --epochs (the
+    run's optim.epochs), --device and --no-progress, which win over a --set of the same key."""
     from uniultra.engine.config import parse_set_option
 
     overrides: dict = {}
     for text in args.set_options:
         overrides = merge_dicts(overrides, parse_set_option(text))
-    if args.base is not None:
-        overrides = merge_dicts(overrides, {"model": {"base": args.base}})
     if args.out is not None:
         overrides["out_dir"] = args.out
     if args.epochs is not None:
@@ -57,13 +73,27 @@ def build_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def command_line() -> str:
+    """This process's command line as one would type it, recorded in the run's logs."""
+    return shlex.join(["uniultra", *sys.argv[1:]])
+
+
+# --- uniultra train -------------------------------------------------------------------------------
+
+def build_overrides(args: argparse.Namespace) -> dict:
+    overrides = run_overrides(args)
+    if args.base is not None:
+        # --base wins over --set model.base; no other option touches the model section.
+        overrides = merge_dicts(overrides, {"model": {"base": args.base}})
+    return overrides
+
+
 def run_train(args: argparse.Namespace) -> int:
     from uniultra.engine.config import load_train_config
     from uniultra.engine.trainer import train
 
     config = load_train_config(args.config, build_overrides(args), args.data)
-    command = shlex.join(["uniultra", *sys.argv[1:]])
-    result = train(config, resume=args.resume, command=command, source=str(args.config))
+    result = train(config, resume=args.resume, command=command_line(), source=str(args.config))
     state = result.state
     if state.best_epoch is not None and state.best_score is not None:
         print(f"done: {state.epoch} epochs, {state.step} steps; best val Dice {100 * state.best_score:.2f} "

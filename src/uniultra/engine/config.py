@@ -186,11 +186,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         config = from_dict(cls, data, source)
         config.peft_config(source)  # validate now, with the file named
-        if not config.data:
-            raise ConfigError(f"{source}: data: no dataset given (list entries, or pass --data DIR)")
-        labels = [d.label for d in config.data]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"{source}: data: dataset names must be distinct, got {labels}")
+        check_data_entries(config.data, source)
         return config
 
     def peft_config(self, source: str = "config"):
@@ -205,6 +201,32 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_data_entries(entries: tuple[DataEntry, ...], source: str) -> None:
+    """At least one dataset, and distinct names (they key logs, caches and per-set results)."""
+    if not entries:
+        raise ConfigError(f"{source}: data: no dataset given (list entries, or pass --data DIR)")
+    labels = [d.label for d in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{source}: data: dataset names must be distinct, got {labels}")
+
+
+def read_config_document(
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    data_dirs: list[str] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """(document, source name) of a run config, before validation: the YAML file (none: empty),
+    command-line overrides (a nested mapping) merged over it, and `--data` folders, which replace
+    its data list. Shared by `uniultra train` and `uniultra distill`."""
+    data = load_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "command line"
+    if overrides:
+        data = merge_dicts(data, overrides)
+    if data_dirs:
+        data["data"] = [{"path": d} for d in data_dirs]
+    return data, source
+
+
 def load_train_config(
     path: str | Path | None,
     overrides: dict[str, Any] | None = None,
@@ -212,13 +234,7 @@ def load_train_config(
 ) -> TrainConfig:
     """Read a YAML config, apply command-line overrides (a nested mapping merged over it) and
     `--data` folders (which replace the config's data list), and validate the result."""
-    data = load_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "command line"
-    if overrides:
-        data = merge_dicts(data, overrides)
-    if data_dirs:
-        data["data"] = [{"path": d} for d in data_dirs]
-    return TrainConfig.from_dict(data, source)
+    return TrainConfig.from_dict(*read_config_document(path, overrides, data_dirs))
 
 
 def parse_set_option(text: str) -> dict[str, Any]:

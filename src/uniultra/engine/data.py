@@ -17,6 +17,7 @@ augmented and prompted per sample with a random stream fixed by (seed, epoch, sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -178,6 +179,28 @@ def ensure_phantoms(entry: DataEntry, out_dir: str | Path) -> Path:
                  "train": train, "val": val, "test": []}, root / "splits.json")
     atomic_write_text(spec_file, json.dumps(wanted, indent=1) + "\n")
     return root
+
+
+def ensure_all_phantoms(entries: Sequence[DataEntry], out_dir: str | Path, ctx) -> None:
+    """Generate every phantom data entry on the main process while the others wait (`ctx`:
+    uniultra.engine.distributed's context), so no two processes write the same folder."""
+    if ctx.is_main:
+        for entry in entries:
+            if entry.phantom is not None:
+                ensure_phantoms(entry, out_dir)
+    ctx.barrier()
+
+
+@contextlib.contextmanager
+def main_fills_cache_first(ctx, cache_dir: str | None):
+    """Around the building of cached sets: with a disk cache shared by several processes, the
+    main process fills it first and the others then memory-map it (no concurrent writes)."""
+    shared_cache = ctx.distributed and cache_dir is not None
+    if shared_cache and not ctx.is_main:
+        ctx.barrier()
+    yield
+    if shared_cache and ctx.is_main:
+        ctx.barrier()
 
 
 def entry_root(entry: DataEntry, out_dir: str | Path) -> Path:

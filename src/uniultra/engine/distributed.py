@@ -50,6 +50,17 @@ class DistContext:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values / self.world_size
 
+    def wrap(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """`module` in DistributedDataParallel when several processes train (else unchanged), so
+        its gradients are averaged over processes at every backward."""
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.device.type == "cuda"
+        return DistributedDataParallel(module, device_ids=[self.device.index] if cuda else None,
+                                       find_unused_parameters=find_unused_parameters)
+
     def close(self) -> None:
         if self.initialised_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,25 @@ def _parse(text: str | None) -> Any:
     return text
 
 
+def machine_info(ctx) -> dict[str, Any]:
+    """Where a run ran (`ctx`: uniultra.engine.distributed's context), for logs and reports."""
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": str(ctx.device), "processes": ctx.world_size}
+
+
+def run_info(command: str | None, source: str, config: dict[str, Any], ctx) -> dict[str, Any]:
+    """The head of `log.json`: how the run was started, with what config, where."""
+    return {"command": command, "config_file": source, "config": config,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(ctx)}
+
+
 class RunLog:
+    """The log files of a run; a subclass changes the step columns (`step_fields`), how the best
+    epoch is found again on resume (`_best_epoch`) and the curves (`plot`)."""
+
     def __init__(self, out_dir: str | Path, enabled: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
@@ -80,8 +99,15 @@ class RunLog:
         if log_file.is_file():
             previous = json.loads(log_file.read_text())
             self.epochs = [e for e in previous.get("epochs", []) if e["epoch"] <= epochs_done]
-        self.best = max((e for e in self.epochs if e.get("val_dice") is not None),
-                        key=lambda e: e["val_dice"], default=None)
+        self.best = self._best_epoch()
+
+    def _best_epoch(self) -> dict[str, Any] | None:
+        return max((e for e in self.epochs if e.get("val_dice") is not None),
+                   key=lambda e: e["val_dice"], default=None)
+
+    @property
+    def step_fields(self) -> list[str]:
+        return list(STEP_FIELDS)
 
     def add_step(self, row: dict[str, Any]) -> None:
         self.steps.append(row)
@@ -97,7 +123,7 @@ class RunLog:
         if not self.enabled:
             return
         self._last_flush = time.monotonic()
-        atomic_write_text(self.out_dir / "steps.csv", _csv_text(self.steps, list(STEP_FIELDS)))
+        atomic_write_text(self.out_dir / "steps.csv", _csv_text(self.steps, self.step_fields))
         fields: list[str] = []
         for row in self.epochs:
             fields += [k for k in row if k not in fields and not isinstance(row[k], dict | list)]
@@ -105,21 +131,48 @@ class RunLog:
         document = {**self.info, "epochs": self.epochs, "best": self.best}
         atomic_write_text(self.out_dir / "log.json", json.dumps(document, indent=1) + "\n")
         if plot:
-            plot_curves(self.out_dir / "curves.png", self.steps, self.epochs)
+            self.plot(self.out_dir / "curves.png")
+
+    def plot(self, path: Path) -> None:
+        plot_curves(path, self.steps, self.epochs)
 
 
-def plot_curves(path: Path, steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> None:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (runs have no display; imported late, it is slow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    return plt
+
+
+def plot_train_loss(ax, steps: list[dict[str, Any]], epochs: list[dict[str, Any]], epoch_label: str) -> None:
+    """Train loss per step (faint) and per epoch (mean, at the epoch's last step)."""
     if steps:
-        ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.5, alpha=0.4, label="step")
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.5, alpha=0.4, label="step")
     done = [e for e in epochs if e.get("train_loss") is not None]
     if done:
-        ax_loss.plot([e["end_step"] for e in done], [e["train_loss"] for e in done], "o-", label="epoch mean")
+        ax.plot([e["end_step"] for e in done], [e["train_loss"] for e in done], "o-", label=epoch_label)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure atomically as PNG and free it (pyplot keeps every open figure alive)."""
+    plt = pyplot()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=100)
+
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(path: Path, steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> None:
+    plt = pyplot()
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    plot_train_loss(ax_loss, steps, epochs, "epoch mean")
     ax_loss.set(xlabel="step", ylabel="train loss", title="training loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
@@ -135,11 +188,4 @@ def plot_curves(path: Path, steps: list[dict[str, Any]], epochs: list[dict[str, 
         ax_val.legend()
     ax_val.grid(alpha=0.3)
     fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-
-    try:
-        atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -25,17 +25,9 @@ it an existing `last.pt` is an error rather than silently overwritten.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
-import platform
-import random
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +36,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniultra.atomic import atomic_write
 from uniultra.config_io import ConfigError, from_dict, merge_dicts
 from uniultra.engine import data as D
+from uniultra.engine.checkpointing import (
+    check_config_unchanged,
+    check_world_size,
+    existing_state,
+    progress_entries,
+    read_state,
+    restore_progress,
+    resumed_message,
+)
 from uniultra.engine.config import TrainConfig
 from uniultra.engine.distributed import setup
-from uniultra.engine.logs import RunLog
+from uniultra.engine.epoch_loop import EpochLoop
+from uniultra.engine.logs import RunLog, run_info
 from uniultra.engine.losses import segmentation_loss
+from uniultra.engine.optimisation import EMA, Optimisation
+from uniultra.engine.rng import rng_state, seed_all, set_rng_state
+from uniultra.engine.weights_hash import HASH_DIR_ENV, state_hash, write_weights_hash
 from uniultra.models.checkpoint import WEIGHTS_FULL, WEIGHTS_TRAINED, load_base_model, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
@@ -60,8 +64,10 @@ STATE_VERSION = 1
 # Config keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("optim.epochs", "model.base", "out_dir", "log_every", "checkpoint_every", "num_workers", "device",
                      "progress", "cache_dir", "val_batch_size", "threads")
-# Debug aid (used by the distributed test): each process writes the hash of its final weights here.
-HASH_DIR_ENV = "UNIULTRA_TRAIN_HASH_DIR"
+# EMA, HASH_DIR_ENV, state_hash, rng_state and set_rng_state now live in their own engine modules
+# (optimisation, weights_hash, rng); they stay importable from here for existing callers.
+__all__ = ["EMA", "HASH_DIR_ENV", "TrainHooks", "TrainResult", "TrainState", "Trainer", "build_model",
+           "resolve_model_config", "rng_state", "set_rng_state", "state_hash", "train"]
 
 
 @dataclass
@@ -130,16 +136,6 @@ def build_model(config: TrainConfig, source: str = "config") -> tuple[SAM2ImageM
     return SAM2ImageModel(wanted), {"kind": "random init", "seed": config.seed, "config": wanted.to_dict()}
 
 
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and exact bytes of a state dict (order-independent)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 class _TrainForward(nn.Module):
     """Encoder once per batch, decoder once per prompt group: the module DDP wraps."""
 
@@ -157,82 +153,9 @@ class _TrainForward(nn.Module):
         return outputs
 
 
-class EMA:
-    """Exponential moving average of the trained parameters (decay warms up: min(d, (1+n)/(10+n)))."""
-
-    def __init__(self, params: dict[str, nn.Parameter], decay: float) -> None:
-        self.decay = decay
-        self.params = params
-        self.shadow = {n: p.detach().clone() for n, p in params.items()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(p.detach(), 1 - d)
-
-    @contextlib.contextmanager
-    def applied(self):
-        """Temporarily put the EMA weights into the model."""
-        backup = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(backup[n])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach().cpu().clone() for n, t in self.shadow.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.shadow):
-            raise ValueError("EMA state does not match the trained parameters")
-        for n, t in state.items():
-            self.shadow[n].copy_(t)
-
-
-# --- RNG state ----------------------------------------------------------------------------------
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 # --- the trainer --------------------------------------------------------------------------------
 
-class Trainer:
+class Trainer(EpochLoop):
     def __init__(
         self,
         config: TrainConfig,
@@ -248,33 +171,19 @@ class Trainer:
         model comes with its PEFT already applied and its trained parameters marked requires_grad;
         `config.peft` must be that PEFT config (it is stored in best.pt). Its checkpoints always hold
         every weight (there is no base file to rebuild the frozen part from)."""
-        self.config = config
-        self.resume = resume
-        self.hooks = hooks or TrainHooks()
-        self.command = command
-        self.source = source
-        self.out_dir = Path(config.out_dir)
-        self.state = TrainState()
+        super().__init__(config, resume=resume, hooks=hooks or TrainHooks(), command=command, source=source,
+                         state=TrainState())
         self.start_model = start_model
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def _say(self, text: str) -> None:
-        if self.ctx.is_main:
-            print(text, flush=True)
-
     def _setup(self) -> None:
         cfg = self.config
         self.ctx = setup(cfg.device)
-        last = self.out_dir / "last.pt"
-        if last.is_file() and not self.resume:
-            raise ValueError(f"{self.out_dir} already holds a run ({last}); pass --resume to continue it "
-                             "or choose another --out")
+        last = existing_state(self.out_dir, self.resume)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        random.seed(cfg.seed)
+        seed_all(cfg.seed)
 
         from uniultra.peft.apply import apply_peft, set_train_mode, trainable_report
 
@@ -298,51 +207,34 @@ class Trainer:
         self._setup_data()
         self._setup_optim()
         self.log = RunLog(self.out_dir, enabled=self.ctx.is_main)
-        if self.resume and last.is_file():
+        if last is not None:
             self._load_last(last)
         self.log.info = self._run_info()
 
     def _setup_data(self) -> None:
         cfg, ctx = self.config, self.ctx
         size = cfg.model.image_size
-        if ctx.is_main:
-            for entry in cfg.data:
-                if entry.phantom is not None:
-                    D.ensure_phantoms(entry, self.out_dir)
-        ctx.barrier()
-        # With a disk cache the main process fills it first; the others then memory-map it.
-        shared_cache = ctx.distributed and cfg.cache_dir is not None
-        if shared_cache and not ctx.is_main:
-            ctx.barrier()
+        D.ensure_all_phantoms(cfg.data, self.out_dir, ctx)
         train_sets, val_sets = [], []
         bars = cfg.progress and ctx.is_main
-        for entry in cfg.data:
-            root = D.entry_root(entry, self.out_dir)
-            if entry.split_train is not None:
-                ds = D.open_split(entry, root, entry.split_train)
-                train_sets.append(D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir, progress=bars))
-            if entry.split_val is not None:
-                ds = D.open_split(entry, root, entry.split_val)
-                val_sets.append(D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir,
-                                                   keep_native_masks=True, progress=bars))
-        if shared_cache and ctx.is_main:
-            ctx.barrier()
+        with D.main_fills_cache_first(ctx, cfg.cache_dir):
+            for entry in cfg.data:
+                root = D.entry_root(entry, self.out_dir)
+                if entry.split_train is not None:
+                    ds = D.open_split(entry, root, entry.split_train)
+                    train_sets.append(D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir,
+                                                         progress=bars))
+                if entry.split_val is not None:
+                    ds = D.open_split(entry, root, entry.split_val)
+                    val_sets.append(D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir,
+                                                       keep_native_masks=True, progress=bars))
         self.train_set = D.TrainSet(train_sets, cfg.prompts.train, cfg.augment, cfg.seed)
         if len(self.train_set) == 0:
             raise ValueError("no training image with an object (every training mask is empty or no "
                              "data entry has a split_train)")
         v = cfg.prompts.val
         self.val = D.build_val_data(val_sets, v.mode, v.jitter, v.seed)
-        self.sampler = D.EpochSampler(self.train_set, ctx.world_size, ctx.rank, cfg.seed)
-        self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=cfg.optim.batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=cfg.num_workers, collate_fn=D.collate, pin_memory=ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
-        )
-        self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training samples give no full batch of "
-                             f"{cfg.optim.batch_size} per process ({ctx.world_size} processes)")
+        self._setup_loader(D.collate, "training samples")
         self.data_counts = {
             "train": {s.name: {"images": len(s), "empty_skipped": self.train_set.n_empty[s.name]}
                       for s in train_sets},
@@ -359,32 +251,9 @@ class Trainer:
 
     def _setup_optim(self) -> None:
         cfg, ctx = self.config, self.ctx
-        o = cfg.optim
-        params = list(self.trained.values())
-        kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        self.optimizer = kind(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.ema = EMA(self.trained, o.ema) if o.ema else None
-        cuda = ctx.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        forward = _TrainForward(self.model)
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Unused parameters happen legitimately (e.g. the object-score head has no loss).
-            forward = DistributedDataParallel(forward, device_ids=[ctx.device.index] if cuda else None,
-                                              find_unused_parameters=True)
-        self.forward = forward
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
-
-    def lr_at(self, epoch: int, step: int) -> float:
-        o = self.config.optim
-        warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-        return o.lr * o.gamma**epoch * warm
+        self.optimisation = Optimisation(self.trained, cfg.optim, cfg.amp, ctx.device)
+        # Unused parameters happen legitimately (e.g. the object-score head has no loss).
+        self.forward = ctx.wrap(_TrainForward(self.model), find_unused_parameters=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -399,61 +268,39 @@ class Trainer:
         if not self.ctx.is_main:
             return
         kind, weights = self._weights()
-        document = {
+        o = self.config.optim
+        self._write_last({
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.to_dict(),
-            "weights": kind, "model": weights, "optimizer": self.optimizer.state_dict(),
-            "schedule": {"lr": self.optimizer.param_groups[0]["lr"], "gamma": self.config.optim.gamma,
-                         "warmup_steps": self.config.optim.warmup_steps},
-            "ema": self.ema.state_dict() if self.ema else None,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": rng_state(), "state": asdict(self.state), "world_size": self.ctx.world_size,
+            "weights": kind, "model": weights,
+            **progress_entries(self.optimisation, self.state, self.ctx.world_size),
+            "schedule": {"lr": self.optimisation.optimizer.param_groups[0]["lr"], "gamma": o.gamma,
+                         "warmup_steps": o.warmup_steps},
             "base": self.base_identity,
-        }
-        atomic_write(self.out_dir / "last.pt", lambda tmp: torch.save(document, tmp))
-        self.log.flush()
+        })
 
     def _load_last(self, path: Path) -> None:
         from uniultra.peft.apply import load_trainable_state
 
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-        if doc.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path}: not a training state written by uniultra train")
-        before, now = _flatten(doc["config"]), _flatten(self.config.to_dict())
-        changed = sorted(k for k in set(before) | set(now)
-                         if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
-        if changed:
-            details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
-            raise ValueError(f"{path}: the config differs from the run being resumed ({details}); "
-                             f"only {', '.join(RESUMABLE_CHANGES)} may change")
+        doc = read_state(path, STATE_FORMAT, "training state written by uniultra train")
+        check_config_unchanged(path, doc["config"], self.config.to_dict(), RESUMABLE_CHANGES)
         if doc["base"].get("sha256") != self.base_identity.get("sha256"):
             raise ValueError(f"{path}: the run was trained from base {doc['base'].get('path')} "
                              f"(sha256 {doc['base'].get('sha256')}), not {self.base_identity.get('path')}")
         state = TrainState(**doc["state"])
-        if doc["world_size"] != self.ctx.world_size and state.batch_in_epoch:
-            raise ValueError(f"{path}: saved mid-epoch by {doc['world_size']} processes; resume it with the same "
-                             f"number (now {self.ctx.world_size})")
+        check_world_size(path, doc, self.ctx.world_size, state.batch_in_epoch)
         if doc["weights"] == WEIGHTS_FULL:
             self.model.load_state_dict(doc["model"])
         else:
             load_trainable_state(self.model, doc["model"])
-        self.optimizer.load_state_dict(doc["optimizer"])
-        if self.ema is not None:
-            if doc["ema"] is None:
-                raise ValueError(f"{path}: the run had no EMA")
-            self.ema.load_state_dict(doc["ema"])
-        if self.scaler is not None and doc["scaler"] is not None:
-            self.scaler.load_state_dict(doc["scaler"])
-        set_rng_state(doc["rng"])
+        restore_progress(doc, self.optimisation, path)
         self.state = state
         self.log.restore(state.step, state.epoch)
-        where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
-            f"the end of epoch {state.epoch}"
-        self._say(f"resumed from {path} at {where} (step {state.step})")
+        self._say(resumed_message(path, state))
 
     def _save_best(self, val: dict[str, Any] | None) -> None:
         if not self.ctx.is_main:
             return
-        with self.ema.applied() if self.ema else contextlib.nullcontext():
+        with self.optimisation.ema_applied():
             kind, weights = self._weights()
         meta = {
             "weights": kind, "base": self.base_identity, "peft": self.peft.to_dict(),
@@ -478,7 +325,7 @@ class Trainer:
         rows = []
         model.eval()
         try:
-            with self.ema.applied() if self.ema else contextlib.nullcontext(), self._autocast():
+            with self.optimisation.ema_applied(), self._autocast():
                 chunk = self.config.val_batch_size
                 for start in range(0, len(mine), chunk):
                     part = mine[start:start + chunk]
@@ -529,24 +376,7 @@ class Trainer:
             for k in terms:
                 terms[k].append(parts[k])
         loss = torch.cat(totals).mean()
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trained.values()), clip)
-        lr = self.lr_at(epoch, self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.state.step)
+        lr, grad_norm = self.optimisation.step(loss, epoch, self.state.step)
         values = torch.stack([loss.detach().float()] + [torch.cat(terms[k]).float().mean() for k in terms]
                              + [grad_norm.detach().float().to(loss.device)])
         values = self.ctx.mean(values).tolist()
@@ -556,44 +386,32 @@ class Trainer:
         return {"lr": lr, "loss": values[0], "focal": values[1], "dice": values[2], "iou_loss": values[3],
                 "real_iou": values[4], "grad_norm": values[5]}
 
-    def _epoch(self, epoch: int) -> tuple[float, int]:
-        """Train the rest of one epoch; returns (seconds, steps done now)."""
-        cfg, state = self.config, self.state
-        self.sampler.set_epoch(epoch, skip=state.batch_in_epoch * cfg.optim.batch_size)
-        total = self.steps_per_epoch
-        bar = None
-        if cfg.progress and self.ctx.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
+    def _step_line(self, epoch: int, row: dict[str, Any]) -> str:
+        return (f"epoch {epoch + 1} step {row['batch']}/{self.steps_per_epoch} (global {row['step']}) "
+                f"loss {row['loss']:.4f} dice {row['dice']:.4f} lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
 
-            bar = tqdm(total=total, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                       unit="step", leave=False, mininterval=1.0)
-        start = time.perf_counter()
-        step_start = time.perf_counter()
-        done = 0
-        for batch in self.loader:
-            done += 1
-            row = self._train_step(batch, epoch)
-            state.step += 1
-            state.batch_in_epoch += 1
-            now = time.perf_counter()
-            row = {"step": state.step, "epoch": epoch + 1, "batch": state.batch_in_epoch, **row,
-                   "seconds": now - step_start}
-            step_start = now
-            self.log.add_step(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
-            elif state.step % max(cfg.log_every, 1) == 0:
-                self._say(f"epoch {epoch + 1} step {state.batch_in_epoch}/{total} (global {state.step}) "
-                          f"loss {row['loss']:.4f} dice {row['dice']:.4f} lr {row['lr']:.2e} "
-                          f"{row['seconds']:.2f} s/step")
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch_in_epoch < total:
-                self._save_last()
-            if self.hooks.on_step_end is not None:
-                self.hooks.on_step_end(state)
-        if bar is not None:
-            bar.close()
-        return time.perf_counter() - start, done
+    def _epoch_row(self, epoch: int, val: dict[str, Any] | None, best: bool,
+                   seconds: dict[str, float | None]) -> dict[str, Any]:
+        state = self.state
+        losses = [r["loss"] for r in self.log.steps if r["epoch"] == epoch + 1]
+        row: dict[str, Any] = {
+            "epoch": state.epoch, "end_step": state.step, "lr": self.lr_at(epoch, state.step - 1),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "val_dice": val["dice"] if val else None, "best": best, **seconds,
+        }
+        for name, d in (val or {}).get("datasets", {}).items():
+            row[f"val_dice_{name}"] = d["dice"]
+            row[f"val_iou_{name}"] = d["iou"]
+        return row
+
+    def _epoch_line(self, row: dict[str, Any], val: dict[str, Any] | None) -> str:
+        score = row["val_dice"]
+        per_set = "  ".join(f"{n} {100 * d['dice']:.2f}" for n, d in (val or {}).get("datasets", {}).items()
+                            if d["dice"] is not None)
+        return (f"epoch {row['epoch']}/{self.config.optim.epochs}  train loss {row['train_loss']:.4f}  "
+                + (f"val Dice {per_set}  mean {100 * score:.2f}{'  *best*' if row['best'] else ''}  "
+                   if score is not None else "")
+                + self._timing_text(row))
 
     def run(self) -> TrainResult:
         try:
@@ -607,64 +425,16 @@ class Trainer:
         cfg, state = self.config, self.state
         self._say(f"training {cfg.optim.epochs} epochs x {self.steps_per_epoch} steps (batch {cfg.optim.batch_size} "
                   f"x {self.ctx.world_size} process(es)) on {self.ctx.device}; out {self.out_dir}")
-        while state.epoch < cfg.optim.epochs:
-            epoch = state.epoch
-            train_seconds, steps_now = self._epoch(epoch)
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            val_start = time.perf_counter()
-            val = self.validate()
-            val_seconds = time.perf_counter() - val_start
-            score = val["dice"] if val else None
-            improved = score is None or state.best_score is None or score > state.best_score
-            if improved:
-                state.best_score, state.best_epoch = score, state.epoch
-                self._save_best(val)
-            losses = [r["loss"] for r in self.log.steps if r["epoch"] == epoch + 1]
-            row: dict[str, Any] = {
-                "epoch": state.epoch, "end_step": state.step, "lr": self.lr_at(epoch, state.step - 1),
-                "train_loss": float(np.mean(losses)) if losses else None,
-                "val_dice": score, "best": bool(improved and score is not None),
-                "seconds_train": train_seconds, "seconds_val": val_seconds,
-                "seconds_per_step": train_seconds / steps_now if steps_now else None,
-            }
-            for name, d in (val or {}).get("datasets", {}).items():
-                row[f"val_dice_{name}"] = d["dice"]
-                row[f"val_iou_{name}"] = d["iou"]
-            best = {"epoch": state.best_epoch, "val_dice": state.best_score}
-            self.log.add_epoch(row, best)
-            self._save_last()
-            self.ctx.barrier()
-            per_set = "  ".join(f"{n} {100 * d['dice']:.2f}" for n, d in (val or {}).get("datasets", {}).items()
-                                if d["dice"] is not None)
-            self._say(f"epoch {state.epoch}/{cfg.optim.epochs}  train loss {row['train_loss']:.4f}  "
-                      + (f"val Dice {per_set}  mean {100 * score:.2f}{'  *best*' if row['best'] else ''}  "
-                         if score is not None else "")
-                      + f"{train_seconds:.0f}+{val_seconds:.0f} s"
-                      + (f"  {row['seconds_per_step']:.3f} s/step" if row["seconds_per_step"] else ""))
-            if self.hooks.on_epoch_end is not None:
-                self.hooks.on_epoch_end(state, row)
+        self._run_epochs()
         self._write_hash()
         return TrainResult(self.out_dir, state, self.model, list(self.log.epochs))
 
     def _write_hash(self) -> None:
-        target = os.environ.get(HASH_DIR_ENV)
-        if not target:
-            return
-        from uniultra.atomic import atomic_write_text
-
-        digest = state_hash(self.model.state_dict())
-        atomic_write_text(Path(target) / f"rank{self.ctx.rank}.json",
-                          json.dumps({"rank": self.ctx.rank, "world_size": self.ctx.world_size, "sha256": digest,
-                                      "step": self.state.step}))
+        write_weights_hash("", self.ctx.rank, self.ctx.world_size, self.state.step, self.model.state_dict())
 
     def _run_info(self) -> dict[str, Any]:
         return {
-            "command": self.command, "config_file": self.source, "config": self.config.to_dict(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": str(self.ctx.device), "processes": self.ctx.world_size},
+            **run_info(self.command, self.source, self.config.to_dict(), self.ctx),
             "model": self.model.config.to_dict(), "base": self.base_identity, "trainable": self.report.to_dict(),
             "data": self.data_counts, "steps_per_epoch": self.steps_per_epoch,
         }
