@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "uniultra.engine.command",
     "uniultra.distill.command",
     "uniultra.serve.command",
+    "uniultra.export.command",
+    "uniultra.bench.command",
 )
 
 

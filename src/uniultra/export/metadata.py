@@ -1,0 +1,86 @@
+"""The contract between an ONNX export and whoever runs it (numpy + stdlib only, no torch).
+
+An export directory holds the encoder and decoder graphs (and optionally an INT8 encoder) plus
+`uniultra-onnx.json`, which records everything a runtime needs besides the graphs: input size,
+normalisation constants, prompt label meanings, tensor names and shapes, the model config, and
+the sha256 of every file so a mismatched or half-replaced directory is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "uniultra-onnx"
+FORMAT_VERSION = 1
+METADATA_FILE = "uniultra-onnx.json"
+ENCODER_FILE = "encoder.onnx"
+ENCODER_INT8_FILE = "encoder.int8.onnx"
+DECODER_FILE = "decoder.onnx"
+
+ENCODER_INPUTS = ("image",)
+ENCODER_OUTPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+DECODER_INPUTS = (
+    "image_embed",
+    "high_res_feats_0",
+    "high_res_feats_1",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+)
+DECODER_OUTPUTS = ("masks", "iou_scores", "multimask_masks", "multimask_iou_scores", "object_score_logits")
+
+LABEL_MEANINGS = {
+    "-1": "padding (ignored; lets prompts of different lengths share a batch)",
+    "0": "negative click (background)",
+    "1": "positive click (foreground)",
+    "2": "box top-left corner",
+    "3": "box bottom-right corner",
+}
+
+
+class ExportFormatError(ValueError):
+    """An export directory that cannot be used; the message names the file and the problem."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(export_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """Load and check `uniultra-onnx.json`; with `verify`, every listed file's sha256 too."""
+    export_dir = Path(export_dir)
+    path = export_dir / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no {METADATA_FILE} (not a `uniultra export onnx` directory)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportFormatError(f"{path}: unreadable metadata ({exc})") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise ExportFormatError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{path}: format_version {meta.get('format_version')!r}; this uniultra reads version {FORMAT_VERSION}"
+        )
+    for key in ("encoder", "decoder"):
+        if key not in meta.get("files", {}):
+            raise ExportFormatError(f"{path}: no '{key}' entry in 'files'")
+    if verify:
+        for key, entry in meta["files"].items():
+            file = export_dir / entry["path"]
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: listed in {METADATA_FILE} as '{key}' but missing")
+            if file_sha256(file) != entry["sha256"]:
+                raise ExportFormatError(
+                    f"{file}: sha256 differs from {METADATA_FILE}: the directory mixes two exports; export again"
+                )
+    return meta
