@@ -28,8 +28,11 @@ class ImageEncoder(nn.Module):
         self.neck = FpnNeck(config.neck, self.trunk.stage_dims)
         self.scalp = config.neck.scalp
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        features, pos = self.neck(self.trunk(images))
+    def forward(
+        self, images: torch.Tensor, with_position_encoding: bool = True
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """`with_position_encoding=False` leaves `vision_pos_enc` empty (the image path does not use it)."""
+        features, pos = self.neck(self.trunk(images), with_position_encoding)
         if self.scalp > 0:
             # The stride-32 level only feeds the top-down path; SAM2 does not use it directly.
             features, pos = features[: -self.scalp], pos[: -self.scalp]

@@ -101,8 +101,7 @@ class SAM2ImageModel(nn.Module):
         size = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
-        out = self.image_encoder(images)
-        fpn = out["backbone_fpn"]
+        fpn = self.image_encoder(images, with_position_encoding=False)["backbone_fpn"]
         decoder = self.sam_mask_decoder
         # The decoder's high-res projections depend only on the image: run them once here.
         high_res = [decoder.conv_s0(fpn[0]), decoder.conv_s1(fpn[1])] if decoder.use_high_res_features else []

@@ -45,7 +45,9 @@ class FpnNeck(nn.Module):
         align = None if self.interp_mode == "nearest" else False
         return F.interpolate(x.float(), scale_factor=2.0, mode=self.interp_mode, align_corners=align)
 
-    def forward(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, xs: Sequence[torch.Tensor], with_position_encoding: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         n = len(self.convs)
         if len(xs) != n:
             raise ValueError(f"expected {n} feature levels, got {len(xs)}")
@@ -57,5 +59,7 @@ class FpnNeck(nn.Module):
             if previous is not None and level in self.fpn_top_down_levels:
                 out = out + self._upsample(previous)
             features[level] = previous = out
-        pos = [self.position_encoding(f) for f in features]
+        # The image path never reads these encodings (the decoder has its own); skipping them saves
+        # writing a 256-channel map at every level.
+        pos = [self.position_encoding(f) for f in features] if with_position_encoding else []
         return features, pos
