@@ -151,3 +151,41 @@ def test_busi_inscribed_ellipse_matches_the_reference(tmp_path):
     summary = json.loads(out.read_text())["datasets"]["busi"]
     assert summary["n"] == 647 and summary["n_skipped"] == 133
     assert abs(summary["dice"]["mean"] * 100 - 89.3) < 1.5
+
+
+def test_postprocess_keeps_one_clean_component_inside_the_box():
+    from uniultra.segment.objects import clean_object_mask
+
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:20, 10:20] = True
+    mask[14:16, 14:16] = False  # a hole
+    mask[30:33, 30:33] = True  # a far fragment, outside the box
+    mask[10:12, 22:24] = True  # a small fragment inside the box + margin
+    cleaned = clean_object_mask(mask, np.array([9.0, 9.0, 20.0, 20.0]), margin=5)
+    expected = np.zeros_like(mask)
+    expected[10:20, 10:20] = True
+    np.testing.assert_array_equal(cleaned, expected)
+
+
+def test_postprocess_flag_reaches_the_model_method(tmp_path):
+    root = tmp_path / "set"
+    truth = np.zeros((30, 30), dtype=bool)
+    truth[5:21, 5:21] = True
+    write_pair(root, "a", truth)
+
+    class Fake:
+        def set_image(self, image):
+            self.shape = image.shape[:2]
+
+        def predict(self, box, points, labels, multimask):
+            m = np.zeros((len(box), 1, *self.shape), dtype=bool)
+            m[:, 0, 5:21, 5:21] = True
+            m[:, 0, 0:2, 28:30] = True  # a speck far from the box
+            return m, np.ones((len(box), 1)), None
+
+    dataset = [SegmentationDataset(root)]
+    protocol = {"prompt_mode": "box", "jitter": 0, "seed": 0, "progress": False}
+    raw = evaluate(ModelMethod("fake", Fake()), dataset, **protocol)
+    clean = evaluate(ModelMethod("fake", Fake(), postprocess=True), dataset, **protocol)
+    assert clean[0].rows[0]["dice"] == 1.0 > raw[0].rows[0]["dice"]
+    assert clean[0].rows[0]["hd"] == 0.0 < raw[0].rows[0]["hd"]

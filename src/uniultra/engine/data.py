@@ -381,7 +381,7 @@ class ValData:
 def build_val_data(sets: Sequence[CachedSet], mode: str, jitter: float, seed: int) -> ValData:
     """Prompts of `uniultra evaluate` (native resolution, fixed seed) mapped to model pixels the way
     Predictor maps them; images without an object are skipped and counted."""
-    from uniultra.evaluation.evaluate import widen_degenerate_boxes
+    from uniultra.segment.objects import widen_degenerate_boxes
 
     images, skipped = [], {}
     for si, s in enumerate(sets):

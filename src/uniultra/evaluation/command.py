@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                         help="model input size (model methods only; default: the checkpoint's own)")
     parser.add_argument("--seed", type=int, default=0, help="prompt seed (same prompts for every method)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="model methods: clip each object's mask to its box + 10 px (at 1024 scale), keep its "
+                        "largest component, fill holes")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here (atomic)")
     parser.add_argument("--overlays", type=Path, default=None, metavar="DIR",
                         help="write DIR/<dataset>/<stem>.png: truth outline green, prediction red")
@@ -46,7 +49,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from uniultra.evaluation.report import format_table, results_document, write_overlay
 
     datasets = load_datasets(args.data, args.split, args.splits)
-    method = make_method(args.model, image_size=args.size, device=args.device)
+    method = make_method(args.model, image_size=args.size, device=args.device, postprocess=args.postprocess)
     check_method_prompt(method, args.prompt)
 
     def save_overlay(item, prompt, prediction) -> None:
@@ -84,6 +87,8 @@ def canonical_command(args: argparse.Namespace) -> str:
     words += ["--prompt", args.prompt, "--jitter", f"{args.jitter:g}", "--seed", str(args.seed)]
     if args.size is not None:
         words += ["--size", str(args.size)]
+    if args.postprocess:
+        words.append("--postprocess")
     if args.out:
         words += ["--out", str(args.out)]
     if args.overlays:

@@ -18,6 +18,9 @@ import numpy as np
 from uniultra.data.dataset import SegmentationDataset, load_sample
 from uniultra.data.prompts import Prompt, make_prompt
 from uniultra.evaluation.metrics import ImageMetrics, image_metrics, summarize, summarize_images
+from uniultra.segment.objects import segment_objects, union_of_object_masks, widen_degenerate_boxes
+
+__all__ = ["ModelMethod", "evaluate", "make_method", "union_of_object_masks", "widen_degenerate_boxes"]
 
 BASELINE_PREFIX = "baseline:"
 BOX_MODES = ("box", "box+point")
@@ -53,38 +56,17 @@ class ModelMethod:
 
     spec: str
     predictor: object
+    postprocess: bool = False  # per object: clip to its box + margin, largest component, holes filled
 
     @property
     def name(self) -> str:
-        return self.spec
+        return f"{self.spec} +pp" if self.postprocess else self.spec
 
     def predict(self, image: np.ndarray, prompt: Prompt) -> np.ndarray:
-        self.predictor.set_image(image)
-        boxes = None if prompt.boxes is None else widen_degenerate_boxes(prompt.boxes)
-        masks, _, _ = self.predictor.predict(box=boxes, points=prompt.points, labels=prompt.labels, multimask=False)
-        return union_of_object_masks(np.asarray(masks), image.shape[:2])
+        return segment_objects(self.predictor, image, prompt, self.postprocess)
 
 
-def widen_degenerate_boxes(boxes: np.ndarray) -> np.ndarray:
-    """A one-pixel-wide object has x0 == x1 in inclusive pixel indices, but the predictor needs
-    x0 < x1: extend such a side by one pixel (boxes are clipped to W-1, so x1 stays <= W)."""
-    boxes = np.asarray(boxes, dtype=np.float64).copy()
-    for low, high in ((0, 2), (1, 3)):
-        flat = boxes[:, high] <= boxes[:, low]
-        boxes[flat, high] = boxes[flat, low] + 1
-    return boxes
-
-
-def union_of_object_masks(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """One mask per object (C=1 each) -> their union; logits are never summed across objects."""
-    if masks.ndim not in (3, 4) or masks.shape[-2:] != tuple(shape):
-        raise ValueError(f"predictor returned masks of shape {masks.shape}; expected (C,H,W) or (N,C,H,W) "
-                         f"with H, W = {shape}")
-    first_candidate = masks[:, 0] if masks.ndim == 4 else masks[:1]
-    return np.asarray(first_candidate, dtype=bool).any(axis=0)
-
-
-def make_method(spec: str, image_size: int | None = None, device: str = "cpu") -> Method:
+def make_method(spec: str, image_size: int | None = None, device: str = "cpu", postprocess: bool = False) -> Method:
     """`baseline:box`, `baseline:ellipse`, `default`, or a checkpoint path."""
     if spec.startswith(BASELINE_PREFIX):
         from uniultra.evaluation.baselines import BASELINES
@@ -98,7 +80,7 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu") -
     from uniultra.models.checkpoint import load_model
     from uniultra.predictor import Predictor
 
-    return ModelMethod(spec, Predictor(load_model(spec, image_size=image_size, device=device)))
+    return ModelMethod(spec, Predictor(load_model(spec, image_size=image_size, device=device)), postprocess)
 
 
 def check_method_prompt(method: Method, prompt_mode: str) -> None:

@@ -60,6 +60,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="model input size (default: the model's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--postprocess", action="store_true",
+                   help="clip each object's mask to its box + margin, keep its largest component, fill holes")
 
 
 def _predictor(args: argparse.Namespace):
@@ -90,7 +92,7 @@ def _predict_one(args: argparse.Namespace) -> int:
     prompt = _prompt_from_args(args)
     refuse_overwriting_inputs([Path(args.image)], [Path(p) for p in (args.out, args.overlay) if p])
     image = read_image(args.image)
-    mask = segment_image(_predictor(args), image, Prompt("cli", **prompt))
+    mask = segment_image(_predictor(args), image, Prompt("cli", **prompt), args.postprocess)
     atomic_write_bytes(args.out, mask_png_bytes(mask))
     if args.overlay:
         picture = overlay_image(image, np.zeros_like(mask), mask, Prompt("cli", **prompt))
@@ -118,7 +120,7 @@ def _predict_folder(args: argparse.Namespace) -> int:
     from uniultra.segment.folder import segment_folder
 
     results = segment_folder(_predictor(args), args.input, args.output, args.boxes, args.jitter, args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, postprocess=args.postprocess)
     scored = [r.dice for r in results if r.dice is not None]
     summary = f", mean Dice {100 * np.mean(scored):.2f}" if scored else ""
     print(f"segmented {len(results)} images into {args.output}{summary}")
@@ -133,7 +135,8 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictor = _predictor(args)
     source = Path(args.input) if args.input else write_phantom_dataset(output / "phantoms", args.n, seed=args.seed)
-    results = segment_folder(predictor, source, output, seed=args.seed, progress=not args.no_progress)
+    results = segment_folder(predictor, source, output, seed=args.seed, progress=not args.no_progress,
+                             postprocess=args.postprocess)
     print(_demo_table(results, args.model))
     print(f"overlays in {output / 'overlays'}, masks in {output / 'masks'} ({time.perf_counter() - start:.1f} s)")
     return 0

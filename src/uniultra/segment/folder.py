@@ -19,10 +19,10 @@ from uniultra.data.dataset import SegmentationDataset
 from uniultra.data.image_io import IMAGE_EXTENSIONS, read_image, read_mask
 from uniultra.data.prompts import Prompt, make_prompt
 from uniultra.evaluation.baselines import fill_ellipses
-from uniultra.evaluation.evaluate import union_of_object_masks, widen_degenerate_boxes
 from uniultra.evaluation.metrics import dice_score
 from uniultra.evaluation.report import overlay_image
 from uniultra.predictor import Predictor
+from uniultra.segment.objects import segment_objects
 
 
 @dataclass
@@ -35,12 +35,9 @@ class SegmentedImage:
     ellipse_dice: float | None  # the inscribed-ellipse baseline under the same boxes, for comparison
 
 
-def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt) -> np.ndarray:
+def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, postprocess: bool = False) -> np.ndarray:
     """Union of the per-object masks for the prompt's objects (boxes and/or points)."""
-    predictor.set_image(image)
-    boxes = None if prompt.boxes is None else widen_degenerate_boxes(prompt.boxes)
-    masks, _, _ = predictor.predict(box=boxes, points=prompt.points, labels=prompt.labels)
-    return union_of_object_masks(np.asarray(masks), image.shape[:2])
+    return segment_objects(predictor, image, prompt, postprocess)
 
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:
@@ -70,6 +67,7 @@ def segment_folder(
     jitter: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    postprocess: bool = False,
 ) -> list[SegmentedImage]:
     """Write `<output>/masks/<stem>.png` and `<output>/overlays/<stem>.png` for every image."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -81,7 +79,7 @@ def segment_folder(
 
     for stem, image_path, prompt, truth in tqdm(jobs, desc="segment", unit="img", disable=not progress):
         image = read_image(image_path)
-        mask = segment_image(predictor, image, prompt)
+        mask = segment_image(predictor, image, prompt, postprocess)
         truth_for_overlay = truth if truth is not None else np.zeros_like(mask)
         mask_path = atomic_write_bytes(output_dir / "masks" / f"{stem}.png", mask_png_bytes(mask))
         overlay = overlay_image(image, truth_for_overlay, mask, prompt)
