@@ -329,3 +329,19 @@ def test_bench_speed_smoke(tmp_path, capsys):
     # Ratios to tiny appear once tiny is among the models.
     results["models"]["tiny"] = results["models"]["mini"]
     assert "| 1.00 | 1.00 |" in markdown_table(results)
+
+
+def test_evaluate_runs_an_export_like_its_checkpoint(exported, tmp_path):
+    from uniultra.data.dataset import SegmentationDataset
+    from uniultra.data.phantom import write_phantom_dataset
+    from uniultra.evaluation.evaluate import ModelMethod, evaluate, make_method
+
+    model, out = exported
+    data = [SegmentationDataset(write_phantom_dataset(tmp_path / "ph", 3, seed=3, size=(100, 140)))]
+    protocol = {"prompt_mode": "box", "jitter": 20, "seed": 0, "progress": False}
+    torch_rows = evaluate(ModelMethod("torch", Predictor(model)), data, **protocol)[0].rows
+    onnx_rows = evaluate(make_method(f"onnx:{out}"), data, **protocol)[0].rows
+    assert [r["stem"] for r in onnx_rows] == [r["stem"] for r in torch_rows]
+    for a, b in zip(onnx_rows, torch_rows, strict=True):
+        assert a["dice"] == pytest.approx(b["dice"], abs=0.01)
+    assert make_method(f"onnx-int8:{out}").predictor.int8

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                     "Metrics are computed at each image's native resolution.",
     )
     parser.add_argument("--model", required=True,
-                        help="checkpoint path, 'default', baseline:box or baseline:ellipse")
+                        help="checkpoint path, 'default', baseline:box, baseline:ellipse, "
+                        "or an ONNX export as onnx:DIR / onnx-int8:DIR")
     parser.add_argument("--data", action="append", required=True, metavar="DIR",
                         help="dataset folder (images/, masks/); repeat for several datasets")
     parser.add_argument("--split", default=None,

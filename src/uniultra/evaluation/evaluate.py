@@ -23,6 +23,8 @@ from uniultra.segment.objects import segment_objects, union_of_object_masks, wid
 __all__ = ["ModelMethod", "evaluate", "make_method", "union_of_object_masks", "widen_degenerate_boxes"]
 
 BASELINE_PREFIX = "baseline:"
+# An exported model directory (`uniultra export onnx`), run on onnxruntime, fp32 or INT8 encoder.
+ONNX_PREFIX, ONNX_INT8_PREFIX = "onnx:", "onnx-int8:"
 BOX_MODES = ("box", "box+point")
 
 
@@ -67,7 +69,7 @@ class ModelMethod:
 
 
 def make_method(spec: str, image_size: int | None = None, device: str = "cpu", postprocess: bool = False) -> Method:
-    """`baseline:box`, `baseline:ellipse`, `default`, or a checkpoint path."""
+    """`baseline:box`, `baseline:ellipse`, `default`, a checkpoint path, `onnx:DIR` or `onnx-int8:DIR`."""
     if spec.startswith(BASELINE_PREFIX):
         from uniultra.evaluation.baselines import BASELINES
 
@@ -76,6 +78,11 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
             raise ValueError(f"unknown baseline {spec!r}; choose from "
                              + ", ".join(BASELINE_PREFIX + b for b in BASELINES))
         return BaselineMethod(kind)
+    for prefix, int8 in ((ONNX_PREFIX, False), (ONNX_INT8_PREFIX, True)):
+        if spec.startswith(prefix):
+            from uniultra.export.onnx_predictor import OnnxPredictor
+
+            return ModelMethod(spec, OnnxPredictor(spec[len(prefix):], int8=int8), postprocess)
     # Imported here: the model code is heavy and evaluating a baseline must not need it.
     from uniultra.models.checkpoint import load_model
     from uniultra.predictor import Predictor
