@@ -36,15 +36,15 @@ def _check_boxes(box, hw: tuple[int, int]) -> tuple[np.ndarray, bool]:
     batched = arr.ndim == 2
     arr = arr.reshape(-1, 4)
     h, w = hw
-    for x0, y0, x1, y1 in arr:
-        if not np.isfinite([x0, y0, x1, y1]).all():
-            raise ValueError(f"box {[x0, y0, x1, y1]} has non-finite coordinates")
+    for box in arr:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        shown = f"[{x0:g}, {y0:g}, {x1:g}, {y1:g}]"  # plain numbers, not numpy reprs
+        if not np.isfinite(box).all():
+            raise ValueError(f"box {shown} has non-finite coordinates")
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"degenerate box {[x0, y0, x1, y1]}: need x0 < x1 and y0 < y1")
+            raise ValueError(f"degenerate box {shown}: need x0 < x1 and y0 < y1")
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise ValueError(
-                f"box {[x0, y0, x1, y1]} lies outside the image ({w} x {h} pixels, x in [0, {w}], y in [0, {h}])"
-            )
+            raise ValueError(f"box {shown} lies outside the image ({w} x {h} pixels, x in [0, {w}], y in [0, {h}])")
     return arr, batched
 
 
@@ -58,7 +58,8 @@ def _check_points(points, labels, hw: tuple[int, int]) -> tuple[np.ndarray, np.n
     if lbl.shape != pts.shape[:-1]:
         raise ValueError(f"labels shape {lbl.shape} does not match points shape {pts.shape}")
     if not np.isin(lbl, (-1, 0, 1)).all():
-        raise ValueError(f"point labels must be 1 (foreground), 0 (background) or -1 (padding), got {np.unique(lbl)}")
+        found = np.unique(lbl).tolist()
+        raise ValueError(f"point labels must be 1 (foreground), 0 (background) or -1 (padding), got {found}")
     h, w = hw
     if not np.isfinite(pts).all() or (pts[..., 0] < 0).any() or (pts[..., 1] < 0).any() \
             or (pts[..., 0] > w).any() or (pts[..., 1] > h).any():
