@@ -12,34 +12,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uniultra.data.image_io import read_image, to_rgb_float
-from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
+from uniultra.data.image_io import to_rgb_float
+from uniultra.image_session import ImageSession, require_pixels
+from uniultra.models.image_model import SAM2ImageModel
 from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
 
 
-class Predictor:
+class Predictor(ImageSession):
     def __init__(self, model: SAM2ImageModel, mask_threshold: float = 0.0, autocast: bool = True) -> None:
+        super().__init__()
         self.model = model.eval()
         self.mask_threshold = mask_threshold
         self.device = next(model.parameters()).device
         # bf16 autocast only where it pays off (CUDA); on CPU fp32 is both faster and exact.
         self._use_autocast = autocast and self.device.type == "cuda"
-        self._features: ImageFeatures | None = None
-        self._orig_hw: tuple[int, int] | None = None
-
-    @property
-    def orig_hw(self) -> tuple[int, int]:
-        if self._orig_hw is None:
-            raise RuntimeError("no image set: call set_image(...) first")
-        return self._orig_hw
-
-    def reset_image(self) -> None:
-        self._features, self._orig_hw = None, None
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """Any accepted image -> normalised (1, 3, S, S) model input."""
-        if image.ndim < 2 or min(image.shape[:2]) < 1:
-            raise ValueError(f"image of shape {image.shape} has no pixels")
+        require_pixels(image)
         rgb = torch.from_numpy(np.ascontiguousarray(to_rgb_float(image)))
         x = rgb.permute(2, 0, 1).unsqueeze(0).to(self.device)
         size = self.model.image_size
@@ -50,14 +40,10 @@ class Predictor:
     @torch.inference_mode()
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
-        if isinstance(image, str | os.PathLike):
-            image = read_image(image)
-        if not isinstance(image, np.ndarray):
-            raise TypeError(f"set_image expects a numpy array or a path, got {type(image).__name__}")
+        image = self.load_image(image)
         x = self.preprocess(image)
         with self._autocast():
-            self._features = self.model.encode_image(x)
-        self._orig_hw = (int(image.shape[0]), int(image.shape[1]))
+            self._remember(self.model.encode_image(x), image)
 
     @torch.inference_mode()
     def predict(
@@ -75,8 +61,7 @@ class Predictor:
         Returns (masks (C, H, W) or (N, C, H, W), scores (C,) or (N, C), low-res logits), where C is
         3 with `multimask` else 1; a batched prompt (N, ...) keeps its leading axis even when N is 1.
         """
-        if self._features is None:
-            raise RuntimeError("no image set: call set_image(...) before predict(...)")
+        self._require_image()
         prompts = PromptSet.from_user(box, points, labels, self.orig_hw)
         box_t = self._to_model_coords(prompts.boxes.reshape(-1, 2, 2)) if prompts.boxes is not None else None
         pts_t = None

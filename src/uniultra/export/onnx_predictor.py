@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from uniultra.data.image_io import read_image, to_rgb_float
+from uniultra.data.image_io import to_rgb_float
 from uniultra.export import metadata as md
+from uniultra.image_session import ImageSession, require_pixels
 from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
 
 BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 2, 3
 
 
-class OnnxPredictor:
+class OnnxPredictor(ImageSession):
     """Interactive segmentation with an exported model.
 
     Args:
@@ -49,6 +50,7 @@ class OnnxPredictor:
     ) -> None:
         import onnxruntime as ort
 
+        super().__init__()
         self.export_dir = Path(export_dir)
         self.metadata = md.read_metadata(self.export_dir, verify=verify)
         files = self.metadata["files"]
@@ -68,23 +70,11 @@ class OnnxPredictor:
                                             providers=providers)
         self.decoder = ort.InferenceSession(str(self.export_dir / files["decoder"]["path"]), options,
                                             providers=providers)
-        self._features: dict[str, np.ndarray] | None = None
-        self._orig_hw: tuple[int, int] | None = None
-
-    @property
-    def orig_hw(self) -> tuple[int, int]:
-        if self._orig_hw is None:
-            raise RuntimeError("no image set: call set_image(...) first")
-        return self._orig_hw
-
-    def reset_image(self) -> None:
-        self._features, self._orig_hw = None, None
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """Any accepted image -> normalised (1, 3, S, S) float32 model input."""
         image = np.asarray(image)
-        if image.ndim < 2 or min(image.shape[:2]) < 1:
-            raise ValueError(f"image of shape {image.shape} has no pixels")
+        require_pixels(image)
         rgb = to_rgb_float(image)  # validates the layout and scales by dtype
         size = (self.image_size, self.image_size)
         gray = image.ndim == 2 or image.shape[2] == 1  # three identical channels: resize one
@@ -95,14 +85,10 @@ class OnnxPredictor:
 
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
-        if isinstance(image, str | os.PathLike):
-            image = read_image(image)
-        if not isinstance(image, np.ndarray):
-            raise TypeError(f"set_image expects a numpy array or a path, got {type(image).__name__}")
+        image = self.load_image(image)
         x = self.preprocess(image)
         names = [o.name for o in self.encoder.get_outputs()]
-        self._features = dict(zip(names, self.encoder.run(None, {"image": x}), strict=True))
-        self._orig_hw = (int(image.shape[0]), int(image.shape[1]))
+        self._remember(dict(zip(names, self.encoder.run(None, {"image": x}), strict=True)), image)
 
     def predict(
         self,
@@ -120,8 +106,7 @@ class OnnxPredictor:
         Returns (masks (C, H, W) or (N, C, H, W), scores (C,) or (N, C), low-res logits clamped
         to +-32), C = 3 with `multimask` else 1.
         """
-        if self._features is None:
-            raise RuntimeError("no image set: call set_image(...) before predict(...)")
+        self._require_image()
         prompts = PromptSet.from_user(box, points, labels, self.orig_hw)
         coords, point_labels = self.prompt_arrays(prompts)
         n = coords.shape[0]
