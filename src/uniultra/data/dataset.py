@@ -89,7 +89,22 @@ def image_content_hash(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-class SegmentationDataset:
+class SampleList:
+    """Indexable list of image/mask pairs on disk, decoded on access."""
+
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_sample(self.samples[index])
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+
+class SegmentationDataset(SampleList):
     """The pairs of one dataset folder, optionally restricted to one split.
 
     `split=None` means every paired image. Items are dicts with `dataset`, `stem`, `image`
@@ -111,17 +126,8 @@ class SegmentationDataset:
             Sample(self.name, stem, listing.images[stem][0], listing.masks[stem][0]) for stem in stems
         ]
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
-        return load_sample(self.samples[index])
-
-    def __iter__(self) -> Iterator[dict]:
-        return (self[i] for i in range(len(self)))
-
-
-class MultiDataset:
+class MultiDataset(SampleList):
     """Several datasets behind one index, each item still naming its dataset for per-set reports."""
 
     def __init__(self, datasets: Sequence[SegmentationDataset]):
@@ -134,15 +140,6 @@ class MultiDataset:
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.datasets]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return load_sample(self.samples[index])
-
-    def __iter__(self) -> Iterator[dict]:
-        return (self[i] for i in range(len(self)))
 
 
 def load_sample(sample: Sample) -> dict:
