@@ -34,6 +34,8 @@ from uniultra.engine import data as D
 from uniultra.engine.config import AugmentConfig
 
 CACHE_VERSION = 1
+# Stages whose taps the teacher cache holds (SPEC 4 distils stages 1-3).
+CACHED_LEVELS = (1, 2, 3)
 
 
 def stored_taps(taps: Sequence[str]) -> tuple[str, ...]:

@@ -234,15 +234,17 @@ class Distiller(EpochLoop):
         trunk = self.teacher.image_encoder.trunk
         strides = stage_strides(trunk.config)
         size = cfg.student.image_size
+        # Every distillable level is cached, whatever `levels` asks: one cache serves each levels ablation.
+        levels = DD.CACHED_LEVELS
         shapes = {term_name(lv, tap): (trunk.stage_dims[lv - 1], size // strides[lv - 1], size // strides[lv - 1])
-                  for lv in cfg.levels for tap in keep}
-        stem = DD.cache_stem(images.name, dataset, self.teacher_identity["sha256"], size, cfg.levels, cfg.taps,
+                  for lv in levels for tap in keep}
+        stem = DD.cache_stem(images.name, dataset, self.teacher_identity["sha256"], size, levels, cfg.taps,
                              cfg.teacher_cache.dtype)
 
         def compute(batch: torch.Tensor) -> dict[str, torch.Tensor]:
             with self._autocast():
                 x = self.teacher.normalize(batch.to(ctx.device))
-                return teacher_taps(self.teacher, x, cfg.levels, keep)
+                return teacher_taps(self.teacher, x, levels, keep)
 
         start = time.perf_counter()
         arrays = DD.build_teacher_cache(stem, directory, images, shapes, compute, cfg.teacher_cache.dtype,
@@ -251,7 +253,8 @@ class Distiller(EpochLoop):
         nbytes = sum(a.nbytes for a in arrays.values())
         self._say(f"teacher cache {images.name} ({images.split}): {len(images)} images, {nbytes / 2**20:.0f} MiB "
                   f"in {directory} ({time.perf_counter() - start:.1f} s)")
-        return arrays
+        wanted = {term_name(lv, tap) for lv in cfg.levels for tap in keep}
+        return {name: array for name, array in arrays.items() if name in wanted}
 
     def _setup_optim(self) -> None:
         cfg, ctx = self.config, self.ctx
