@@ -340,6 +340,19 @@ def test_teacher_cache_and_finetuning(teacher_file, teacher, phantoms, tmp_path)
     assert report["finetune"]["epochs"] == 1 and report["dskd"]["teacher_cache"] is True
 
 
+def test_one_teacher_cache_serves_every_levels_ablation(teacher_file, phantoms, tmp_path):
+    cache = tmp_path / "shared_cache"
+    common = dict(augment=None, optim={"epochs": 1, "ema": None}, teacher_cache={"enabled": True, "dir": str(cache)})
+    distill(run_config(tmp_path / "all", teacher_file, phantoms, **common))
+    files = sorted(p.name for p in cache.iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    result = distill(run_config(tmp_path / "l1", teacher_file, phantoms, levels=[1], **common))
+    # The levels-1 run found the levels-1,2,3 cache: no new file, nothing rewritten.
+    assert sorted(p.name for p in cache.iterdir()) == files
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+    assert result.report["dskd"]["terms"] == ["l1.D1", "l1.D2", "l1.D3"]
+
+
 # --- two processes (gloo) -----------------------------------------------------------------------
 
 def test_torchrun_two_processes(teacher_file, phantoms, tmp_path):
