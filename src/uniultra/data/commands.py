@@ -1,4 +1,4 @@
-"""`uniultra data check DIR` and `uniultra data split DIR`."""
+"""`uniultra data check DIR`, `uniultra data split DIR` and `uniultra data coreset DIR ...`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="check a dataset folder or make its train/val/test split")
+    data = subparsers.add_parser("data", help="check a dataset folder, make its train/val/test split or "
+                                              "choose a coreset")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     _register_check(data_sub)
     _register_split(data_sub)
+    _register_coreset(data_sub)
 
 
 def _register_check(data_sub) -> None:
@@ -47,6 +49,38 @@ def _register_split(data_sub) -> None:
                             "(default drops an _n<k> suffix; '' disables)")
     split.add_argument("--out", type=Path, default=None, help="output file (default DIR/splits.json)")
     split.set_defaults(func=run_split)
+
+
+def _register_coreset(data_sub) -> None:
+    from uniultra.data.coreset import METHODS
+
+    coreset = data_sub.add_parser(
+        "coreset",
+        help="choose the K most diverse training images (teacher features or gradients) for distillation",
+        description="Writes a subset file (one <dataset>/<stem> per line) that a data entry's `subset:` "
+                    "reads. See docs/data.md, 'Coreset selection'.",
+    )
+    coreset.add_argument("dirs", nargs="+", metavar="DIR", help="dataset folder(s) with images/, masks/ and a split")
+    coreset.add_argument("--teacher", default=None, metavar="CKPT",
+                         help="teacher checkpoint (needed by kcenter and gradient)")
+    coreset.add_argument("--k", type=int, required=True, metavar="N", help="number of images to choose in all")
+    coreset.add_argument("--method", choices=METHODS, default="kcenter")
+    coreset.add_argument("--split", default="train", help="split to choose from ('all': every image)")
+    coreset.add_argument("--seed", type=int, default=0, help="picks the first centre / the random sample")
+    coreset.add_argument("--size", type=int, default=None, metavar="S",
+                         help="teacher input size (default: the checkpoint's)")
+    coreset.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
+                         help="split K across the datasets by their share of images (default on)")
+    coreset.add_argument("--stride8", action="store_true",
+                         help="kcenter: also pool the teacher's stride-8 features")
+    coreset.add_argument("--batch-size", type=int, default=8)
+    coreset.add_argument("--device", default="cpu")
+    coreset.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    coreset.add_argument("--cache-dir", default=None, metavar="DIR",
+                         help="keep the features here and reuse them (keyed by teacher, size and files)")
+    coreset.add_argument("--out", type=Path, required=True, metavar="FILE", help="subset file to write")
+    coreset.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    coreset.set_defaults(func=run_coreset)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -96,3 +130,77 @@ def _split_command(args: argparse.Namespace) -> str:
     if args.group_regex != DEFAULT_GROUP_REGEX:
         words += ["--group-regex", args.group_regex]
     return shlex.join(words)
+
+
+def run_coreset(args: argparse.Namespace) -> int:
+    from uniultra.data.coreset import select_indices, write_subset
+    from uniultra.data.dataset import SegmentationDataset
+
+    if args.method != "random" and args.teacher is None:
+        raise ValueError(f"--method {args.method} needs --teacher CKPT")
+    datasets = [SegmentationDataset(d, split=None if args.split == "all" else args.split) for d in args.dirs]
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"dataset folder names must be distinct (they label the subset lines), got {names}")
+    features, teacher = None, _teacher_identity(args)
+    if args.method != "random":
+        features, teacher["size"] = _coreset_features(args, datasets, teacher["sha256"])
+    chosen = select_indices(args.method, [len(d) for d in datasets], args.k, args.seed,
+                            stratify=args.stratify, features=features)
+    selection = {d.name: [d.samples[i].stem for i in idx] for d, idx in zip(datasets, chosen, strict=True)}
+    counts = ", ".join(f"{d.name} {len(selection[d.name])}/{len(d)}" for d in datasets)
+    out = write_subset(args.out, selection, _coreset_header(args, counts, teacher))
+    print(f"coreset {args.method} k={args.k} seed {args.seed}: {counts}; wrote {out}")
+    return 0
+
+
+def _teacher_identity(args: argparse.Namespace) -> dict:
+    if args.teacher is None:
+        return {"path": None, "sha256": None, "size": None}
+    from uniultra.models.checkpoint import file_sha256
+
+    if not Path(args.teacher).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {args.teacher} does not exist")
+    return {"path": str(args.teacher), "sha256": file_sha256(args.teacher), "size": args.size}
+
+
+def _coreset_features(args: argparse.Namespace, datasets, teacher_sha256: str) -> tuple[list, int]:
+    """Per dataset, the (N, D) features of the method; and the teacher's input size."""
+    import torch
+
+    from uniultra.data.coreset import dataset_features
+    from uniultra.models.checkpoint import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.teacher, image_size=args.size, device=args.device)
+    progress = args.progress and sys.stderr.isatty()
+    features = [dataset_features(model, d, args.method, seed=args.seed, stride8=args.stride8,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                 teacher_sha256=teacher_sha256, progress=progress) for d in datasets]
+    return features, model.image_size
+
+
+def _coreset_header(args: argparse.Namespace, counts: str, teacher: dict) -> dict:
+    """The subset file's header: everything needed to trace and reproduce the selection."""
+    from datetime import UTC, datetime
+
+    words = ["uniultra", "data", "coreset", *map(str, args.dirs), "--k", str(args.k), "--method", args.method,
+             "--split", args.split, "--seed", str(args.seed), "--out", str(args.out)]
+    words += ["--teacher", str(args.teacher)] if args.teacher else []
+    words += ["--size", str(args.size)] if args.size else []
+    words += [] if args.stratify else ["--no-stratify"]
+    words += ["--stride8"] if args.stride8 else []
+    features = {"kcenter": "avg+max pooled image embedding" + (" + stride-8 features" if args.stride8 else ""),
+                "gradient": "loss gradient wrt the single-mask hypernetwork's last layer (exact boxes; "
+                            "empty masks: no prompt)",
+                "random": "none"}[args.method]
+    return {
+        "method": args.method, "k": args.k, "seed": args.seed, "split": args.split,
+        "stratify": str(args.stratify).lower(), "features": features,
+        "teacher": teacher["path"] or "none", "teacher_sha256": teacher["sha256"] or "none",
+        "teacher_size": teacher["size"] or "none",
+        "datasets": counts,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(words),
+    }

@@ -58,7 +58,9 @@ class PhantomSpec:
 class DataEntry:
     """One dataset folder. `split_train` / `split_val`: a split name, "all" (every image) or null
     (the set is not used for training / for validation). `phantom`: generate the folder first
-    (into `path`, default `<out_dir>/data/<name>`), with its own splits.json."""
+    (into `path`, default `<out_dir>/data/<name>`), with its own splits.json. `subset`: a file
+    from `uniultra data coreset`; only the training images it lists under this entry's label are
+    used (validation is never filtered)."""
 
     path: str | None = None
     name: str | None = None
@@ -66,12 +68,19 @@ class DataEntry:
     split_val: str | None = "val"
     splits_file: str | None = None
     phantom: PhantomSpec | None = None
+    subset: str | None = None
 
     def __post_init__(self) -> None:
         if self.path is None and self.phantom is None:
             raise ValueError("a data entry needs a path (or a phantom spec)")
         if self.phantom is not None and self.name is None and self.path is None:
             raise ValueError("a phantom data entry needs a name or a path")
+        if self.subset is not None and self.split_train is None:
+            raise ValueError(f"subset {self.subset} needs a split_train to restrict")
+        if self.subset is not None and self.split_train == self.split_val:
+            # The subset is applied by split name: it would filter the validation set too.
+            raise ValueError(f"subset {self.subset}: split_train and split_val are both "
+                             f"{self.split_train!r}; a subset needs distinct splits")
 
     @property
     def label(self) -> str:

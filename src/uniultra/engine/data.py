@@ -10,6 +10,8 @@ augmented and prompted per sample with a random stream fixed by (seed, epoch, sa
   the target; its prompt (box with jitter J drawn from a list, point, 3 points or box + point)
   comes from that object. Images with an empty mask have no object: they are left out of
   box/point training and counted per dataset.
+- A data entry's `subset:` file (written by `uniultra data coreset`) keeps only the training
+  images it lists for that entry; validation sets are never filtered.
 - Validation: the evaluation protocol of `uniultra evaluate` (uniultra.data.prompts.make_prompt
   on the native mask with a fixed seed, every object, union of the per-object masks, Dice at the
   native resolution).
@@ -33,6 +35,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from uniultra.atomic import atomic_write, atomic_write_text
 from uniultra.config_io import to_dict
+from uniultra.data.coreset import restrict_to_subset
 from uniultra.data.dataset import SegmentationDataset, load_sample
 from uniultra.data.image_io import read_mask, resize_mask, to_rgb_float
 from uniultra.data.prompts import (
@@ -83,7 +86,9 @@ class CachedSet:
         return np.asarray(self.images[index], dtype=np.float32)
 
 
-def _cache_key(dataset: SegmentationDataset, size: int) -> str:
+def cache_key(dataset: SegmentationDataset, size: int) -> str:
+    """Identity of a dataset's samples at `size`: its root, split and the names, sizes and
+    modification times of every image and mask in it (so a subset of a split gets its own key)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, str(dataset.root.resolve()), dataset.split, size]).encode())
     for sample in dataset.samples:
@@ -93,7 +98,7 @@ def _cache_key(dataset: SegmentationDataset, size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
@@ -114,7 +119,7 @@ def build_cached_set(
     stems = [s.stem for s in dataset.samples]
     files = None
     if cache_dir is not None:
-        stem = f"{name}-{dataset.split or 'all'}-{size}-{_cache_key(dataset, size)}"
+        stem = f"{name}-{dataset.split or 'all'}-{size}-{cache_key(dataset, size)}"
         files = {k: Path(cache_dir) / f"{stem}.{k}" for k in ("images.npy", "masks.npy", "json")}
         if all(p.is_file() for p in files.values()):
             meta = json.loads(files["json"].read_text())
@@ -141,8 +146,8 @@ def build_cached_set(
         stacked[i] = im  # a gray image broadcasts to 3 channels when the set also holds colour
     mask_array = np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
     if files is not None:
-        _save_npy(files["images.npy"], stacked)
-        _save_npy(files["masks.npy"], mask_array)
+        save_npy(files["images.npy"], stacked)
+        save_npy(files["masks.npy"], mask_array)
         atomic_write_text(files["json"], json.dumps({"stems": stems, "native_hw": native_hw}))
     return CachedSet(name, str(dataset.root), dataset.split, stems, stacked, mask_array, native_hw,
                      native_masks if keep_native_masks else None)
@@ -208,8 +213,13 @@ def entry_root(entry: DataEntry, out_dir: str | Path) -> Path:
 
 
 def open_split(entry: DataEntry, root: Path, split: str | None) -> SegmentationDataset:
-    """The entry's folder restricted to `split` ("all" = every image)."""
-    return SegmentationDataset(root, split=None if split == "all" else split, splits_file=entry.splits_file)
+    """The entry's folder restricted to `split` ("all" = every image); the training split is
+    further restricted to the entry's `subset` file, when it has one (never the validation split:
+    the config refuses a subset when split_train == split_val, so the two cannot be confused)."""
+    dataset = SegmentationDataset(root, split=None if split == "all" else split, splits_file=entry.splits_file)
+    if entry.subset is not None and split == entry.split_train:
+        restrict_to_subset(dataset, entry.subset, entry.label)
+    return dataset
 
 
 # --- augmentation and prompts -------------------------------------------------------------------
