@@ -33,12 +33,7 @@ from uniultra.models.image_model import SAM2ImageModel
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantoms(root: Path, n: int, n_train: int, seed: int, size) -> list[str]:

@@ -46,12 +46,7 @@ LEVELS = [(1,), (2, 3), (1, 2, 3)]
 TAPS = [("D1",), ("D1", "D2"), ("D1", "D3"), ("D1", "D2", "D3")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_teacher(seed: int = 0) -> SAM2ImageModel:

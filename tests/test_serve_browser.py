@@ -21,6 +21,8 @@ import sys
 import time
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +92,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
+    with _running_server(checkpoint, tmp_path_factory.mktemp("server")) as base:
+        yield base
+
+
+@contextmanager
+def _running_server(checkpoint: Path, log_dir: Path) -> Iterator[str]:
     """`uniultra serve` on 127.0.0.1 and a free port; yields its base URL."""
     pytest.importorskip("uvicorn", reason="the serve extra is not installed")
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    log = log_dir / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uniultra", "serve", "--model", str(checkpoint), "--port", str(port)],
@@ -187,6 +195,7 @@ def test_browser_box_and_taps_give_the_predictors_masks(page, phantom, checkpoin
         page.get_by_label("Open image").first.set_input_files(str(image_path))
     assert up.value.status == 200
     expect(page.locator("#status")).to_contain_text("ready")
+    expect(page.locator("#auto")).to_be_hidden()  # this model has no automatic head
 
     canvas = page.locator("#view")
     rect = canvas.bounding_box()
@@ -276,3 +285,31 @@ def test_page_reports_a_bad_upload_and_keeps_working(page, server, tmp_path):
     Image.fromarray(make_phantom(1, (64, 96)).image).save(good)
     page.get_by_label("Open image").first.set_input_files(str(good))
     expect(page.locator("#status")).to_contain_text("64 pixels, ready")
+
+
+def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_path_factory):
+    """A checkpoint with an automatic head (a second server, same browser page): Auto and the
+    modality menu appear, and the mask of the chosen channel equals the Python AutoPredictor's."""
+    from playwright.sync_api import expect
+
+    from uniultra.auto.checkpoint import load_auto_model, save_auto_model
+    from uniultra.auto.model import AutoHeadConfig, AutoSegmenter
+    from uniultra.auto.predictor import AutoPredictor
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("auto") / "auto.pt"
+    save_auto_model(AutoSegmenter(SAM2ImageModel.from_preset("mini", 128), AutoHeadConfig(("busi", "ddti"))), path)
+    truth_phantom, image_path = phantom
+    with _running_server(path, path.parent) as url:
+        page.goto(url)
+        page.get_by_label("Open image").first.set_input_files(str(image_path))
+        expect(page.locator("#status")).to_contain_text("or press Auto")
+        page.get_by_label("Modality").select_option("ddti")
+        with page.expect_response(lambda r: r.url.endswith("/auto")) as response:
+            page.get_by_role("button", name="Automatic segmentation").click()
+        assert response.value.status == 200, response.value.text()
+        expect(page.locator("#status")).to_contain_text("Automatic mask (ddti)")
+        served = _download_mask(page) > 0
+    predictor = AutoPredictor(load_auto_model(path))
+    predictor.set_image(truth_phantom.image)
+    np.testing.assert_array_equal(served, predictor.predict_auto("ddti")[0])

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "uniultra.segment.command",
     "uniultra.engine.command",
     "uniultra.distill.command",
+    "uniultra.auto.command",
     "uniultra.serve.command",
     "uniultra.export.command",
     "uniultra.bench.command",

@@ -43,7 +43,10 @@ class Predictor(ImageSession):
         image = self.load_image(image)
         x = self.preprocess(image)
         with self._autocast():
-            self._remember(self.model.encode_image(x), image)
+            self._remember(self._encode(x), image)
+
+    def _encode(self, x: torch.Tensor):
+        return self.model.encode_image(x)
 
     @torch.inference_mode()
     def predict(
@@ -73,13 +76,31 @@ class Predictor(ImageSession):
             mask_t = mask_t.unsqueeze(0)
         with self._autocast():
             out = self.model.decode(self._features, pts_t, box_t, mask_t, multimask)
-        logits = out.low_res_logits.float()
+        masks, logits = self._to_image_size(out.low_res_logits, return_logits)
+        result = (masks, out.iou_scores.float().cpu().numpy(), logits)
+        return result if prompts.batched else tuple(r[0] for r in result)
+
+    @torch.inference_mode()
+    def predict_without_prompt(self, return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
+        """The model's mask for the current image when given no prompt at all.
+
+        Here the plain decoder with no sparse prompt: the no-prompt baseline of the automatic mode
+        (an `AutoPredictor` answers with its automatic head instead). Returns (mask (H, W), its
+        predicted IoU, low-res logits).
+        """
+        features = self._require_image()
+        with self._autocast():
+            out = self.model.decode(features)
+        mask, logits = self._to_image_size(out.low_res_logits, return_logits)
+        return mask[0, 0], float(out.iou_scores[0, 0]), logits[0, 0]
+
+    def _to_image_size(self, low_res_logits: torch.Tensor, return_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C, h, w) decoder logits -> (masks, or logits, at the original image size; clamped low-res logits)."""
+        logits = low_res_logits.float()
         masks = F.interpolate(logits, size=self.orig_hw, mode="bilinear", align_corners=False)
         if not return_logits:
             masks = masks > self.mask_threshold
-        result = (masks.cpu().numpy(), out.iou_scores.float().cpu().numpy(),
-                  logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).cpu().numpy())
-        return result if prompts.batched else tuple(r[0] for r in result)
+        return masks.cpu().numpy(), logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).cpu().numpy()
 
     def _to_model_coords(self, xy: np.ndarray) -> torch.Tensor:
         """Original-image pixels -> model-input pixels (float32, in the official predictor's order)."""

@@ -17,8 +17,10 @@ from uniultra.engine.command import add_data_option, add_out_option, add_run_opt
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "distill",
-        help="distil UniUltra-mini from an adapted teacher (DSKD, then optional fine-tuning; DDP, resumable)",
-        description="Deep-supervised knowledge distillation (SPEC 4) from a YAML config. Relative paths are "
+        help="distil UniUltra-mini from an adapted teacher (DSKD, or MDKD with a general teacher, then optional "
+             "fine-tuning; DDP, resumable)",
+        description="Deep-supervised knowledge distillation (SPEC 4; with an `mdkd` section: multi-modal decoupled "
+                    "distillation, SPEC 5) from a YAML config. Relative paths are "
                     "resolved against the current directory. Writes OUT/{student.pt,distilled.pt,last.pt,"
                     "steps.csv,epochs.csv,log.json,curves.png,distill_report.json} and OUT/finetune/.",
     )
@@ -27,6 +29,10 @@ def register(subparsers) -> None:
                         help="teacher checkpoint (UniUltra, with CH-Adapters); overrides teacher.checkpoint")
     parser.add_argument("--teacher-base", default=None, metavar="CHECKPOINT",
                         help="base file of an adapter-only teacher (default: the path recorded in it)")
+    parser.add_argument("--general-teacher", default=None, metavar="CHECKPOINT",
+                        help="MDKD: the general teacher (a foundation checkpoint without adapters); overrides "
+                             "mdkd.general_teacher and turns MDKD on with the mdkd section's defaults if the config "
+                             "has none")
     add_data_option(parser)
     add_out_option(parser)
     parser.add_argument("--epochs", type=int, default=None, help="DSKD epochs (overrides optim.epochs)")
@@ -44,6 +50,8 @@ def build_overrides(args: argparse.Namespace) -> dict:
     teacher = {k: v for k, v in (("checkpoint", args.teacher), ("base", args.teacher_base)) if v is not None}
     if teacher:
         overrides = merge_dicts(overrides, {"teacher": teacher})
+    if args.general_teacher is not None:
+        overrides = merge_dicts(overrides, {"mdkd": {"general_teacher": args.general_teacher}})
     if args.finetune_epochs is not None:
         overrides = merge_dicts(overrides, {"finetune": {"epochs": args.finetune_epochs}})
     return overrides
@@ -56,8 +64,9 @@ def run_distill(args: argparse.Namespace) -> int:
     config = load_distill_config(args.config, build_overrides(args), args.data)
     result = distill(config, resume=args.resume, command=command_line(), source=str(args.config))
     dskd = result.report.get("dskd", {})
+    loss = "L_MDKD" if result.report.get("mdkd") else "L_DSKD"
     if dskd.get("best_val_loss") is not None:
-        print(f"DSKD: {dskd.get('epochs')} epochs, best val L_DSKD {dskd['best_val_loss']:.4g} at epoch "
+        print(f"DSKD: {dskd.get('epochs')} epochs, best val {loss} {dskd['best_val_loss']:.4g} at epoch "
               f"{dskd.get('best_epoch')}")
     ft = result.report.get("finetune")
     if ft and ft.get("best_val_dice") is not None:

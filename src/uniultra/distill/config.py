@@ -90,6 +90,32 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class MDKDSection:
+    """Multi-modal decoupled distillation (SPEC 5; uniultra.distill.mdkd, docs/distill.md): the
+    student gets a modality controller; its shared weights learn the GENERAL teacher's stage
+    outputs with the controller off, the controller learns the adapted teacher's taps per modality.
+
+    `modalities`: controller channels; null = the data entries' labels in order (a sample's
+    modality is its entry's label; an explicit list must contain every label)."""
+
+    general_teacher: str | None = None  # a foundation checkpoint without adapters (or --general-teacher)
+    general_base: str | None = None  # base file of an adapter-only general teacher (default: recorded path)
+    modalities: tuple[str, ...] | None = None
+    weight_common: float = 1.0
+    weight_modality: float = 1.0
+    bottleneck: int = 8  # hidden width of each block's per-modality MLP
+
+    def __post_init__(self) -> None:
+        if self.weight_common < 0 or self.weight_modality < 0 or self.weight_common + self.weight_modality == 0:
+            raise ValueError(f"mdkd weights must be >= 0 and not both 0, got weight_common {self.weight_common}, "
+                             f"weight_modality {self.weight_modality}")
+        if self.bottleneck < 1:
+            raise ValueError(f"mdkd.bottleneck must be >= 1, got {self.bottleneck}")
+        if self.modalities is not None and (not self.modalities or len(set(self.modalities)) != len(self.modalities)):
+            raise ValueError(f"mdkd.modalities must be distinct names (or null), got {list(self.modalities)}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     teacher: TeacherSection = field(default_factory=TeacherSection)
     student: StudentSection = field(default_factory=StudentSection)
@@ -104,6 +130,7 @@ class DistillConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mdkd: MDKDSection | None = None  # null: plain DSKD
     seed: int = 0
     out_dir: str = "runs/distill"
     log_every: int = 20
@@ -130,6 +157,23 @@ class DistillConfig:
         if self.teacher_cache.enabled and augments(self.augment):
             raise ValueError("teacher_cache.enabled needs augment: null (cached teacher features belong to the "
                              "un-augmented image; random augmentation would make them wrong)")
+        if self.mdkd is not None and self.finetune.epochs > 0:
+            raise ValueError("mdkd with finetune.epochs > 0: the segmentation trainer does not select modalities, "
+                             "so it cannot fine-tune a student with a modality controller; set finetune.epochs: 0")
+        if self.mdkd is not None:
+            self.modality_names()  # every data label must have a modality
+
+    def modality_names(self) -> tuple[str, ...]:
+        """The controller's modalities (MDKD): `mdkd.modalities`, else the data labels in order."""
+        labels = tuple(dict.fromkeys(entry.label for entry in self.data))
+        named = self.mdkd.modalities if self.mdkd is not None else None
+        if named is None:
+            return labels
+        missing = [label for label in labels if label not in named]
+        if missing:
+            raise ValueError(f"mdkd.modalities {list(named)} lacks the data labels {missing} (a sample's modality "
+                             "is its data entry's label)")
+        return tuple(named)
 
     @property
     def term_names(self) -> tuple[str, ...]:

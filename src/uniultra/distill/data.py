@@ -11,7 +11,8 @@ taps are stored as `.npy` files that every process memory-maps. When all three t
 only D2 and D3 are stored and D1 = D2 + D3 is recomputed (exact in float32; what the block
 computes). The cache key covers the teacher file's sha256, the images (names, sizes, modification
 times), the input size, levels, stored taps and dtype, so a changed teacher or dataset is never
-served stale features. Files are written under temporary names and renamed when complete; a
+served stale features; MDKD's general teacher (another file, other taps) gets stems of its own
+in the same directory. Files are written under temporary names and renamed when complete; a
 marker file written last makes a half-built cache invisible.
 """
 
@@ -61,7 +62,8 @@ class DistillSample:
 class DistillSet(Dataset):
     """All images of several cached sets; items addressed by (epoch, index) (engine EpochSampler).
 
-    `teacher`: per set, {term name: (N, C, H, W) array} of cached teacher taps, or None."""
+    `teacher` (and `general`, MDKD's general teacher): per set, {term name: (N, C, H, W) array}
+    of cached teacher taps, or None. `modalities` (MDKD): per set, the modality id of its images."""
 
     def __init__(
         self,
@@ -69,11 +71,15 @@ class DistillSet(Dataset):
         augment_cfg: AugmentConfig | None,
         seed: int,
         teacher: Sequence[dict[str, np.ndarray]] | None = None,
+        general: Sequence[dict[str, np.ndarray]] | None = None,
+        modalities: Sequence[int] | None = None,
     ) -> None:
         self.sets = list(sets)
         self.augment = augment_cfg
         self.seed = seed
-        self.teacher = list(teacher) if teacher is not None else None
+        self.cached = {key: list(value) for key, value in (("teacher", teacher), ("general", general))
+                       if value is not None}
+        self.modalities = list(modalities) if modalities is not None else None
         self.items = [DistillSample(si, i) for si, s in enumerate(self.sets) for i in range(len(s))]
 
     def __len__(self) -> int:
@@ -89,17 +95,22 @@ class DistillSet(Dataset):
             frame = np.ones(image.shape[-2:], dtype=bool)
             image, _ = D.augment(image, frame, self.augment, rng)
         out = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), "index": index}
-        if self.teacher is not None:
-            cached = self.teacher[item.set_index]
-            out["teacher"] = {k: torch.from_numpy(np.array(v[item.index], dtype=np.float32)) for k, v in cached.items()}
+        for key, per_set in self.cached.items():
+            cached = per_set[item.set_index]
+            out[key] = {k: torch.from_numpy(np.array(v[item.index], dtype=np.float32)) for k, v in cached.items()}
+        if self.modalities is not None:
+            out["modality"] = self.modalities[item.set_index]
         return out
 
 
 def collate(items: list[dict]) -> dict:
     batch = {"images": torch.stack([it["image"].expand(3, -1, -1) for it in items]),
              "indices": [it["index"] for it in items]}
-    if "teacher" in items[0]:
-        batch["teacher"] = {k: torch.stack([it["teacher"][k] for it in items]) for k in items[0]["teacher"]}
+    for key in ("teacher", "general"):
+        if key in items[0]:
+            batch[key] = {k: torch.stack([it[key][k] for it in items]) for k in items[0][key]}
+    if "modality" in items[0]:
+        batch["modality"] = torch.tensor([it["modality"] for it in items], dtype=torch.long)
     return batch
 
 

@@ -229,6 +229,35 @@ def neck_key(level: int, tap: str) -> str:
     return f"l{level}_{tap}"  # module names cannot contain dots
 
 
+def make_necks(student_dims: tuple[int, ...], teacher_dims: tuple[int, ...], levels: Iterable[int],
+               taps: Iterable[str], activation: str = "none") -> nn.ModuleDict:
+    """One TapNeck per (level, tap), student stage width -> teacher stage width."""
+    taps = tuple(taps)
+    return nn.ModuleDict({
+        neck_key(level, tap): TapNeck(student_dims[level - 1], teacher_dims[level - 1], activation)
+        for level in levels for tap in taps
+    })
+
+
+def tap_terms(
+    necks: nn.ModuleDict, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+    levels: Iterable[int], taps: Iterable[str],
+) -> dict[str, torch.Tensor]:
+    """{`l{level}.{tap}`: MSE(teacher tap, neck(student tap))} (float32 MSE)."""
+    taps = tuple(taps)
+    terms: dict[str, torch.Tensor] = {}
+    for level in levels:
+        for tap in taps:
+            name = term_name(level, tap)
+            target = teacher[name]
+            pred = necks[neck_key(level, tap)](student[name])
+            if pred.shape != target.shape:
+                raise ValueError(f"{name}: student tap after its neck is {tuple(pred.shape)}, "
+                                 f"teacher tap is {tuple(target.shape)}")
+            terms[name] = F.mse_loss(pred.float(), target.float())
+    return terms
+
+
 class DSKD(nn.Module):
     """The student and its tap necks; forward(normalised images, teacher taps) -> (L_DSKD, terms).
 
@@ -254,10 +283,7 @@ class DSKD(nn.Module):
         self.taps = tuple(taps)
         student_dims = student.image_encoder.trunk.stage_dims
         last_block_for(student, self.levels)  # checks the levels exist
-        self.necks = nn.ModuleDict({
-            neck_key(level, tap): TapNeck(student_dims[level - 1], teacher_dims[level - 1], activation)
-            for level in self.levels for tap in self.taps
-        })
+        self.necks = make_necks(student_dims, teacher_dims, self.levels, self.taps, activation)
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -271,15 +297,10 @@ class DSKD(nn.Module):
         self, images: torch.Tensor, teacher: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = collect_taps(self.student, images, self.levels, self.taps)
-        terms: dict[str, torch.Tensor] = {}
-        for level in self.levels:
-            for tap in self.taps:
-                name = term_name(level, tap)
-                target = teacher[name]
-                pred = self.necks[neck_key(level, tap)](student[name])
-                if pred.shape != target.shape:
-                    raise ValueError(f"{name}: student tap after its neck is {tuple(pred.shape)}, "
-                                     f"teacher tap is {tuple(target.shape)}")
-                terms[name] = F.mse_loss(pred.float(), target.float())
+        terms = tap_terms(self.necks, student, teacher, self.levels, self.taps)
         total = torch.stack(list(terms.values())).sum()
         return total, terms
+
+    def combine(self, terms: dict[str, Any]) -> Any:
+        """The loss from its terms (tensors or floats): L_DSKD is their sum."""
+        return sum(terms.values())

@@ -9,6 +9,11 @@ encoder, mask decoder and no_mem_embed (distillation happens at the encoder only
 L_DSKD on the val split (un-augmented; never the test split); `distilled.pt` keeps the student of
 the best (lowest) val L_DSKD, or of the last epoch without a val split.
 
+With an `mdkd` section the phase is MDKD instead (uniultra.distill.mdkd; SPEC 5): the student gets
+a modality controller, a second (general) teacher gives common terms for the shared weights, the
+adapted teacher's terms train the controller, each sample under its dataset's modality; the rest
+(schedule, cache, validation, checkpoints with `meta.modality_controller`, resume) is the same.
+
 Phase 2, optional (`finetune.epochs > 0`): end-to-end fine-tuning of the distilled student with the
 segmentation loss by the training engine (uniultra.engine.trainer.Trainer, handed the student
 prebuilt), in `<out_dir>/finetune` with its own logs, last.pt and best.pt (val Dice selection).
@@ -49,9 +54,11 @@ import torch
 from torch import nn
 
 from uniultra.atomic import atomic_write, atomic_write_text
+from uniultra.auto.controller import attach_modality_controller, controller_config, controller_parameters
 from uniultra.distill import data as DD
 from uniultra.distill.config import DistillConfig, term_name
 from uniultra.distill.logs import DistillLog
+from uniultra.distill.mdkd import COMMON_TAP, MDKD, general_taps, load_general_teacher
 from uniultra.distill.model import (
     DSKD,
     build_student,
@@ -80,7 +87,7 @@ from uniultra.engine.optimisation import Optimisation
 from uniultra.engine.rng import seed_all
 from uniultra.engine.trainer import TrainHooks
 from uniultra.engine.weights_hash import write_weights_hash
-from uniultra.models.checkpoint import WEIGHTS_FULL, base_identity, load_model, save_model
+from uniultra.models.checkpoint import CONTROLLER_META, WEIGHTS_FULL, base_identity, load_model, save_model
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.peft.config import PeftConfig
 
@@ -89,7 +96,7 @@ STATE_VERSION = 1
 # Config keys that may change between a run and its resumption (they do not change the DSKD result).
 RESUMABLE_CHANGES = ("optim.epochs", "teacher.", "finetune.", "out_dir", "log_every", "checkpoint_every",
                      "num_workers", "device", "progress", "cache_dir", "val_batch_size", "threads",
-                     "teacher_cache.dir")
+                     "teacher_cache.dir", "mdkd.general_teacher", "mdkd.general_base")
 
 
 @dataclass
@@ -146,7 +153,10 @@ class Distiller(EpochLoop):
         super().__init__(config, resume=resume, hooks=hooks or DistillHooks(), command=command, source=source,
                          state=DistillState())
         self.teacher_identity: dict[str, Any] | None = None
+        self.general: SAM2ImageModel | None = None  # MDKD's general teacher
+        self.general_identity: dict[str, Any] | None = None
         self.dskd_info: dict[str, Any] = {}
+        self.loss_name = "L_MDKD" if config.mdkd is not None else "L_DSKD"
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -171,14 +181,20 @@ class Distiller(EpochLoop):
             raise ValueError("tap D3 (adapter output) needs adapters in teacher and student (PEFT method "
                              f"ch_adapter / adapter / adapter_lora; student: {self.peft['method']}, teacher: "
                              f"{teacher_peft.method if teacher_peft else None}); drop D3 from taps")
+        if cfg.mdkd is not None:
+            self.general, self.general_identity = load_general_teacher(cfg.mdkd, cfg.student.image_size,
+                                                                       self.teacher, device)
         torch.manual_seed(cfg.seed)  # the student's and the necks' initialisation
         self.student = build_student(self.teacher, cfg.student, self.peft)
-        self.dskd = DSKD(self.student, self.teacher, cfg.levels, cfg.taps, cfg.neck_activation).to(device)
-        mark_dskd_trainable(self.student, cfg.levels)
+        self.dskd = self._distiller_module().to(device)
+        mark_dskd_trainable(self.student, cfg.levels)  # with the controllers of those blocks (MDKD)
         self.trained = {n: p for n, p in self.dskd.named_parameters() if p.requires_grad}
         self.params = {"teacher": encoder_params(self.teacher), "student": encoder_params(self.student),
-                       "necks": sum(p.numel() for p in self.dskd.necks.parameters()),
+                       "necks": sum(p.numel() for n, p in self.dskd.named_parameters() if not n.startswith("student.")),
                        "trained_in_dskd": sum(p.numel() for p in self.trained.values())}
+        if cfg.mdkd is not None:
+            self.params["controller"] = sum(p.numel() for p in controller_parameters(self.student).values())
+            self.params["general_teacher"] = encoder_params(self.general)
         t, s = self.teacher.config, self.student.config
         self._say(f"teacher {cfg.teacher.checkpoint}: '{t.name}' trunk C={t.trunk.embed_dim} stages {t.trunk.stages}, "
                   f"encoder {self.params['teacher']['encoder'] / 1e6:.3f}M params; PEFT {self.peft['method']}")
@@ -187,13 +203,27 @@ class Distiller(EpochLoop):
                   f"encoder {p['encoder']:.3f}M params ({p['adapters']:.3f}M adapters), whole {p['whole']:.3f}M; "
                   f"necks {self.params['necks'] / 1e6:.3f}M; "
                   f"trained in DSKD {self.params['trained_in_dskd'] / 1e6:.3f}M")
-        self._say(f"DSKD terms ({len(self.dskd.term_names)}): {', '.join(self.dskd.term_names)}")
+        self._say(f"{self.loss_name} terms ({len(self.dskd.term_names)}): {', '.join(self.dskd.term_names)}")
         self._setup_data()
         self._setup_optim()
         self.log = DistillLog(self.out_dir, self.dskd.term_names, enabled=self.ctx.is_main)
         if last is not None:
             self._load_last(last)
         self.log.info = self._run_info()
+
+    def _distiller_module(self) -> DSKD:
+        """DSKD (student + necks), or for MDKD: the controller attached to the student (one channel
+        per modality) and MDKD (student + both sets of necks)."""
+        cfg = self.config
+        if cfg.mdkd is None:
+            return DSKD(self.student, self.teacher, cfg.levels, cfg.taps, cfg.neck_activation)
+        self.modalities = cfg.modality_names()
+        attach_modality_controller(self.student, self.modalities, cfg.mdkd.bottleneck)
+        self._say(f"MDKD: general teacher {cfg.mdkd.general_teacher} ('{self.general.config.name}'), controller "
+                  f"modalities {list(self.modalities)}, weights common {cfg.mdkd.weight_common} / modality "
+                  f"{cfg.mdkd.weight_modality}")
+        return MDKD(self.student, self.teacher, self.general, cfg.levels, cfg.taps, cfg.neck_activation,
+                    cfg.mdkd.weight_common, cfg.mdkd.weight_modality)
 
     def _setup_data(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -210,12 +240,8 @@ class Distiller(EpochLoop):
                     ds = D.open_split(entry, root, split)
                     target.append((D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir,
                                                       progress=bars), ds))
-        train_teacher = val_teacher = None
-        if cfg.teacher_cache.enabled:
-            train_teacher = [self._teacher_cache(s, ds) for s, ds in train]
-            val_teacher = [self._teacher_cache(s, ds) for s, ds in val]
-        self.train_set = DD.DistillSet([s for s, _ in train], cfg.augment, cfg.seed, train_teacher)
-        self.val_set = DD.DistillSet([s for s, _ in val], None, cfg.seed, val_teacher)
+        self.train_set = self._distill_set(train, cfg.augment)
+        self.val_set = self._distill_set(val, None)
         if len(self.train_set) == 0:
             raise ValueError("no distillation image (no data entry has a split_train with images)")
         self._setup_loader(DD.collate, "distillation images")
@@ -223,28 +249,45 @@ class Distiller(EpochLoop):
         for s, _ in train:
             self._say(f"distil on {s.name} ({s.split}): {len(s)} images (empty masks included)")
         for s, _ in val:
-            self._say(f"val   {s.name} ({s.split}): {len(s)} images (val L_DSKD, un-augmented)")
+            self._say(f"val   {s.name} ({s.split}): {len(s)} images (val {self.loss_name}, un-augmented)")
         if not val:
             self._say("WARNING: no validation split: distilled.pt will hold the last epoch's student")
 
-    def _teacher_cache(self, images: D.CachedSet, dataset) -> dict[str, np.ndarray]:
+    def _distill_set(self, sets: list, augment) -> DD.DistillSet:
+        """The DistillSet of (cached set, dataset) pairs, with the cached taps of the teacher (and
+        of MDKD's general teacher) and each set's modality id (MDKD)."""
+        cfg = self.config
+        images = [s for s, _ in sets]
+        teacher = general = modalities = None
+        if cfg.teacher_cache.enabled:
+            teacher = [self._teacher_cache(s, ds, self.teacher, self.teacher_identity, cfg.taps) for s, ds in sets]
+        if cfg.mdkd is not None:
+            if cfg.teacher_cache.enabled:
+                general = [self._teacher_cache(s, ds, self.general, self.general_identity, (COMMON_TAP,))
+                           for s, ds in sets]
+            modalities = [self.modalities.index(s.name) for s in images]
+        return DD.DistillSet(images, augment, cfg.seed, teacher, general, modalities)
+
+    def _teacher_cache(self, images: D.CachedSet, dataset, teacher: SAM2ImageModel, identity: dict[str, Any],
+                       taps: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """`teacher`'s cached taps `taps` of `images` (the adapted teacher, or MDKD's general one:
+        its own sha256 and taps give it its own files)."""
         cfg, ctx = self.config, self.ctx
         directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else self.out_dir / "teacher_cache"
-        keep = DD.stored_taps(cfg.taps)
-        trunk = self.teacher.image_encoder.trunk
+        keep = DD.stored_taps(taps)
+        trunk = teacher.image_encoder.trunk
         strides = stage_strides(trunk.config)
         size = cfg.student.image_size
         # Every distillable level is cached, whatever `levels` asks: one cache serves each levels ablation.
         levels = DD.CACHED_LEVELS
         shapes = {term_name(lv, tap): (trunk.stage_dims[lv - 1], size // strides[lv - 1], size // strides[lv - 1])
                   for lv in levels for tap in keep}
-        stem = DD.cache_stem(images.name, dataset, self.teacher_identity["sha256"], size, levels, cfg.taps,
-                             cfg.teacher_cache.dtype)
+        stem = DD.cache_stem(images.name, dataset, identity["sha256"], size, levels, taps, cfg.teacher_cache.dtype)
 
         def compute(batch: torch.Tensor) -> dict[str, torch.Tensor]:
             with self._autocast():
-                x = self.teacher.normalize(batch.to(ctx.device))
-                return teacher_taps(self.teacher, x, levels, keep)
+                x = teacher.normalize(batch.to(ctx.device))
+                return teacher_taps(teacher, x, levels, keep)
 
         start = time.perf_counter()
         arrays = DD.build_teacher_cache(stem, directory, images, shapes, compute, cfg.teacher_cache.dtype,
@@ -278,6 +321,7 @@ class Distiller(EpochLoop):
             "model": {k: v.detach().cpu().clone() for k, v in self.dskd.state_dict().items()},
             **progress_entries(self.optimisation, self.state, self.ctx.world_size),
             "teacher": self.teacher_identity, "peft": self.peft, "dskd_info": self.dskd_info,
+            "general": self.general_identity,
         })
 
     def _check_resumable(self, doc: dict[str, Any]) -> None:
@@ -288,6 +332,10 @@ class Distiller(EpochLoop):
         if doc["teacher"].get("sha256") != self.teacher_identity.get("sha256"):
             raise ValueError(f"{path}: the run distils teacher {doc['teacher'].get('path')} (sha256 "
                              f"{doc['teacher'].get('sha256')}), not {self.teacher_identity.get('path')}")
+        general = doc.get("general") or {}
+        if self.general_identity is not None and general.get("sha256") != self.general_identity.get("sha256"):
+            raise ValueError(f"{path}: the run distils general teacher {general.get('path')} (sha256 "
+                             f"{general.get('sha256')}), not {self.general_identity.get('path')}")
         state = DistillState(**doc["state"])
         check_world_size(path, doc, self.ctx.world_size, state.batch_in_epoch)
         self.dskd.load_state_dict(doc["model"])
@@ -307,8 +355,12 @@ class Distiller(EpochLoop):
                 "distill": {"teacher": self.teacher_identity, "levels": list(self.config.levels),
                             "taps": list(self.config.taps), "epoch": self.state.epoch, "step": self.state.step,
                             "ema": self.config.optim.ema, "val": val, "config": self.config.to_dict(),
-                            "selection": "lowest val L_DSKD" if val else "last epoch (no val)"},
+                            "selection": f"lowest val {self.loss_name}" if val else "last epoch (no val)"},
             }
+            controller = controller_config(self.student)
+            if controller is not None:  # load_model re-attaches it (inference: uniultra.auto.controller.use_modality)
+                meta[CONTROLLER_META] = controller.to_dict()
+                meta["distill"]["general_teacher"] = self.general_identity
             save_model(self.student, self.out_dir / "distilled.pt", meta=meta)
 
     # -- validation -----------------------------------------------------------------------------
@@ -337,12 +389,13 @@ class Distiller(EpochLoop):
         gathered = ctx.all_gather_object((sums, count))
         total = sum(c for _, c in gathered)
         terms = {k: sum(s[k] for s, _ in gathered) / total for k in sums}
-        return {"loss": sum(terms.values()), "terms": terms, "images": total}
+        return {"loss": self.dskd.combine(terms), "terms": terms, "images": total}
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(normalised images, teacher taps) of a collated batch."""
+    def _inputs(self, batch: dict) -> tuple:
+        """The forward's arguments for a collated batch: (normalised images, teacher taps), and for
+        MDKD also the general teacher's taps and the modality ids."""
         cfg, device = self.config, self.ctx.device
         x = self.student.normalize(batch["images"].to(device, non_blocking=True))
         if "teacher" in batch:
@@ -351,19 +404,26 @@ class Distiller(EpochLoop):
         else:
             with self._autocast():
                 target = teacher_taps(self.teacher, x, cfg.levels, cfg.taps)
-        return x, target
+        if cfg.mdkd is None:
+            return x, target
+        if "general" in batch:
+            general = {k: v.to(device, non_blocking=True) for k, v in batch["general"].items()}
+        else:
+            with self._autocast():
+                general = general_taps(self.general, x, cfg.levels)
+        return x, target, general, batch["modality"].to(device, non_blocking=True)
 
     def _train_step(self, batch: dict, epoch: int) -> dict[str, float]:
-        x, target = self._inputs(batch)
+        inputs = self._inputs(batch)
         with self._autocast():
-            loss, terms = self.forward(x, target)
+            loss, terms = self.forward(*inputs)
         lr, grad_norm = self.optimisation.step(loss, epoch, self.state.step)
         names = self.dskd.term_names
         values = torch.stack([loss.detach().float()] + [terms[k].detach().float() for k in names]
                              + [grad_norm.detach().float().to(loss.device)])
         values = self.ctx.mean(values).tolist()
         if not math.isfinite(values[0]):
-            raise FloatingPointError(f"L_DSKD is {values[0]} at step {self.state.step + 1} "
+            raise FloatingPointError(f"{self.loss_name} is {values[0]} at step {self.state.step + 1} "
                                      "(lower optim.lr, or enable optim.grad_clip / warmup)")
         return {"lr": lr, "loss": values[0], **dict(zip(names, values[1:-1], strict=True)), "grad_norm": values[-1]}
 
@@ -373,7 +433,7 @@ class Distiller(EpochLoop):
 
     def _step_line(self, epoch: int, row: dict[str, Any]) -> str:
         return (f"DSKD epoch {epoch + 1} step {row['batch']}/{self.steps_per_epoch} (global {row['step']}) "
-                f"L_DSKD {row['loss']:.4g} lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
+                f"{self.loss_name} {row['loss']:.4g} lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
 
     def _epoch_row(self, epoch: int, val: dict[str, Any] | None, best: bool,
                    seconds: dict[str, float | None]) -> dict[str, Any]:
@@ -393,7 +453,7 @@ class Distiller(EpochLoop):
 
     def _epoch_line(self, row: dict[str, Any], val: dict[str, Any] | None) -> str:
         score = row["val_loss"]
-        return (f"DSKD epoch {row['epoch']}/{self.config.optim.epochs}  train L_DSKD {row['train_loss']:.4g}"
+        return (f"DSKD epoch {row['epoch']}/{self.config.optim.epochs}  train {self.loss_name} {row['train_loss']:.4g}"
                 + (f"  val {score:.4g}{'  *best*' if row['best'] else ''}" if score is not None else "")
                 + "  " + self._timing_text(row))
 
@@ -460,6 +520,7 @@ class Distiller(EpochLoop):
             self.state = DistillState(**last["state"])
             self.teacher_identity = last["teacher"]
             self.peft = last["peft"]
+            self.general_identity = last.get("general")
             self.dskd_info = last.get("dskd_info") or {}
             self._say(f"DSKD phase already complete in {self.out_dir} ({self.state.epoch} epochs)")
         else:
@@ -500,6 +561,10 @@ class Distiller(EpochLoop):
                      "terms": [term_name(lv, t) for lv in cfg.levels for t in cfg.taps],
                      "teacher_cache": cfg.teacher_cache.enabled, "augment": cfg.augment is not None,
                      **self.dskd_info},
+            "mdkd": None if cfg.mdkd is None else {
+                "general_teacher": self.general_identity, "modalities": list(cfg.modality_names()),
+                "controller": controller_config(student).to_dict(), "weight_common": cfg.mdkd.weight_common,
+                "weight_modality": cfg.mdkd.weight_modality},
             "finetune": finetune,
             "outputs": {"student": str(self.out_dir / "student.pt"), "student_from": str(final),
                         "distilled": str(self.out_dir / "distilled.pt"), "logs": str(self.out_dir)},
@@ -509,7 +574,8 @@ class Distiller(EpochLoop):
     def _run_info(self) -> dict[str, Any]:
         return {
             **run_info(self.command, self.source, self.config.to_dict(), self.ctx),
-            "teacher": self.teacher_identity, "student": self.student.config.to_dict(), "peft": self.peft,
+            "teacher": self.teacher_identity, "general_teacher": self.general_identity,
+            "student": self.student.config.to_dict(), "peft": self.peft,
             "terms": list(self.dskd.term_names), "params": self.params, "data": self.data_counts,
             "steps_per_epoch": self.steps_per_epoch,
         }

@@ -28,7 +28,13 @@ def register(subparsers) -> None:
     parser.add_argument("--splits", action="append", default=None, metavar="FILE",
                         help="explicit split file; repeat once per --data (default: DIR/splits.json, "
                              "$UNIULTRA_SPLITS_DIR/<name>.json, then the project's splits/<name>.json)")
-    parser.add_argument("--prompt", choices=PROMPT_MODES, default="box")
+    parser.add_argument("--prompt", choices=PROMPT_MODES, default="box",
+                        help="prompts from the truth; 'none' = no prompt: the automatic head of a checkpoint "
+                        "from `uniultra auto train` (the plain decoder, unprompted, for other models); "
+                        "images with an empty mask are then scored too")
+    parser.add_argument("--modality", default=None, metavar="NAME",
+                        help="--prompt none with an automatic-mode checkpoint: decode every dataset through this "
+                        "modality channel (default: each dataset's folder name)")
     parser.add_argument("--jitter", type=float, default=20.0,
                         help="box jitter: each side pushed out by uniform 0..J px at 1024 scale (default 20)")
     parser.add_argument("--size", type=int, default=None,
@@ -50,7 +56,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from uniultra.evaluation.report import format_table, results_document, write_overlay
 
     datasets = load_datasets(args.data, args.split, args.splits)
-    method = make_method(args.model, image_size=args.size, device=args.device, postprocess=args.postprocess)
+    method = make_method(args.model, image_size=args.size, device=args.device, postprocess=args.postprocess,
+                         modality=args.modality)
     check_method_prompt(method, args.prompt)
 
     def save_overlay(item, prompt, prediction) -> None:
@@ -86,6 +93,8 @@ def canonical_command(args: argparse.Namespace) -> str:
     for splits_file in args.splits or []:
         words += ["--splits", str(splits_file)]
     words += ["--prompt", args.prompt, "--jitter", f"{args.jitter:g}", "--seed", str(args.seed)]
+    if args.modality:
+        words += ["--modality", args.modality]
     if args.size is not None:
         words += ["--size", str(args.size)]
     if args.postprocess:

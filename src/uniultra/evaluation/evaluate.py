@@ -20,7 +20,7 @@ from uniultra.data.prompts import Prompt, make_prompt
 from uniultra.evaluation.metrics import ImageMetrics, image_metrics, summarize, summarize_images
 from uniultra.segment.objects import segment_objects, union_of_object_masks, widen_degenerate_boxes
 
-__all__ = ["ModelMethod", "evaluate", "make_method", "union_of_object_masks", "widen_degenerate_boxes"]
+__all__ = ["AutoMethod", "ModelMethod", "evaluate", "make_method", "union_of_object_masks", "widen_degenerate_boxes"]
 
 BASELINE_PREFIX = "baseline:"
 # An exported model directory (`uniultra export onnx`), run on onnxruntime, fp32 or INT8 encoder.
@@ -68,8 +68,33 @@ class ModelMethod:
         return segment_objects(self.predictor, image, prompt, self.postprocess)
 
 
-def make_method(spec: str, image_size: int | None = None, device: str = "cpu", postprocess: bool = False) -> Method:
-    """`baseline:box`, `baseline:ellipse`, `default`, a checkpoint path, `onnx:DIR` or `onnx-int8:DIR`."""
+@dataclass
+class AutoMethod(ModelMethod):
+    """An automatic-mode checkpoint (`uniultra.auto.predictor.AutoPredictor`). With prompt `none`
+    each dataset decodes through the channel of its folder name, unless `modality` fixes one;
+    prompted modes use the box-promptable base model the checkpoint keeps."""
+
+    modality: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality is not None:
+            self.modality_for("")  # an unknown --modality fails now, before any dataset is read
+
+    def modality_for(self, dataset: str) -> str | None:
+        from uniultra.auto.predictor import choose_modality
+
+        try:
+            return choose_modality(self.predictor, self.modality, dataset)
+        except ValueError as exc:
+            raise ValueError(f"{self.spec}: {exc}") from exc
+
+
+def make_method(spec: str, image_size: int | None = None, device: str = "cpu", postprocess: bool = False,
+                modality: str | None = None) -> Method:
+    """`baseline:box`, `baseline:ellipse`, `default`, a checkpoint path, `onnx:DIR` or `onnx-int8:DIR`.
+
+    `modality` fixes the decoding channel of an automatic-mode checkpoint (see `AutoMethod`).
+    """
     if spec.startswith(BASELINE_PREFIX):
         from uniultra.evaluation.baselines import BASELINES
 
@@ -84,15 +109,25 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
 
             return ModelMethod(spec, OnnxPredictor(spec[len(prefix):], int8=int8), postprocess)
     # Imported here: the model code is heavy and evaluating a baseline must not need it.
-    from uniultra.models.checkpoint import load_model
-    from uniultra.predictor import Predictor
+    from uniultra.auto.predictor import AutoPredictor, load_predictor
 
-    return ModelMethod(spec, Predictor(load_model(spec, image_size=image_size, device=device)), postprocess)
+    predictor = load_predictor(spec, image_size=image_size, device=device)
+    if isinstance(predictor, AutoPredictor):
+        return AutoMethod(spec, predictor, postprocess, modality)
+    if modality is not None:
+        raise ValueError(f"{spec} has no automatic head: --modality applies only to checkpoints from "
+                         "`uniultra auto train`")
+    return ModelMethod(spec, predictor, postprocess)
 
 
 def check_method_prompt(method: Method, prompt_mode: str) -> None:
     if isinstance(method, BaselineMethod) and prompt_mode not in BOX_MODES:
         raise ValueError(f"{method.name} needs box prompts (--prompt box or box+point), not {prompt_mode!r}")
+    if prompt_mode == "none" and not hasattr(getattr(method, "predictor", None), "predict_without_prompt"):
+        raise ValueError(f"{method.name} cannot predict without a prompt (ONNX exports take box / point "
+                         "prompts only); evaluate the PyTorch checkpoint with --prompt none instead")
+    if isinstance(method, AutoMethod) and method.modality is not None and prompt_mode != "none":
+        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
 
 
 # --- the evaluation loop -------------------------------------------------------------------
@@ -106,9 +141,14 @@ class DatasetResult:
     metrics: list[ImageMetrics] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    modality: str | None = None  # the automatic head's decoding channel, when one was used
 
     def summary(self) -> dict:
         summary = summarize_images(self.metrics)
+        # Without prompts, images with an empty truth are scored too (a correct empty mask = Dice 1):
+        # their Dice is shown apart so that easy "nothing here" images cannot hide poor lesion masks.
+        summary["dice_truth_nonempty"] = summarize([m.dice for m in self.metrics if not m.empty_truth])
+        summary["dice_truth_empty"] = summarize([m.dice for m in self.metrics if m.empty_truth])
         summary["n_skipped"] = len(self.skipped)
         summary["n_objects"] = sum(row["n_objects"] for row in self.rows)
         summary["predict_seconds"] = summarize([row["predict_seconds"] for row in self.rows])
@@ -127,7 +167,7 @@ def evaluate_dataset(
     progress: bool = True,
 ) -> DatasetResult:
     """Predict and score every image of one dataset; images without an object are skipped
-    (and listed) in prompted modes, never silently dropped."""
+    (and listed) in prompted modes, never silently dropped, and scored in mode `none`."""
     result = DatasetResult(dataset.name, str(dataset.root), dataset.split)
     start = time.perf_counter()
     for sample in _progress(dataset.samples, progress, dataset.name):
@@ -162,11 +202,23 @@ def evaluate(
     progress: bool = True,
 ) -> list[DatasetResult]:
     check_method_prompt(method, prompt_mode)
-    return [
-        evaluate_dataset(method, dataset, prompt_mode=prompt_mode, jitter=jitter, seed=seed,
-                         on_image=on_image, progress=progress)
-        for dataset in datasets
-    ]
+    modalities = _modalities(method, datasets, prompt_mode)  # all checked before the first prediction
+    results = []
+    for dataset, modality in zip(datasets, modalities, strict=True):
+        if modality is not None:
+            method.predictor.modality = modality
+        result = evaluate_dataset(method, dataset, prompt_mode=prompt_mode, jitter=jitter, seed=seed,
+                                  on_image=on_image, progress=progress)
+        result.modality = modality
+        results.append(result)
+    return results
+
+
+def _modalities(method: Method, datasets: Sequence[SegmentationDataset], prompt_mode: str) -> list[str | None]:
+    """The automatic head's channel per dataset (None: no automatic head in use, or one shared channel)."""
+    if isinstance(method, AutoMethod) and prompt_mode == "none":
+        return [method.modality_for(dataset.name) for dataset in datasets]
+    return [None] * len(datasets)
 
 
 def _score(item: dict, prediction: np.ndarray) -> ImageMetrics:

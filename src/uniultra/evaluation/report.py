@@ -17,11 +17,20 @@ from uniultra.evaluation.evaluate import DatasetResult
 
 # Dice and IoU are stored as fractions in JSON and shown as percentages in the table.
 _TABLE_COLUMNS = ("dataset", "n", "skipped", "empty_pred", "Dice%", "+-95%CI", "IoU%", "HD", "HD95")
+# Shown only when some image with an empty truth was scored (prompt mode `none`).
+_EMPTY_TRUTH_COLUMNS = ("empty_truth", "Dice% truth>0", "Dice% empty")
 
 
 def format_table(results: Sequence[DatasetResult], unit: str = "px") -> str:
-    rows = [_table_row(result.name, result.summary()) for result in results]
+    summaries = [result.summary() for result in results]
+    rows = [_table_row(result.name, summary) for result, summary in zip(results, summaries, strict=True)]
     header = [*_TABLE_COLUMNS[:-2], f"HD {unit}", f"HD95 {unit}"]
+    if any(summary["n_empty_truth"] for summary in summaries):
+        header += _EMPTY_TRUTH_COLUMNS
+        rows = [row + _empty_truth_cells(summary) for row, summary in zip(rows, summaries, strict=True)]
+    if any(result.modality for result in results):
+        header.append("modality")
+        rows = [row + [result.modality or "-"] for row, result in zip(rows, results, strict=True)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     return "\n".join(_aligned(cells, widths) for cells in [header, *rows])
 
@@ -33,14 +42,20 @@ def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 
 def _table_row(name: str, summary: dict) -> list[str]:
-    def mean(metric: str, scale: float = 1.0) -> str:
-        value = summary[metric]["mean"]
-        return "-" if value is None else f"{value * scale:.2f}"
-
     ci = summary["dice"]["ci95"]
     ci_text = "-" if ci is None else f"{(ci[1] - ci[0]) / 2 * 100:.2f}"
     return [name, str(summary["n"]), str(summary["n_skipped"]), str(summary["n_empty_pred"]),
-            mean("dice", 100), ci_text, mean("iou", 100), mean("hd"), mean("hd95")]
+            _mean(summary["dice"], 100), ci_text, _mean(summary["iou"], 100), _mean(summary["hd"]),
+            _mean(summary["hd95"])]
+
+
+def _empty_truth_cells(summary: dict) -> list[str]:
+    return [str(summary["n_empty_truth"]), _mean(summary["dice_truth_nonempty"], 100),
+            _mean(summary["dice_truth_empty"], 100)]
+
+
+def _mean(metric: dict, scale: float = 1.0) -> str:
+    return "-" if metric["mean"] is None else f"{metric['mean'] * scale:.2f}"
 
 
 def results_document(results: Sequence[DatasetResult], *, command: str, config: dict, seconds: float) -> dict:
@@ -60,8 +75,12 @@ def results_document(results: Sequence[DatasetResult], *, command: str, config: 
             "empty_prediction": "Dice 0, HD = HD95 = image diagonal; counted in n_empty_pred",
             "both_empty": "Dice 1, IoU 1, HD 0",
             "skipped": "images whose mask is empty have no box/point prompt (prompted modes only)",
+            "empty_truth": "prompt none scores images whose mask is empty too (counted in n_empty_truth); "
+                           "dice_truth_nonempty / dice_truth_empty summarise the two kinds apart",
+            "modality": "the automatic head's decoding channel used for the dataset (prompt none)",
         },
-        "datasets": {r.name: {"root": r.root, "split": r.split, **r.summary()} for r in results},
+        "datasets": {r.name: {"root": r.root, "split": r.split, "modality": r.modality, **r.summary()}
+                     for r in results},
         "images": {r.name: r.rows for r in results},
         "skipped": {r.name: r.skipped for r in results},
     }

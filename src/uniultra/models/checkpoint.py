@@ -38,6 +38,10 @@ WEIGHTS_TRAINED = "trained"
 WEIGHTS_FULL = "full"
 # Keys of the official model that belong to the image path; everything else is video memory.
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+# Keys of an automatic (no-prompt) head stored beside the base (uniultra.auto); meta["auto_head"] marks them.
+AUTO_HEAD_PREFIX = "auto_head."
+# meta key of the modality controller's config (uniultra.auto.controller): attached before loading.
+CONTROLLER_META = "modality_controller"
 
 
 class CheckpointError(ValueError):
@@ -162,19 +166,35 @@ def load_uniultra(
     if image_size is not None:
         config = config.with_size(image_size)
     meta = data.get("meta") or {}
-    state = data["state_dict"]
+    state = _without_auto_head(data["state_dict"], meta, path)
     if meta.get("weights") == WEIGHTS_TRAINED:
         return _load_trained_subset(Path(path), config, meta, state, base)
     model = SAM2ImageModel(config)
     plain_keys = set(model.state_dict())
     if any(k not in plain_keys for k in state):
-        if not meta.get("peft"):
+        if not meta.get("peft") and not meta.get(CONTROLLER_META):
             extra = sorted(k for k in state if k not in plain_keys)
             raise CheckpointError(f"{path}: {len(extra)} keys this model does not have, e.g. {extra[:4]}, "
-                                  "and no PEFT config in the file to insert them")
-        _apply_peft(model, meta["peft"], path)
+                                  "and no PEFT config (or modality controller) in the file to insert them")
+        if meta.get("peft"):
+            _apply_peft(model, meta["peft"], path)
+        if meta.get(CONTROLLER_META):
+            _attach_controller(model, meta[CONTROLLER_META], path)
     load_state_into(model, state, str(path))
     return model, LoadReport(str(path), FORMAT_NAME, config.name)
+
+
+def _without_auto_head(
+    state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """The base model's keys: an auto checkpoint's head is ignored here (load_auto_model reads it)."""
+    if not any(k.startswith(AUTO_HEAD_PREFIX) for k in state):
+        return state
+    if "auto_head" not in meta:
+        raise CheckpointError(
+            f"{path}: has '{AUTO_HEAD_PREFIX}*' keys but no meta['auto_head']: a corrupt auto checkpoint"
+        )
+    return {k: v for k, v in state.items() if not k.startswith(AUTO_HEAD_PREFIX)}
 
 
 def base_identity(path: str | os.PathLike, kind: str) -> dict[str, Any]:
@@ -204,6 +224,23 @@ def _apply_peft(model: SAM2ImageModel, peft: dict[str, Any], path: str | os.Path
         return apply_peft(model, peft)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot apply its PEFT config {peft} ({exc})") from exc
+
+
+def _attach_controller(model: SAM2ImageModel, config: dict[str, Any], path: str | os.PathLike) -> None:
+    from uniultra.auto.controller import attach_from_config
+
+    try:
+        attach_from_config(model, config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot attach its modality controller {config} ({exc})") from exc
+
+
+def _controller_config(model: SAM2ImageModel) -> dict[str, Any] | None:
+    """The attached modality controller's config as a checkpoint records it (None without one)."""
+    from uniultra.auto.controller import controller_config
+
+    config = controller_config(model)
+    return None if config is None else config.to_dict()
 
 
 def _find_base(path: Path, recorded: dict[str, Any], explicit: str | os.PathLike | None) -> Path:
@@ -330,4 +367,7 @@ def pack_model(
     info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
     if peft is not None:
         info["peft"] = peft.to_dict()
+    controller = _controller_config(model)
+    if controller is not None:
+        info[CONTROLLER_META] = controller
     return save_model(model, out, meta=info, state=state)

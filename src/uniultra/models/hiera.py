@@ -13,6 +13,7 @@ Module and parameter names follow the official checkpoints (`patch_embed.proj`, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,13 @@ class MultiScaleAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim_out * 3)
         self.proj = nn.Linear(dim_out, dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, extra_kv: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`extra_kv(q)`: the term that extra key/value tokens add to the attention output
+        (B, heads, N, hd) for queries q of that shape, each with its own share of the query's
+        attention that does not renormalise the image tokens' softmax (the modality controller,
+        uniultra.auto.controller), so the fused kernel below stays as it is."""
         b, h, w, _ = x.shape
         # (B, N, 3, heads, hd) -> three (B, heads, N, hd) views, no copy.
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).flatten(1, 2).permute(2, 0, 3, 1, 4)
@@ -122,6 +129,8 @@ class MultiScaleAttention(nn.Module):
             h, w = q.shape[2:4]
             q = q.flatten(2, 3)
         out = F.scaled_dot_product_attention(q, k, v)
+        if extra_kv is not None:
+            out = out + extra_kv(q)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
@@ -158,21 +167,30 @@ class MultiScaleBlock(nn.Module):
         # there is no adapter) and "output" (their sum, the block's return value: D1 at a stage end).
         # Tensors are stored as computed (not detached) so a student's taps carry gradients.
         self.tap_store: dict[str, torch.Tensor | None] | None = None
+        # Optional modality controller slot (uniultra.auto.controller). While it has a modality
+        # selected (`active`) it adds its key/value token's share to the attention output
+        # (`extra_kv`) and a bottleneck-MLP residual parallel to the MLP (inside D2: it is part of
+        # the student's own block, not of the adapter). None or inactive: skipped, nothing changes.
+        self.controller: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        control = self.controller if self.controller is not None and self.controller.active else None
+        extra_kv = None if control is None else control.extra_kv
         normed = self.norm1(x)
         shortcut = x if self.proj is None else self.proj(normed)
         if self.q_stride is not None:
             shortcut = max_pool(shortcut, self.q_stride, dim=1)
         if self.window_size > 0:
-            out = self.attn(window_partition(normed, self.window_size))
+            out = self.attn(window_partition(normed, self.window_size), extra_kv)
             # Pooled queries shrink each window, so unpartition with the output window shape.
             out = window_unpartition(out, shortcut.shape[1], shortcut.shape[2])
         else:
-            out = self.attn(normed)
+            out = self.attn(normed, extra_kv)
         x = shortcut + self.drop_path(out)
         normed = self.norm2(x)
         x = x + self.drop_path(self.mlp(normed))
+        if control is not None:
+            x = x + control(normed)
         adapter_out = None if self.adapter is None else self.adapter(normed)
         out = x if adapter_out is None else x + adapter_out
         if self.tap_store is not None:

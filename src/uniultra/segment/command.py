@@ -19,9 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_predict(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
-        help="segment an image (or a folder) with box / point prompts",
+        help="segment an image (or a folder) with box / point prompts, or with none (automatic mode)",
         description="Segment one image with --image and prompts, or a folder with --input/--output "
-        "(boxes from DIR/masks or from --boxes JSON). Inputs are never overwritten.",
+        "(boxes from DIR/masks or from --boxes JSON). With --prompt none an automatic-mode checkpoint "
+        "(`uniultra auto train`) segments without prompts. Inputs are never overwritten.",
     )
     _add_model_args(p)
     p.add_argument("--image", help="image file (png, jpg, bmp, tif, dcm)")
@@ -29,6 +30,12 @@ def _register_predict(subparsers) -> None:
                    help="box in pixels; repeat for several objects (their masks are joined)")
     p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), help="foreground click")
     p.add_argument("--negative", nargs=2, type=float, action="append", metavar=("X", "Y"), help="background click")
+    p.add_argument("--prompt", choices=["none"], default=None,
+                   help="none: no prompt at all, the automatic head of a checkpoint from `uniultra auto train` "
+                   "(folder mode: every image; Dice against DIR/masks when present)")
+    p.add_argument("--modality", metavar="NAME", default=None,
+                   help="with --prompt none: the modality channel to decode with (default: the --input folder's "
+                   "name if the model knows it, or the model's only channel)")
     p.add_argument("--out", help="output mask PNG (0/255) for --image")
     p.add_argument("--overlay", help="also write an overlay PNG for --image")
     p.add_argument("--input", help="folder: DATASET layout (images/ + masks/) or plain images with --boxes")
@@ -68,15 +75,39 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predictor(args: argparse.Namespace):
-    from uniultra.models.checkpoint import load_model
-    from uniultra.predictor import Predictor
+    from uniultra.auto.predictor import load_predictor
 
-    return Predictor(load_model(args.model, image_size=args.size, device=args.device))
+    return load_predictor(args.model, image_size=args.size, device=args.device)
+
+
+def _auto_predictor(args: argparse.Namespace, dataset: str | None = None):
+    """The automatic-mode predictor for --prompt none, its modality channel chosen (and checked)."""
+    from uniultra.auto.predictor import AutoPredictor, choose_modality
+
+    predictor = _predictor(args)
+    if not isinstance(predictor, AutoPredictor):
+        raise ValueError(f"{args.model} has no automatic head, so --prompt none cannot segment with it: give "
+                         "--box / --point prompts, or a checkpoint from `uniultra auto train`")
+    try:
+        predictor.modality = choose_modality(predictor, args.modality, dataset)
+    except ValueError as exc:
+        raise ValueError(f"{args.model}: {exc}") from exc
+    return predictor
+
+
+def _check_prompt_options(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--box", args.box), ("--point", args.point), ("--negative", args.negative),
+                                      ("--boxes", args.boxes)) if value]
+    if args.prompt == "none" and given:
+        raise ValueError(f"--prompt none takes no prompts; drop {', '.join(given)}")
+    if args.modality and args.prompt != "none":
+        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
 
 
 def run_predict(args: argparse.Namespace) -> int:
     if args.image and args.input:
         raise ValueError("give either --image (one file) or --input (a folder), not both")
+    _check_prompt_options(args)
     if args.input:
         if not args.output:
             raise ValueError("--input needs --output DIR")
@@ -92,13 +123,14 @@ def _predict_one(args: argparse.Namespace) -> int:
     from uniultra.evaluation.report import overlay_image
     from uniultra.segment.folder import image_png_bytes, mask_png_bytes, refuse_overwriting_inputs, segment_image
 
-    prompt = _prompt_from_args(args)
+    prompt = Prompt("none") if args.prompt == "none" else Prompt("cli", **_prompt_from_args(args))
     refuse_overwriting_inputs([Path(args.image)], [Path(p) for p in (args.out, args.overlay) if p])
     image = read_image(args.image)
-    mask = segment_image(_predictor(args), image, Prompt("cli", **prompt), args.postprocess)
+    predictor = _auto_predictor(args) if args.prompt == "none" else _predictor(args)
+    mask = segment_image(predictor, image, prompt, args.postprocess)
     atomic_write_bytes(args.out, mask_png_bytes(mask))
     if args.overlay:
-        picture = overlay_image(image, np.zeros_like(mask), mask, Prompt("cli", **prompt))
+        picture = overlay_image(image, np.zeros_like(mask), mask, prompt)
         atomic_write_bytes(args.overlay, image_png_bytes(picture))
     print(f"wrote {args.out}: {int(mask.sum())} foreground pixels of {mask.size}")
     return 0
@@ -108,7 +140,8 @@ def _prompt_from_args(args: argparse.Namespace) -> dict:
     """Boxes (N, 4) and clicks; with one box, the clicks refine it; with no box, clicks alone."""
     clicks = [(p, 1) for p in args.point or []] + [(p, 0) for p in args.negative or []]
     if not args.box and not clicks:
-        raise ValueError("give at least one --box X0 Y0 X1 Y1 or --point X Y")
+        raise ValueError("give at least one --box X0 Y0 X1 Y1 or --point X Y (or --prompt none with an "
+                         "automatic-mode checkpoint from `uniultra auto train`)")
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
     points = labels = None
     if clicks:
@@ -122,8 +155,13 @@ def _prompt_from_args(args: argparse.Namespace) -> dict:
 def _predict_folder(args: argparse.Namespace) -> int:
     from uniultra.segment.folder import segment_folder
 
-    results = segment_folder(_predictor(args), args.input, args.output, args.boxes, args.jitter, args.seed,
-                             progress=not args.no_progress, postprocess=args.postprocess)
+    if args.prompt == "none":
+        predictor = _auto_predictor(args, dataset=Path(args.input).resolve().name)
+    else:
+        predictor = _predictor(args)
+    results = segment_folder(predictor, args.input, args.output, args.boxes, args.jitter, args.seed,
+                             progress=not args.no_progress, postprocess=args.postprocess,
+                             prompt_mode=args.prompt or "box")
     scored = [r.dice for r in results if r.dice is not None]
     summary = f", mean Dice {100 * np.mean(scored):.2f}" if scored else ""
     print(f"segmented {len(results)} images into {args.output}{summary}")

@@ -1,7 +1,8 @@
 """Segment one image or a whole folder with box / point prompts, never touching the inputs.
 
 Folder mode takes either a dataset folder (`images/` + `masks/`: boxes come from the masks and Dice
-is reported) or a plain folder of images with a JSON file of boxes per stem.
+is reported) or a plain folder of images with a JSON file of boxes per stem. In prompt mode `none`
+(automatic mode) every image is segmented without prompts, and scored when masks/ exists.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class SegmentedImage:
     overlay_path: Path
     n_objects: int
     dice: float | None  # None when no ground truth was given
-    ellipse_dice: float | None  # the inscribed-ellipse baseline under the same boxes, for comparison
+    ellipse_dice: float | None  # the inscribed-ellipse baseline under the same boxes (None without boxes)
 
 
 def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, postprocess: bool = False) -> np.ndarray:
@@ -68,10 +69,14 @@ def segment_folder(
     seed: int = 0,
     progress: bool = True,
     postprocess: bool = False,
+    prompt_mode: str = "box",
 ) -> list[SegmentedImage]:
-    """Write `<output>/masks/<stem>.png` and `<output>/overlays/<stem>.png` for every image."""
+    """Write `<output>/masks/<stem>.png` and `<output>/overlays/<stem>.png` for every image.
+
+    prompt_mode: `box` (from the masks or `boxes_file`) or `none` (the predictor's answer without prompts).
+    """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    jobs = _folder_jobs(input_dir, boxes_file, jitter, seed)
+    jobs = _unprompted_jobs(input_dir) if prompt_mode == "none" else _folder_jobs(input_dir, boxes_file, jitter, seed)
     outputs = [output_dir / sub / f"{stem}.png" for stem, *_ in jobs for sub in ("masks", "overlays")]
     refuse_overwriting_inputs([path for _, path, _, _ in jobs], outputs)
     results = []
@@ -87,6 +92,7 @@ def segment_folder(
         dice = ellipse = None
         if truth is not None:
             dice = dice_score(mask, truth)
+        if truth is not None and prompt.boxes is not None:
             ellipse = dice_score(fill_ellipses(prompt.boxes, truth.shape), truth)
         results.append(SegmentedImage(stem, mask_path, overlay_path, prompt.n_objects, dice, ellipse))
     return results
@@ -108,13 +114,31 @@ def _folder_jobs(input_dir: Path, boxes_file, jitter: float, seed: int) -> list[
     return jobs
 
 
+def _unprompted_jobs(input_dir: Path) -> list[tuple]:
+    """Every image, with its truth when the folder has the dataset layout (empty masks included)."""
+    if (input_dir / "masks").is_dir():
+        return [(s.stem, s.image_path, Prompt("none"), read_mask(s.mask_path))
+                for s in SegmentationDataset(input_dir).samples]
+    _, by_stem = _images_by_stem(input_dir)
+    if not by_stem:
+        raise ValueError(f"{input_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) to segment")
+    return [(stem, path, Prompt("none"), None) for stem, path in by_stem.items()]
+
+
+def _images_by_stem(input_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """(the folder holding the images: DIR/images or DIR itself, {stem: image path})."""
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input folder {input_dir} does not exist")
+    image_dir = input_dir / "images" if (input_dir / "images").is_dir() else input_dir
+    return image_dir, {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+
 def _jobs_from_boxes(input_dir: Path, boxes_file: Path) -> list[tuple]:
     try:
         table = json.loads(boxes_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{boxes_file}: cannot read boxes JSON ({exc})") from exc
-    image_dir = input_dir / "images" if (input_dir / "images").is_dir() else input_dir
-    by_stem = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    image_dir, by_stem = _images_by_stem(input_dir)
     jobs = []
     for stem, boxes in table.items():
         if stem not in by_stem:

@@ -53,8 +53,15 @@ def clean_object_mask(mask: np.ndarray, box: np.ndarray | None, margin: float) -
 
 
 def segment_objects(predictor, image: np.ndarray, prompt: Prompt, postprocess: bool = False) -> np.ndarray:
-    """Set the image, predict every object of `prompt`, optionally clean each, return the union."""
+    """Set the image, predict every object of `prompt`, optionally clean each, return the union.
+
+    Prompt mode `none` asks the predictor for its answer without any prompt (the automatic head of
+    an `AutoPredictor`, the plain decoder otherwise); post-processing then has no box to clip to.
+    """
     predictor.set_image(image)
+    if prompt.mode == "none":
+        mask = np.asarray(predictor.predict_without_prompt()[0], dtype=bool)
+        return clean_object_mask(mask, None, 0.0) if postprocess else mask
     boxes = None if prompt.boxes is None else widen_degenerate_boxes(prompt.boxes)
     masks, _, _ = predictor.predict(box=boxes, points=prompt.points, labels=prompt.labels, multimask=False)
     masks = np.asarray(masks)

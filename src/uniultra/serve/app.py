@@ -1,7 +1,8 @@
 """The point-of-care web app: a JSON API around `Predictor` plus a no-build page (static/).
 
 Each uploaded image is encoded ONCE; its embedding lives in a bounded LRU cache under an id, and
-every prompt on it runs only the mask decoder. The predictor is not re-entrant, so every model
+every prompt on it runs only the mask decoder (as does the automatic mode, when the model has that
+head). The predictor is not re-entrant, so every model
 call (encode or decode) holds one lock; the cache has its own lock so that health checks and
 cache look-ups never wait for an encoding.
 """
@@ -40,6 +41,7 @@ MAX_POINTS = 256
 ERRORS = {
     400: "the bytes cannot be decoded as an image",
     404: "unknown image id (never uploaded, deleted, or evicted from the cache)",
+    409: "the model has no automatic (no-prompt) head",
     413: "upload or image too large",
     415: "unsupported file type",
     422: "invalid prompt (outside the image, degenerate box, labels not matching points, ...)",
@@ -83,11 +85,21 @@ class PredictRequest(BaseModel):
     )
 
 
+class AutoRequest(BaseModel):
+    modality: str | None = Field(
+        default=None,
+        description="Modality channel of the automatic head (one of /api/health's `modalities`); "
+                    "null when the model has a single channel",
+        examples=["busi"],
+    )
+
+
 class PredictResponse(BaseModel):
     id: str = Field(description="Image id")
     width: int = Field(description="Mask width in pixels (= image width)")
     height: int = Field(description="Mask height in pixels (= image height)")
-    score: float = Field(description="Predicted IoU of the returned mask")
+    score: float = Field(description="Predicted IoU of the returned mask; in automatic mode the highest "
+                                     "patch probability (how sure the model is that the target is present)")
     scores: list[float] = Field(description="Predicted IoU of every candidate (3 with multimask, else 1)")
     foreground_pixels: int = Field(description="Number of mask pixels")
     mask_png_base64: str = Field(description="The mask as a base64 8-bit gray PNG, 0 = background, 255 = object")
@@ -106,6 +118,9 @@ class Health(BaseModel):
     cached_images: int = Field(description="Images whose embedding is cached now")
     cache_size: int = Field(description="Most embeddings kept; the least recently used is dropped first")
     max_upload_bytes: int = Field(description="Largest accepted upload in bytes")
+    auto: bool = Field(description="Whether the model segments without prompts (POST /api/images/{id}/auto)")
+    modalities: list[str] = Field(description="Modality channels of the automatic head to choose from "
+                                              "(empty when one channel serves every image)")
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -166,7 +181,8 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     serve_static: bool = True,
 ) -> FastAPI:
-    """The web app for a `SAM2ImageModel`, or for a factory returning a fresh `Predictor`-like object.
+    """The web app for a `SAM2ImageModel`, an `AutoSegmenter` (adds the automatic mode), or a factory
+    returning a fresh `Predictor`-like object (automatic mode when it has `predict_auto`).
 
     A factory is called once per uploaded image (the predictor then holds that image's embedding);
     all predictors made by it must be safe to use one at a time, which the app's lock guarantees.
@@ -183,8 +199,8 @@ def create_app(
         title="UniUltra",
         version=__version__,
         description="Interactive ultrasound segmentation. Upload an image once (its embedding is computed and "
-                    "cached), then send box / point prompts: each runs only the mask decoder. Coordinates are "
-                    "image pixels, x = column, y = row.",
+                    "cached), then send box / point prompts, or none at all with a model that has an automatic "
+                    "head: each runs only the mask decoder. Coordinates are image pixels, x = column, y = row.",
     )
     app.state.cache = cache
     app.state.model_lock = model_lock
@@ -213,7 +229,8 @@ def create_app(
     @app.get("/api/health", response_model=Health, summary="Server and model status")
     def health() -> Health:
         return Health(status="ok", version=__version__, model=model_info["name"], image_size=model_info["size"],
-                      cached_images=len(cache), cache_size=cache.capacity, max_upload_bytes=max_bytes)
+                      cached_images=len(cache), cache_size=cache.capacity, max_upload_bytes=max_bytes,
+                      auto=model_info["auto"], modalities=model_info["modalities"])
 
     @app.post(
         UPLOAD_PATH, response_model=ImageInfo, summary="Upload an image and compute its embedding once",
@@ -259,17 +276,26 @@ def create_app(
         except ValueError as exc:  # the predictor's prompt validation
             raise HTTPException(422, _plain_numbers(str(exc))) from exc
         best = int(np.argmax(scores))
-        mask = masks[best]
-        png = mask_png(mask)
-        entry.mask_png = png
-        return PredictResponse(
-            id=image_id, width=entry.width, height=entry.height, score=float(scores[best]),
-            scores=[float(s) for s in scores], foreground_pixels=int(mask.sum()),
-            mask_png_base64=base64.b64encode(png).decode("ascii"),
-            mask_url=f"{UPLOAD_PATH}/{image_id}/mask.png",
-            box=request.box, points=[list(p) for p in request.points], labels=request.labels,
-            decode_ms=round(1000 * (time.perf_counter() - start), 1),
-        )
+        return _mask_response(image_id, entry, masks[best], [float(s) for s in scores], start,
+                              box=request.box, points=[list(p) for p in request.points], labels=request.labels)
+
+    @app.post(
+        UPLOAD_PATH + "/{image_id}/auto", response_model=PredictResponse,
+        summary="Segment without any prompt (automatic head; runs only the decoder)",
+        responses=error_responses(404, 409, 422),
+    )
+    def predict_auto(image_id: str, request: AutoRequest) -> PredictResponse:
+        entry = cache.get(image_id)
+        if not model_info["auto"]:
+            raise HTTPException(409, f"model {model_info['name']} has no automatic head: segment with a box or "
+                                     "points, or serve a checkpoint from `uniultra auto train`")
+        start = time.perf_counter()
+        try:
+            with model_lock:
+                mask, score, _ = entry.predictor.predict_auto(request.modality)
+        except ValueError as exc:  # unknown modality: the model lists the ones it knows
+            raise HTTPException(422, str(exc)) from exc
+        return _mask_response(image_id, entry, mask, [score], start, box=None, points=[], labels=[])
 
     png_response = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 
@@ -304,6 +330,19 @@ def create_app(
     return app
 
 
+def _mask_response(image_id: str, entry: _Entry, mask: np.ndarray, scores: list[float], start: float,
+                   **prompts: Any) -> PredictResponse:
+    """Keep the mask as the image's latest (for download) and describe it; `scores[0]` is the best."""
+    png = mask_png(mask)
+    entry.mask_png = png
+    return PredictResponse(
+        id=image_id, width=entry.width, height=entry.height, score=max(scores), scores=scores,
+        foreground_pixels=int(mask.sum()), mask_png_base64=base64.b64encode(png).decode("ascii"),
+        mask_url=f"{UPLOAD_PATH}/{image_id}/mask.png", decode_ms=round(1000 * (time.perf_counter() - start), 1),
+        **prompts,
+    )
+
+
 def _plain_numbers(message: str) -> str:
     """`np.float64(3.0)` -> `3.0` in messages built from numpy scalars."""
     return re.sub(r"np\.(?:float|int)\d+\(([^()]*)\)", r"\1", message)
@@ -312,8 +351,13 @@ def _plain_numbers(message: str) -> str:
 def _predictor_factory(model_or_factory: Any) -> Callable[[], Any]:
     import torch
 
+    from uniultra.auto.model import AutoSegmenter
+    from uniultra.auto.predictor import AutoPredictor
     from uniultra.predictor import Predictor
 
+    if isinstance(model_or_factory, AutoSegmenter):
+        auto_model = model_or_factory.eval()
+        return lambda: AutoPredictor(auto_model)
     if isinstance(model_or_factory, torch.nn.Module):
         model = model_or_factory.eval()
         return lambda: Predictor(model)
@@ -324,7 +368,9 @@ def _predictor_factory(model_or_factory: Any) -> Callable[[], Any]:
 
 def _model_info(predictor: Any) -> dict[str, Any]:
     config = getattr(getattr(predictor, "model", None), "config", None)
-    return {"name": str(getattr(config, "name", "unknown")), "size": int(getattr(config, "image_size", 0) or 0)}
+    auto = callable(getattr(predictor, "predict_auto", None))
+    return {"name": str(getattr(config, "name", "unknown")), "size": int(getattr(config, "image_size", 0) or 0),
+            "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else []}
 
 
 class _BodyLimit:

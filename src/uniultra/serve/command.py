@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Listens on 127.0.0.1 only unless --host says otherwise; the API is documented at /docs.",
     )
     p.add_argument("--model", default="default",
-                   help="checkpoint path, 'default' (bundled UniUltra-mini) or preset:NAME (random weights)")
+                   help="checkpoint path, 'default' (bundled UniUltra-mini) or preset:NAME (random weights); "
+                   "a checkpoint from `uniultra auto train` also enables the page's Auto button")
     p.add_argument("--size", type=int, default=None, help="model input size (default: the model's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--host", default="127.0.0.1",
@@ -61,14 +62,16 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"uniultra serve: error: {exc.name} is not installed; install the server with "
               "pip install 'uniultra[serve]'", file=sys.stderr)
         return 2
-    from uniultra.models.checkpoint import load_model
+    from uniultra.auto.predictor import load_any_model
 
-    model = load_model(args.model, image_size=args.size, device=args.device)
+    model = load_any_model(args.model, image_size=args.size, device=args.device)
     app = create_app(model, max_upload_mb=args.max_upload_mb, cache_size=args.cache_size)
+    base = getattr(model, "base", model)  # an automatic-mode model wraps a box-promptable base
+    auto = "" if base is model else f", automatic mode for {', '.join(model.config.modalities)}"
     if not is_local(args.host):
         print(exposure_warning(args.host, args.port), file=sys.stderr, flush=True)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"uniultra serve: model {args.model} ({model.config.name}, {model.config.image_size} px); "
+    print(f"uniultra serve: model {args.model} ({base.config.name}, {base.config.image_size} px{auto}); "
           f"open http://{shown}:{args.port}/ in a browser (API docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -16,6 +16,7 @@
     id: null, name: "image", width: 0, height: 0, picture: null,
     mode: "box", label: 1, box: null, points: [], history: [],
     drag: null, maskLayer: null, maskUrl: null, seq: 0, pending: false,
+    auto: false, modalities: [], autoShown: false, // automatic mode: from /api/health
   };
 
   // --- status and buttons -----------------------------------------------------------------------
@@ -30,6 +31,7 @@
     $("undo").disabled = !loaded || state.history.length === 0;
     $("clear").disabled = !loaded || (state.box === null && state.points.length === 0);
     $("download").disabled = !loaded || !state.maskUrl || state.pending;
+    $("auto").disabled = !loaded || !state.auto;
     $("mode-box").setAttribute("aria-pressed", String(state.mode === "box"));
     $("mode-point").setAttribute("aria-pressed", String(state.mode === "point"));
     $("label-pos").setAttribute("aria-pressed", String(state.label === 1));
@@ -140,33 +142,55 @@
   }
 
   function promptsChanged() {
+    state.autoShown = false;
     updateButtons();
     redraw();
     requestMask();
   }
 
-  async function requestMask() {
-    const seq = ++state.seq;
+  function requestMask() {
     if (!state.box && state.points.length === 0) {
+      state.seq += 1; // a mask still on its way is for prompts that are gone
       state.maskLayer = null;
       state.maskUrl = null;
       state.pending = false;
       updateButtons();
       redraw();
-      setStatus("No prompt: drag a box or tap points.");
+      setStatus(state.auto ? "No prompt: drag a box, tap points or press Auto." : "No prompt: drag a box or tap points.");
       return;
     }
-    state.pending = true;
-    updateButtons();
-    setStatus("Segmenting…");
     const body = {
       box: state.box,
       points: state.points.map((p) => [p.x, p.y]),
       labels: state.points.map((p) => p.label),
       multimask: false,
     };
+    fetchMask("predict", body, (result) => `Mask ready: ${result.foreground_pixels} pixels, predicted IoU ` +
+      `${result.score.toFixed(2)} (${Math.round(result.decode_ms)} ms).`);
+  }
+
+  // The automatic mode needs no prompt: the current ones are put aside (Undo brings them back).
+  function requestAutoMask() {
+    if (!state.id || !state.auto) return;
+    if (state.box !== null || state.points.length) state.history.push(snapshot());
+    state.box = null;
+    state.points = [];
+    state.autoShown = true;
+    redraw();
+    const modality = state.modalities.length > 1 ? $("modality").value : null;
+    fetchMask("auto", { modality }, (result) => `Automatic mask${modality ? ` (${modality})` : ""}: ` +
+      `${result.foreground_pixels} pixels, target present with probability ${result.score.toFixed(2)} ` +
+      `(${Math.round(result.decode_ms)} ms).`);
+  }
+
+  // POST to /api/images/{id}/{endpoint}; only the latest request's mask is shown.
+  async function fetchMask(endpoint, body, describe) {
+    const seq = ++state.seq;
+    state.pending = true;
+    updateButtons();
+    setStatus("Segmenting…");
     try {
-      const response = await fetch(`/api/images/${encodeURIComponent(state.id)}/predict`, {
+      const response = await fetch(`/api/images/${encodeURIComponent(state.id)}/${endpoint}`, {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
       });
       if (seq !== state.seq) return; // a newer prompt is on its way
@@ -185,8 +209,7 @@
       state.pending = false;
       updateButtons();
       redraw();
-      setStatus(`Mask ready: ${result.foreground_pixels} pixels, predicted IoU ${result.score.toFixed(2)} ` +
-        `(${Math.round(result.decode_ms)} ms).`);
+      setStatus(describe(result));
     } catch (err) {
       if (seq !== state.seq) return;
       state.pending = false;
@@ -258,6 +281,7 @@
     Object.assign(state, {
       id: info.id, name: file.name.replace(/\.[^.]*$/, "") || "image", width: info.width, height: info.height,
       box: null, points: [], history: [], drag: null, maskLayer: null, maskUrl: null, pending: false,
+      autoShown: false,
     });
     state.seq += 1;
     canvas.width = info.width;
@@ -266,7 +290,8 @@
     layout();
     updateButtons();
     setStatus(`${file.name}: ${info.width} × ${info.height} pixels, ready (${Math.round(info.encode_ms)} ms). ` +
-      (state.mode === "box" ? "Drag a box around the structure." : "Tap the structure."));
+      (state.mode === "box" ? "Drag a box around the structure" : "Tap the structure") +
+      (state.auto ? " or press Auto." : "."));
   }
 
   $("file").addEventListener("change", (event) => {
@@ -314,6 +339,8 @@
   $("undo").addEventListener("click", undo);
   $("clear").addEventListener("click", clearPrompts);
   $("download").addEventListener("click", download);
+  $("auto").addEventListener("click", requestAutoMask);
+  $("modality").addEventListener("change", () => { if (state.autoShown) requestAutoMask(); });
   window.addEventListener("resize", layout);
   window.addEventListener("keydown", (event) => {
     if (event.target instanceof HTMLInputElement) return;
@@ -322,6 +349,25 @@
     else if (event.key === "p") setMode("point");
     else if (event.key === "+") setLabel(1);
     else if (event.key === "-") setLabel(0);
+    else if (event.key === "a") requestAutoMask();
   });
+
+  // The Auto button (and a modality choice when there are several) only for a model with that head.
+  async function loadModelInfo() {
+    try {
+      const response = await fetch("/api/health");
+      if (!response.ok) return;
+      const health = await response.json();
+      state.auto = Boolean(health.auto);
+      state.modalities = health.modalities || [];
+    } catch (_) { return; } // the upload will report an unreachable server
+    $("auto").hidden = !state.auto;
+    const select = $("modality");
+    select.replaceChildren(...state.modalities.map((name) => new Option(name, name)));
+    select.hidden = !state.auto || state.modalities.length < 2;
+    updateButtons();
+  }
+
   updateButtons();
+  loadModelInfo();
 })();

@@ -1,0 +1,1 @@
+"""Automatic (no-prompt) segmentation head and its training command (SPEC 5)."""

@@ -1,0 +1,89 @@
+"""Auto-head checkpoints: a UniUltra base checkpoint plus the head's weights under one prefix.
+
+The file is an ordinary UniUltra checkpoint (base config, base weights) with the head's keys stored
+under `AUTO_HEAD_PREFIX` and its config in `meta["auto_head"]`. `load_model(path)` therefore
+still returns the plain box-promptable base; `load_auto_model(path)` adds the head.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniultra.auto.model import AutoHeadConfig, AutoSegmenter
+from uniultra.models.checkpoint import (
+    AUTO_HEAD_PREFIX,
+    CheckpointError,
+    load_uniultra,
+    read_checkpoint,
+    save_model,
+)
+
+# meta key holding the head's config; its presence marks an auto checkpoint.
+META_KEY = "auto_head"
+
+
+def save_auto_model(model: AutoSegmenter, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+    """Write base + head weights atomically (`.pt`, or `.safetensors` by suffix)."""
+    state = dict(model.base.state_dict())
+    for name in ("prompt_generator", "modality_decoder"):
+        for key, value in getattr(model, name).state_dict().items():
+            state[f"{AUTO_HEAD_PREFIX}{name}.{key}"] = value
+    info = dict(meta or {})
+    info[META_KEY] = model.config.to_dict()
+    peft = getattr(model.base, "peft_config", None)
+    if peft is not None:  # an adapted base needs its PEFT config to be rebuilt
+        info.setdefault("peft", peft.to_dict())
+    save_model(model.base, path, meta=info, state=state)
+
+
+def is_auto_checkpoint(path: str | os.PathLike) -> bool:
+    """True when `path` is a readable checkpoint carrying an automatic head."""
+    try:
+        data = read_checkpoint(path)
+    except (FileNotFoundError, CheckpointError):
+        return False
+    return _is_auto(data)
+
+
+def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AutoSegmenter:
+    """Rebuild base + head (eval mode); every tensor is loaded with weights_only."""
+    data = read_checkpoint(path)
+    if not _is_auto(data):
+        raise CheckpointError(
+            f"{path}: has no automatic head (no meta['{META_KEY}']); train one with `uniultra auto train` "
+            "or use this file with box / point prompts"
+        )
+    meta = data.get("meta") or {}
+    try:
+        config = AutoHeadConfig.from_dict(meta[META_KEY])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid auto-head config ({exc})") from exc
+    base, _ = load_uniultra(path, data=data)
+    model = AutoSegmenter(base, config)
+    _load_head(model, data["state_dict"], Path(path))
+    return model.to(device).eval()
+
+
+def _is_auto(data: dict[str, Any]) -> bool:
+    return data.get("format") == "uniultra" and isinstance((data.get("meta") or {}).get(META_KEY), dict)
+
+
+def _load_head(model: AutoSegmenter, state: dict[str, torch.Tensor], path: Path) -> None:
+    head = {k[len(AUTO_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(AUTO_HEAD_PREFIX)}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("base.")}
+    missing = sorted(set(own) - set(head))
+    extra = sorted(set(head) - set(own))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: auto-head weights do not match its config (missing {missing[:4]}, unexpected {extra[:4]})"
+        )
+    bad = [f"{k}: file {tuple(head[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+           if head[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{path}: auto-head shape mismatch, e.g. {bad[:3]}")
+    # The base part was loaded (and checked) by load_uniultra; the head keys were checked above.
+    model.load_state_dict(head, strict=False)

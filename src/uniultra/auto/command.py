@@ -1,0 +1,65 @@
+"""`uniultra auto train`: train the automatic (no-prompt) head from a YAML config (docs/auto.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from uniultra.engine.command import add_out_option, add_run_options, command_line, run_overrides
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "auto",
+        help="automatic (no-prompt) segmentation: train its head",
+        description="The automatic segmentation head (SPEC 5): a self-patch prompt generator and one decoding "
+                    "channel per modality on top of a box-promptable model.",
+    )
+    sub = parser.add_subparsers(dest="auto_command", metavar="ACTION", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train the automatic head on a base model from a YAML config",
+        description="Train the automatic head from a YAML config (relative paths are resolved against the "
+                    "current directory). Writes OUT/{best.pt,last.pt,steps.csv,epochs.csv,log.json,curves.png}.",
+    )
+    train.add_argument("--config", required=True, type=Path, help="YAML config (e.g. configs/cpu/auto-universal.yaml)")
+    add_out_option(train)
+    train.add_argument("--epochs", type=int, default=None, help="number of epochs (overrides optim.epochs)")
+    add_run_options(train, set_example="model.modality_decoder=false",
+                    progress_help="no progress bars (lines every log_every steps instead)")
+    train.set_defaults(func=run_auto_train)
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="choose the presence gate of an automatic-head checkpoint on the val splits",
+        description="Choose the patch-probability threshold below which the automatic head answers 'nothing "
+                    "here', on the val splits of the config's datasets (never the test split), and rewrite "
+                    "the checkpoint with it. `uniultra auto train` does this after its last epoch.",
+    )
+    calibrate.add_argument("--config", required=True, type=Path, help="the YAML config the head was trained with")
+    calibrate.add_argument("--model", required=True, type=Path, help="auto checkpoint (rewritten in place)")
+    calibrate.set_defaults(func=run_auto_calibrate)
+
+
+def run_auto_train(args: argparse.Namespace) -> int:
+    from uniultra.auto.config import load_auto_config
+    from uniultra.auto.trainer import train_auto
+
+    config = load_auto_config(args.config, run_overrides(args))
+    result = train_auto(config, resume=args.resume, command=command_line(), source=str(args.config))
+    state = result.state
+    best = (f"; best val Dice {100 * state.best_score:.2f} at epoch {state.best_epoch}"
+            if state.best_score is not None else "")
+    print(f"done: {state.epoch} epochs, {state.step} steps{best}; {result.out_dir / 'best.pt'}")
+    return 0
+
+
+def run_auto_calibrate(args: argparse.Namespace) -> int:
+    from uniultra.auto.config import load_auto_config
+    from uniultra.auto.trainer import AutoTrainer, calibration_text
+
+    trainer = AutoTrainer(load_auto_config(args.config, {}), source=str(args.config))
+    trainer.setup_validation()
+    if not trainer.val_splits:
+        raise ValueError(f"{args.config}: no data entry has a val split to calibrate on")
+    print(calibration_text(trainer.calibrate_presence(args.model)))
+    return 0
