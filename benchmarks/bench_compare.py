@@ -68,7 +68,11 @@ def markdown_table(rows: dict) -> str:
         for name in DATASETS:
             s = row["datasets"][name]
             dices.append(100 * s["dice"]["mean"])
-            cells.append(f"{dices[-1]:.2f} / {100 * s['iou']['mean']:.2f} / {s['hd95']['mean']:.1f}")
+            cell = f"{dices[-1]:.2f} / {100 * s['iou']['mean']:.2f} / {s['hd95']['mean']:.1f}"
+            if s.get("n_empty_truth"):  # unprompted runs score empty-truth images too: show them apart
+                cell += (f" (lesion {100 * s['dice_truth_nonempty']['mean']:.1f}, "
+                         f"{s['n_empty_truth']} empty {100 * s['dice_truth_empty']['mean']:.1f})")
+            cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(dices) / len(dices):.2f} |")
     return "\n".join(lines)
 
