@@ -393,7 +393,7 @@ class AutoTrainer(EpochLoop):
         for start in range(0, n, chunk):
             idx = list(range(start, min(start + chunk, n)))
             out = self._predict(split, idx, model)
-            logits, scores = out.low_res_logits.float(), presence(out.patch_logits)
+            logits, scores = out.low_res_logits.detach().float(), presence(out.patch_logits.detach())
             for j, i in enumerate(idx):
                 up = F.interpolate(logits[j:j + 1], size=split.images.native_hw[i], mode="bilinear",
                                    align_corners=False)
