@@ -185,8 +185,8 @@ def test_config():
     named = DistillConfig.from_dict({"data": data, "mdkd": {"modalities": ["pb", "pa", "pc"]}})
     assert named.modality_names() == ("pb", "pa", "pc")
     assert DistillConfig.from_dict({"data": data}).mdkd is None
+    assert DistillConfig.from_dict({"data": data, "mdkd": {}, "finetune": {"epochs": 2}}).finetune.epochs == 2
     bad = [({"mdkd": {"modalities": ["pa"]}}, "lacks the data labels"),
-           ({"mdkd": {}, "finetune": {"epochs": 2}}, "finetune.epochs: 0"),
            ({"mdkd": {"weight_common": 0, "weight_modality": 0}}, "not both 0"),
            ({"mdkd": {"bottleneck": 0}}, "bottleneck")]
     for extra, message in bad:
@@ -258,6 +258,27 @@ def test_command_line_run_with_both_teacher_caches(teacher_files, teachers, phan
     cached = [np.load(out / "teacher_cache" / f"{s}.l2.D1.npy") for s in stem
               if (out / "teacher_cache" / f"{s}.l2.D1.npy").is_file()]
     assert len(cached) == 1 and cached[0].shape == (2, 16, SIZE // 8, SIZE // 8)
+
+
+def test_command_line_run_fine_tunes_the_student_with_its_controller(teacher_files, phantoms, tmp_path):
+    from uniultra.cli import main
+
+    document = run_document(tmp_path / "unused", teacher_files, phantoms,
+                            finetune={"epochs": 1, "optim": {"lr": 1e-3, "batch_size": 4, "warmup_steps": 0}})
+    config = tmp_path / "mdkd.yaml"
+    config.write_text(yaml.safe_dump(document))
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(config), "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["finetune"]["epochs"] == 1 and report["finetune"]["steps"] == 2
+    assert read_checkpoint(out / "student.pt")["meta"]["modality_controller"]["modalities"] == ["pa", "pb"]
+    student, distilled = load_model(out / "student.pt"), load_model(out / "distilled.pt")
+    assert controller_config(student) == ControllerConfig(("pa", "pb"), 4)
+    tuned, before = controller_parameters(student), controller_parameters(distilled)
+    assert tuned.keys() == before.keys()
+    # Fine-tuning trains every controller block, the stage-4 ones MDKD left alone included.
+    changed = {n for n in tuned if not torch.equal(tuned[n], before[n])}
+    assert {n for n in changed if n.endswith(".value")} == {n for n in tuned if n.endswith(".value")}
 
 
 def test_run_without_cache_resumes_exactly(teacher_files, phantoms, tmp_path):

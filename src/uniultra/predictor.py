@@ -1,6 +1,8 @@
 """Interactive prediction in the style of SAM2: `set_image` once, then many `predict` calls.
 
 Prompts are given in pixel coordinates of the ORIGINAL image, and masks come back at its size.
+A model with a modality controller (uniultra.auto.controller, e.g. an MDKD student) encodes each
+image under `modality` (None: the shared network); other models ignore it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uniultra.auto.controller import modality_ids, modality_names, use_modality
 from uniultra.data.image_io import to_rgb_float
 from uniultra.image_session import ImageSession, require_pixels
 from uniultra.models.image_model import SAM2ImageModel
@@ -19,13 +22,42 @@ from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
 
 
 class Predictor(ImageSession):
-    def __init__(self, model: SAM2ImageModel, mask_threshold: float = 0.0, autocast: bool = True) -> None:
+    def __init__(self, model: SAM2ImageModel, mask_threshold: float = 0.0, autocast: bool = True,
+                 modality: str | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.mask_threshold = mask_threshold
         self.device = next(model.parameters()).device
         # bf16 autocast only where it pays off (CUDA); on CPU fp32 is both faster and exact.
         self._use_autocast = autocast and self.device.type == "cuda"
+        self.modality = modality
+
+    @property
+    def modality(self) -> str | None:
+        """The modality images are encoded under (from the next `set_image` on); None = the shared
+        network. Checked against the model's names when set (see `check_modality`)."""
+        return self._modality
+
+    @modality.setter
+    def modality(self, name: str | None) -> None:
+        if name is not None:
+            self.check_modality(name)
+        self._modality = name
+
+    @property
+    def modality_choices(self) -> tuple[str, ...]:
+        """The names `modality` selects: the encoder controller's modalities (empty without one)."""
+        return modality_names(self.model)
+
+    def check_modality(self, name: str) -> None:
+        """ValueError listing the known names unless the model's controller knows `name` (a model
+        without a controller ignores any name: it has only the shared network)."""
+        if modality_names(self.model):
+            modality_ids(self.model, name)
+
+    def selects_modality(self, automatic: bool = False) -> bool:
+        """Whether a modality changes this model's output (`automatic`: for no-prompt prediction)."""
+        return bool(modality_names(self.model))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """Any accepted image -> normalised (1, 3, S, S) model input."""
@@ -42,8 +74,13 @@ class Predictor(ImageSession):
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
         image = self.load_image(image)
         x = self.preprocess(image)
-        with self._autocast():
+        with self._autocast(), use_modality(self.model, self._controller_modality()):
             self._remember(self._encode(x), image)
+
+    def _controller_modality(self) -> str | None:
+        """The modality the encoder's controller runs: `modality` if the controller knows it
+        (an automatic head's channel may have no controller row), else the shared network."""
+        return self.modality if self.modality in modality_names(self.model) else None
 
     def _encode(self, x: torch.Tensor):
         return self.model.encode_image(x)

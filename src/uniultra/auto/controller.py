@@ -222,6 +222,26 @@ def controller_config(model: nn.Module) -> ControllerConfig | None:
     return ControllerConfig(first.modalities, first.bottleneck, None if every else tuple(found))
 
 
+def modality_names(model: nn.Module) -> tuple[str, ...]:
+    """The attached controller's modality names (empty without a controller)."""
+    found = find_controllers(model)
+    return next(iter(found.values())).modalities if found else ()
+
+
+def label_modality_ids(model: nn.Module, labels: Sequence[str], source: str) -> torch.Tensor | None:
+    """The controller's modality id of each data label (a data entry's label names its modality),
+    or None when the model has no controller. `source` (the config) names the culprit in errors."""
+    names = modality_names(model)
+    if not names:
+        return None
+    unknown = [label for label in labels if label not in names]
+    if unknown:
+        raise ValueError(f"{source}: the data labels {unknown} are no modality of the model's controller, which "
+                         f"knows {list(names)} (a data entry's label, its `name:` or else its folder name, selects "
+                         "its modality)")
+    return torch.tensor([names.index(label) for label in labels], dtype=torch.long)
+
+
 def is_controller_parameter(name: str) -> bool:
     """Whether a qualified parameter name belongs to a modality controller."""
     return f".{SLOT}." in f".{name}"

@@ -3,6 +3,10 @@
 An automatic-mode checkpoint keeps its base model whole, so `AutoPredictor` is a `Predictor` on
 that base (same preprocessing, same cached embedding, box / point prompts still answered) plus
 the automatic head's `predict_auto`.
+
+`choose_modality` and `check_modality_option` serve `uniultra evaluate` and `uniultra predict`
+for both kinds of modality: an automatic head's decoding channel and a plain model's encoder
+controller (uniultra.auto.controller).
 """
 
 from __future__ import annotations
@@ -25,24 +29,20 @@ class AutoPredictor(Predictor):
                  modality: str | None = None) -> None:
         super().__init__(model.base, mask_threshold, autocast)
         self.auto = model.eval()
+        # `modality` is also the channel used when `predict_auto` is given none (None: the only one).
         self.modality = modality
-
-    @property
-    def modality(self) -> str | None:
-        """Channel used when `predict_auto` is given no modality (None: the model's only channel)."""
-        return self._modality
-
-    @modality.setter
-    def modality(self, name: str | None) -> None:
-        if name is not None:
-            self.auto.modality_index(name)  # an unknown name fails here, listing the known ones
-        self._modality = name
 
     @property
     def modality_choices(self) -> tuple[str, ...]:
         """Names that select a decoding channel; empty when one shared channel decodes every modality."""
         config = self.auto.config
         return config.modalities if config.modality_decoder else ()
+
+    def check_modality(self, name: str) -> None:
+        self.auto.modality_index(name)  # an unknown name fails here, listing the known ones
+
+    def selects_modality(self, automatic: bool = False) -> bool:
+        return automatic or super().selects_modality(automatic)
 
     def _encode(self, x: torch.Tensor):
         return self.auto.encode_image(x)
@@ -69,20 +69,34 @@ class AutoPredictor(Predictor):
         return self.predict_auto(None, return_logits)
 
 
-def choose_modality(predictor: AutoPredictor, requested: str | None, dataset: str | None = None) -> str | None:
-    """The channel to decode with: `requested` if given, else the dataset's (folder) name when the
-    model has a channel of that name, else the model's only channel. None = one shared channel."""
+def choose_modality(predictor: Predictor, requested: str | None, dataset: str | None = None) -> str | None:
+    """The modality to run: `requested` if given, else the dataset's (folder) name when the model
+    knows it, else the automatic head's only channel, or a controller's shared network (None; also
+    the answer for one shared channel)."""
     names = predictor.modality_choices
     if requested is not None:
-        predictor.auto.modality_index(requested)
+        predictor.check_modality(requested)
         return requested
     if dataset in names:
         return dataset
+    if not isinstance(predictor, AutoPredictor):
+        return None  # the controller's shared network: what every modality has in common
     if len(names) <= 1:
         return names[0] if names else None
     shown = f"the dataset name {dataset!r} is none of them" if dataset else "none was named"
     raise ValueError(f"the model decodes each modality separately ({', '.join(names)}) and {shown}: "
                      "choose one with --modality NAME")
+
+
+def check_modality_option(predictor: object, spec: str, requested: str | None, automatic: bool) -> None:
+    """Refuse `--modality` where it selects nothing: a model with neither automatic head nor
+    modality controller, or an automatic head's channel with prompts (`automatic`: --prompt none)."""
+    if requested is None or getattr(predictor, "selects_modality", lambda _: False)(automatic):
+        return
+    if isinstance(predictor, AutoPredictor):
+        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
+    raise ValueError(f"{spec} has no automatic head and no modality controller: --modality applies only to "
+                     "checkpoints from `uniultra auto train` and to MDKD students (`uniultra distill` with mdkd)")
 
 
 def load_any_model(spec: str | os.PathLike, image_size: int | None = None,

@@ -71,8 +71,9 @@ class FinetuneConfig:
     """Optional end-to-end fine-tuning of the distilled student with the segmentation loss, run
     by the training engine (uniultra.engine.trainer) in `<out_dir>/finetune`.
 
-    Everything of the student trains (trunk, adapters, FPN neck, and - unless `freeze_decoder` -
-    prompt encoder, mask decoder and no_mem_embed)."""
+    Everything of the student trains (trunk, adapters, MDKD's modality controller, FPN neck, and -
+    unless `freeze_decoder` - prompt encoder, mask decoder and no_mem_embed). An MDKD student keeps
+    its controller: the engine runs each sample under its data entry's modality."""
 
     epochs: int = 0
     freeze_decoder: bool = False
@@ -157,9 +158,6 @@ class DistillConfig:
         if self.teacher_cache.enabled and augments(self.augment):
             raise ValueError("teacher_cache.enabled needs augment: null (cached teacher features belong to the "
                              "un-augmented image; random augmentation would make them wrong)")
-        if self.mdkd is not None and self.finetune.epochs > 0:
-            raise ValueError("mdkd with finetune.epochs > 0: the segmentation trainer does not select modalities, "
-                             "so it cannot fine-tune a student with a modality controller; set finetune.epochs: 0")
         if self.mdkd is not None:
             self.modality_names()  # every data label must have a modality
 

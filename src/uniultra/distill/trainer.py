@@ -18,6 +18,8 @@ Phase 2, optional (`finetune.epochs > 0`): end-to-end fine-tuning of the distill
 segmentation loss by the training engine (uniultra.engine.trainer.Trainer, handed the student
 prebuilt), in `<out_dir>/finetune` with its own logs, last.pt and best.pt (val Dice selection).
 The student's later stages and FPN neck are first trained here, so a usable segmenter needs it.
+An MDKD student is fine-tuned with its controller, which trains too: the engine selects each
+sample's modality from its data entry's label, as MDKD did.
 
 Files in `out_dir`:
 - `student.pt`   THE result: the full student (mini trunk + adapters + FPN neck + inherited or

@@ -327,15 +327,16 @@ class Batch:
     targets: torch.Tensor  # (B, S, S) float 0/1
     groups: list[PromptGroup] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
+    sets: torch.Tensor | None = None  # (B,) each sample's cached set (TrainSet.sets): its data entry
 
     def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.groups, self.indices)
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.groups, self.indices, self.sets)
 
     def to(self, device: torch.device) -> Batch:
         groups = [PromptGroup(g.kind, g.index.to(device), g.coords.to(device), g.labels.to(device))
                   for g in self.groups]
         return Batch(self.images.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                     groups, self.indices)
+                     groups, self.indices, None if self.sets is None else self.sets.to(device))
 
 
 def collate(items: list[dict]) -> Batch:
@@ -348,7 +349,7 @@ def collate(items: list[dict]) -> Batch:
             groups.append(PromptGroup(kind, torch.tensor(members),
                                       torch.stack([items[i]["coords"] for i in members]),
                                       torch.stack([items[i]["labels"] for i in members])))
-    return Batch(images, targets, groups, [it["index"] for it in items])
+    return Batch(images, targets, groups, [it["index"] for it in items], torch.tensor([it["set"] for it in items]))
 
 
 class EpochSampler(DistributedSampler):

@@ -19,6 +19,10 @@ Files in `out_dir`:
   parameter trains, it holds every weight and loads standalone.
 - logs: see uniultra.engine.logs.
 
+A model with a modality controller (uniultra.auto.controller; e.g. an MDKD student) trains and
+validates each sample under its modality: its data entry's label, which must be one of the
+controller's modality names. Without a controller no modality is selected and nothing changes.
+
 Resume: `--resume` continues from `out_dir/last.pt` (or starts fresh when there is none); without
 it an existing `last.pt` is an error rather than silently overwritten.
 """
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniultra.auto.controller import controller_config, label_modality_ids, use_modality
 from uniultra.config_io import ConfigError, from_dict, merge_dicts
 from uniultra.engine import data as D
 from uniultra.engine.checkpointing import (
@@ -55,7 +60,7 @@ from uniultra.engine.losses import segmentation_loss
 from uniultra.engine.optimisation import EMA, Optimisation
 from uniultra.engine.rng import rng_state, seed_all, set_rng_state
 from uniultra.engine.weights_hash import HASH_DIR_ENV, state_hash, write_weights_hash
-from uniultra.models.checkpoint import WEIGHTS_FULL, WEIGHTS_TRAINED, load_base_model, save_model
+from uniultra.models.checkpoint import CONTROLLER_META, WEIGHTS_FULL, WEIGHTS_TRAINED, load_base_model, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
 
@@ -143,8 +148,11 @@ class _TrainForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, groups: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        features = self.model.encode_image(self.model.normalize(images))
+    def forward(self, images: torch.Tensor, groups: list[tuple],
+                modality: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`modality`: each sample's modality id for the encoder's controller (None: none selected)."""
+        with use_modality(self.model, modality):
+            features = self.model.encode_image(self.model.normalize(images))
         outputs = []
         for index, coords, labels, multimask in groups:
             sub = ImageFeatures(features.image_embed[index], [f[index] for f in features.high_res_feats])
@@ -200,6 +208,7 @@ class Trainer(EpochLoop):
         self.trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.trained:
             raise ValueError("nothing to train: the PEFT config freezes every parameter")
+        self._check_modalities()
         # Complete weights unless a base file holds the frozen part.
         self.save_full = self.start_model is not None or self.base_identity["kind"] == "random init" or len(
             self.trained) == len(list(self.model.parameters()))
@@ -210,6 +219,20 @@ class Trainer(EpochLoop):
         if last is not None:
             self._load_last(last)
         self.log.info = self._run_info()
+
+    def _check_modalities(self) -> None:
+        """With a modality controller, every data entry's label must name one of its modalities
+        (checked before any data is read)."""
+        labels = list(dict.fromkeys(entry.label for entry in self.config.data))
+        ids = label_modality_ids(self.model, labels, self.source)
+        if ids is not None:
+            self._say("modality controller: " + ", ".join(f"{label} -> modality {int(i)}"
+                                                           for label, i in zip(labels, ids, strict=True)))
+
+    def _set_modalities(self, sets: list[D.CachedSet]) -> torch.Tensor | None:
+        """The controller's modality id of each cached set (None: the model has no controller)."""
+        ids = label_modality_ids(self.model, [s.name for s in sets], self.source)
+        return None if ids is None else ids.to(self.ctx.device)
 
     def _setup_data(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -229,6 +252,7 @@ class Trainer(EpochLoop):
                     val_sets.append(D.build_cached_set(entry.label, ds, size, cache_dir=cfg.cache_dir,
                                                        keep_native_masks=True, progress=bars))
         self.train_set = D.TrainSet(train_sets, cfg.prompts.train, cfg.augment, cfg.seed)
+        self.train_modality, self.val_modality = self._set_modalities(train_sets), self._set_modalities(val_sets)
         if len(self.train_set) == 0:
             raise ValueError("no training image with an object (every training mask is empty or no "
                              "data entry has a split_train)")
@@ -308,7 +332,14 @@ class Trainer(EpochLoop):
                       "ema": self.config.optim.ema, "val": val, "trainable": self.report.to_dict(),
                       "selection": "mean over datasets of the val-split Dice" if val else "last epoch (no val)"},
         }
+        if self._controller_meta() is not None:  # load_model re-attaches it before loading the weights
+            meta[CONTROLLER_META] = self._controller_meta()
         save_model(self.model, self.out_dir / "best.pt", meta=meta, state=weights)
+
+    def _controller_meta(self) -> dict[str, Any] | None:
+        """The modality controller's config as checkpoints record it (None without one)."""
+        controller = controller_config(self.model)
+        return None if controller is None else controller.to_dict()
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -331,7 +362,10 @@ class Trainer(EpochLoop):
                     part = mine[start:start + chunk]
                     images = torch.stack([torch.from_numpy(self.val.sets[v.set_index].image(v.index)).expand(3, -1, -1)
                                           for v in part]).to(device)
-                    features = model.encode_image(model.normalize(images))
+                    modality = None if self.val_modality is None else self.val_modality[
+                        torch.tensor([v.set_index for v in part], device=device)]
+                    with use_modality(model, modality):
+                        features = model.encode_image(model.normalize(images))
                     # Every object of every image of the chunk in one decoder call (one prompt mode,
                     # so all prompts have the same number of tokens).
                     owner = torch.cat([torch.full((len(v.coords),), j) for j, v in enumerate(part)]).to(device)
@@ -367,8 +401,9 @@ class Trainer(EpochLoop):
         batch = batch.to(self.ctx.device)
         groups = [(g.index, g.coords, g.labels, g.kind == "point" and cfg.loss.multimask_for_points)
                   for g in batch.groups]
+        modality = None if self.train_modality is None else self.train_modality[batch.sets]
         with self._autocast():
-            outputs = self.forward(batch.images, groups)
+            outputs = self.forward(batch.images, groups, modality)
         totals, terms = [], {"focal": [], "dice": [], "iou": [], "real_iou": []}
         for g, (logits, iou) in zip(batch.groups, outputs, strict=True):
             total, parts = segmentation_loss(logits, iou, batch.targets[g.index], cfg.loss)
@@ -437,6 +472,7 @@ class Trainer(EpochLoop):
             **run_info(self.command, self.source, self.config.to_dict(), self.ctx),
             "model": self.model.config.to_dict(), "base": self.base_identity, "trainable": self.report.to_dict(),
             "data": self.data_counts, "steps_per_epoch": self.steps_per_epoch,
+            "modality_controller": self._controller_meta(),
         }
 
 

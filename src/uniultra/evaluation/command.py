@@ -34,7 +34,9 @@ def register(subparsers) -> None:
                         "images with an empty mask are then scored too")
     parser.add_argument("--modality", default=None, metavar="NAME",
                         help="--prompt none with an automatic-mode checkpoint: decode every dataset through this "
-                        "modality channel (default: each dataset's folder name)")
+                        "modality channel; any --prompt with a modality controller (MDKD student): encode every "
+                        "dataset under this modality (default: each dataset's folder name; for a controller that "
+                        "does not know it, the shared network)")
     parser.add_argument("--jitter", type=float, default=20.0,
                         help="box jitter: each side pushed out by uniform 0..J px at 1024 scale (default 20)")
     parser.add_argument("--size", type=int, default=None,

@@ -54,11 +54,19 @@ class BaselineMethod:
 
 @dataclass
 class ModelMethod:
-    """A SAM2-style model behind `uniultra.predictor.Predictor` (set_image once, then predict)."""
+    """A SAM2-style model behind `uniultra.predictor.Predictor` (set_image once, then predict).
+
+    With a modality controller each dataset is encoded under the modality of its folder name
+    (the shared network when the controller does not know it), unless `modality` fixes one."""
 
     spec: str
     predictor: object
     postprocess: bool = False  # per object: clip to its box + margin, largest component, holes filled
+    modality: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality is not None:
+            self.modality_for("")  # an unknown --modality fails now, before any dataset is read
 
     @property
     def name(self) -> str:
@@ -67,18 +75,10 @@ class ModelMethod:
     def predict(self, image: np.ndarray, prompt: Prompt) -> np.ndarray:
         return segment_objects(self.predictor, image, prompt, self.postprocess)
 
-
-@dataclass
-class AutoMethod(ModelMethod):
-    """An automatic-mode checkpoint (`uniultra.auto.predictor.AutoPredictor`). With prompt `none`
-    each dataset decodes through the channel of its folder name, unless `modality` fixes one;
-    prompted modes use the box-promptable base model the checkpoint keeps."""
-
-    modality: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.modality is not None:
-            self.modality_for("")  # an unknown --modality fails now, before any dataset is read
+    def selects_modality(self, prompt_mode: str) -> bool:
+        """Whether the modality changes this method's predictions in `prompt_mode`."""
+        selects = getattr(self.predictor, "selects_modality", None)
+        return selects is not None and selects(prompt_mode == "none")
 
     def modality_for(self, dataset: str) -> str | None:
         from uniultra.auto.predictor import choose_modality
@@ -89,11 +89,19 @@ class AutoMethod(ModelMethod):
             raise ValueError(f"{self.spec}: {exc}") from exc
 
 
+@dataclass
+class AutoMethod(ModelMethod):
+    """An automatic-mode checkpoint (`uniultra.auto.predictor.AutoPredictor`). With prompt `none`
+    each dataset decodes through the channel of its folder name, unless `modality` fixes one;
+    prompted modes use the box-promptable base model the checkpoint keeps."""
+
+
 def make_method(spec: str, image_size: int | None = None, device: str = "cpu", postprocess: bool = False,
                 modality: str | None = None) -> Method:
     """`baseline:box`, `baseline:ellipse`, `default`, a checkpoint path, `onnx:DIR` or `onnx-int8:DIR`.
 
-    `modality` fixes the decoding channel of an automatic-mode checkpoint (see `AutoMethod`).
+    `modality` fixes the decoding channel of an automatic-mode checkpoint (see `AutoMethod`), or
+    the modality of a model with a modality controller (see `ModelMethod`).
     """
     if spec.startswith(BASELINE_PREFIX):
         from uniultra.evaluation.baselines import BASELINES
@@ -109,15 +117,13 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
 
             return ModelMethod(spec, OnnxPredictor(spec[len(prefix):], int8=int8), postprocess)
     # Imported here: the model code is heavy and evaluating a baseline must not need it.
-    from uniultra.auto.predictor import AutoPredictor, load_predictor
+    from uniultra.auto.predictor import AutoPredictor, check_modality_option, load_predictor
 
     predictor = load_predictor(spec, image_size=image_size, device=device)
-    if isinstance(predictor, AutoPredictor):
-        return AutoMethod(spec, predictor, postprocess, modality)
-    if modality is not None:
-        raise ValueError(f"{spec} has no automatic head: --modality applies only to checkpoints from "
-                         "`uniultra auto train`")
-    return ModelMethod(spec, predictor, postprocess)
+    # Whatever the prompt mode: refused only where no mode could use it (check_method_prompt knows the mode).
+    check_modality_option(predictor, spec, modality, automatic=True)
+    kind = AutoMethod if isinstance(predictor, AutoPredictor) else ModelMethod
+    return kind(spec, predictor, postprocess, modality)
 
 
 def check_method_prompt(method: Method, prompt_mode: str) -> None:
@@ -126,8 +132,10 @@ def check_method_prompt(method: Method, prompt_mode: str) -> None:
     if prompt_mode == "none" and not hasattr(getattr(method, "predictor", None), "predict_without_prompt"):
         raise ValueError(f"{method.name} cannot predict without a prompt (ONNX exports take box / point "
                          "prompts only); evaluate the PyTorch checkpoint with --prompt none instead")
-    if isinstance(method, AutoMethod) and method.modality is not None and prompt_mode != "none":
-        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
+    if isinstance(method, ModelMethod):
+        from uniultra.auto.predictor import check_modality_option
+
+        check_modality_option(method.predictor, method.spec, method.modality, prompt_mode == "none")
 
 
 # --- the evaluation loop -------------------------------------------------------------------
@@ -141,7 +149,7 @@ class DatasetResult:
     metrics: list[ImageMetrics] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    modality: str | None = None  # the automatic head's decoding channel, when one was used
+    modality: str | None = None  # the automatic head's channel or the controller's modality, when one was used
 
     def summary(self) -> dict:
         summary = summarize_images(self.metrics)
@@ -204,8 +212,9 @@ def evaluate(
     check_method_prompt(method, prompt_mode)
     modalities = _modalities(method, datasets, prompt_mode)  # all checked before the first prediction
     results = []
+    selects = _selects_modality(method, prompt_mode)
     for dataset, modality in zip(datasets, modalities, strict=True):
-        if modality is not None:
+        if selects:  # None too: a dataset the controller does not know runs the shared network
             method.predictor.modality = modality
         result = evaluate_dataset(method, dataset, prompt_mode=prompt_mode, jitter=jitter, seed=seed,
                                   on_image=on_image, progress=progress)
@@ -215,10 +224,15 @@ def evaluate(
 
 
 def _modalities(method: Method, datasets: Sequence[SegmentationDataset], prompt_mode: str) -> list[str | None]:
-    """The automatic head's channel per dataset (None: no automatic head in use, or one shared channel)."""
-    if isinstance(method, AutoMethod) and prompt_mode == "none":
+    """The modality per dataset: the automatic head's channel, or the controller's modality (None:
+    neither in use, one shared channel, or the controller's shared network)."""
+    if _selects_modality(method, prompt_mode):
         return [method.modality_for(dataset.name) for dataset in datasets]
     return [None] * len(datasets)
+
+
+def _selects_modality(method: Method, prompt_mode: str) -> bool:
+    return isinstance(method, ModelMethod) and method.selects_modality(prompt_mode)
 
 
 def _score(item: dict, prediction: np.ndarray) -> ImageMetrics:

@@ -34,8 +34,9 @@ def _register_predict(subparsers) -> None:
                    help="none: no prompt at all, the automatic head of a checkpoint from `uniultra auto train` "
                    "(folder mode: every image; Dice against DIR/masks when present)")
     p.add_argument("--modality", metavar="NAME", default=None,
-                   help="with --prompt none: the modality channel to decode with (default: the --input folder's "
-                   "name if the model knows it, or the model's only channel)")
+                   help="with --prompt none: the modality channel to decode with; with a modality controller "
+                   "(MDKD student): the modality to encode under (default: the --input folder's name if the "
+                   "model knows it, else the model's only channel, or the controller's shared network)")
     p.add_argument("--out", help="output mask PNG (0/255) for --image")
     p.add_argument("--overlay", help="also write an overlay PNG for --image")
     p.add_argument("--input", help="folder: DATASET layout (images/ + masks/) or plain images with --boxes")
@@ -80,18 +81,22 @@ def _predictor(args: argparse.Namespace):
     return load_predictor(args.model, image_size=args.size, device=args.device)
 
 
-def _auto_predictor(args: argparse.Namespace, dataset: str | None = None):
-    """The automatic-mode predictor for --prompt none, its modality channel chosen (and checked)."""
-    from uniultra.auto.predictor import AutoPredictor, choose_modality
+def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
+    """The predictor of `uniultra predict`: an automatic head for --prompt none; its modality (the
+    head's channel, or the controller's modality) chosen and checked."""
+    from uniultra.auto.predictor import AutoPredictor, check_modality_option, choose_modality
 
     predictor = _predictor(args)
-    if not isinstance(predictor, AutoPredictor):
+    automatic = args.prompt == "none"
+    if automatic and not isinstance(predictor, AutoPredictor):
         raise ValueError(f"{args.model} has no automatic head, so --prompt none cannot segment with it: give "
                          "--box / --point prompts, or a checkpoint from `uniultra auto train`")
-    try:
-        predictor.modality = choose_modality(predictor, args.modality, dataset)
-    except ValueError as exc:
-        raise ValueError(f"{args.model}: {exc}") from exc
+    check_modality_option(predictor, args.model, args.modality, automatic)
+    if predictor.selects_modality(automatic):
+        try:
+            predictor.modality = choose_modality(predictor, args.modality, dataset)
+        except ValueError as exc:
+            raise ValueError(f"{args.model}: {exc}") from exc
     return predictor
 
 
@@ -100,8 +105,6 @@ def _check_prompt_options(args: argparse.Namespace) -> None:
                                       ("--boxes", args.boxes)) if value]
     if args.prompt == "none" and given:
         raise ValueError(f"--prompt none takes no prompts; drop {', '.join(given)}")
-    if args.modality and args.prompt != "none":
-        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -126,7 +129,7 @@ def _predict_one(args: argparse.Namespace) -> int:
     prompt = Prompt("none") if args.prompt == "none" else Prompt("cli", **_prompt_from_args(args))
     refuse_overwriting_inputs([Path(args.image)], [Path(p) for p in (args.out, args.overlay) if p])
     image = read_image(args.image)
-    predictor = _auto_predictor(args) if args.prompt == "none" else _predictor(args)
+    predictor = _predict_predictor(args)
     mask = segment_image(predictor, image, prompt, args.postprocess)
     atomic_write_bytes(args.out, mask_png_bytes(mask))
     if args.overlay:
@@ -155,10 +158,7 @@ def _prompt_from_args(args: argparse.Namespace) -> dict:
 def _predict_folder(args: argparse.Namespace) -> int:
     from uniultra.segment.folder import segment_folder
 
-    if args.prompt == "none":
-        predictor = _auto_predictor(args, dataset=Path(args.input).resolve().name)
-    else:
-        predictor = _predictor(args)
+    predictor = _predict_predictor(args, dataset=Path(args.input).resolve().name)
     results = segment_folder(predictor, args.input, args.output, args.boxes, args.jitter, args.seed,
                              progress=not args.no_progress, postprocess=args.postprocess,
                              prompt_mode=args.prompt or "box")
