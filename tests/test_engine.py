@@ -215,6 +215,26 @@ def test_adapter_best_checkpoint_loads_with_its_base(datasets, tmp_path, peft):
     Predictor(loaded).set_image(make_phantom(3, 64).image)
 
 
+def test_full_training_of_a_base_that_carries_adapters(datasets, tmp_path):
+    """`peft: full` on a base with CH-Adapters (a distilled student) trains every parameter and
+    writes a complete best.pt that rebuilds the adapters on load."""
+    from uniultra.peft import apply_peft
+
+    torch.manual_seed(0)
+    student = SAM2ImageModel(_tiny_image_config())
+    apply_peft(student, {"method": "ch_adapter", "edge_channels": 2})
+    base = save_model(student, tmp_path / "student.pt", meta={"peft": student.peft_config.to_dict()})
+    run = tmp_path / "continue"
+    result = train(tiny_config(run, datasets, model={**TINY_MODEL, "base": str(base)}, peft={"method": "full"},
+                               optim__epochs=1))
+    assert all(p.requires_grad for p in result.model.parameters())
+    meta = read_checkpoint(run / "best.pt")["meta"]
+    assert meta["weights"] == "full" and meta["peft"]["method"] == "ch_adapter"
+    loaded = load_model(run / "best.pt")
+    assert same_state(loaded.state_dict(), result.model.state_dict())
+    assert not same_state(loaded.state_dict(), load_model(base).state_dict())
+
+
 def _tiny_image_config():
     from uniultra.engine.trainer import resolve_model_config
 

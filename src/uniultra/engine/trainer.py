@@ -201,7 +201,15 @@ class Trainer(EpochLoop):
             self.report = trainable_report(self.model)
         else:
             self.model, self.base_identity = build_model(cfg, self.source)
-            self.report = apply_peft(self.model, self.peft)
+            inserted = getattr(self.model, "peft_config", None)
+            if inserted is not None and self.peft.method == "full":
+                # A base that already carries adapters (e.g. a distilled student): "full" trains every
+                # parameter it has, and its checkpoints record the adapters so that they load back.
+                for parameter in self.model.parameters():
+                    parameter.requires_grad_(True)
+                self.peft, self.report = inserted, trainable_report(self.model)
+            else:
+                self.report = apply_peft(self.model, self.peft)
         self._say(self.report.format())
         self.model.to(self.ctx.device)
         set_train_mode(self.model, True)
