@@ -301,3 +301,22 @@ def test_serve_auto_errors_are_clear_and_the_server_goes_on(serve_client, auto_p
     page = plain.get("/").text
     assert 'aria-label="Automatic segmentation"' in page and 'id="modality"' in page
     assert "/api/images/{image_id}/auto" in plain.get("/openapi.json").json()["paths"]
+
+
+def test_any_checkpoint_file_is_read_once(auto_path, plain_path, monkeypatch):
+    import uniultra.models.checkpoint as checkpoint
+    from uniultra.auto.predictor import load_any_model
+
+    reads = []
+    original = checkpoint.read_checkpoint
+
+    def counting(path):
+        reads.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", counting)
+    monkeypatch.setattr("uniultra.auto.predictor.read_checkpoint", counting)
+    monkeypatch.setattr("uniultra.auto.checkpoint.read_checkpoint", counting)
+    assert isinstance(load_any_model(auto_path), AutoSegmenter)
+    assert type(load_any_model(plain_path)) is SAM2ImageModel
+    assert reads == [str(auto_path), str(plain_path)]

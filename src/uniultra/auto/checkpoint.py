@@ -46,13 +46,15 @@ def is_auto_checkpoint(path: str | os.PathLike) -> bool:
         data = read_checkpoint(path)
     except (FileNotFoundError, CheckpointError):
         return False
-    return _is_auto(data)
+    return is_auto_data(data)
 
 
-def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AutoSegmenter:
-    """Rebuild base + head (eval mode); every tensor is loaded with weights_only."""
-    data = read_checkpoint(path)
-    if not _is_auto(data):
+def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    data: dict[str, Any] | None = None) -> AutoSegmenter:
+    """Rebuild base + head (eval mode); every tensor is loaded with weights_only (`data`: the file's
+    contents when the caller has already read it)."""
+    data = read_checkpoint(path) if data is None else data
+    if not is_auto_data(data):
         raise CheckpointError(
             f"{path}: has no automatic head (no meta['{META_KEY}']); train one with `uniultra auto train` "
             "or use this file with box / point prompts"
@@ -68,7 +70,8 @@ def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model.to(device).eval()
 
 
-def _is_auto(data: dict[str, Any]) -> bool:
+def is_auto_data(data: dict[str, Any]) -> bool:
+    """True when already-read checkpoint contents carry an automatic head."""
     return data.get("format") == "uniultra" and isinstance((data.get("meta") or {}).get(META_KEY), dict)
 
 

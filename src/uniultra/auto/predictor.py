@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uniultra.auto.checkpoint import is_auto_checkpoint, load_auto_model
+from uniultra.auto.checkpoint import is_auto_data, load_auto_model
 from uniultra.auto.model import AutoSegmenter
-from uniultra.models.checkpoint import load_model
+from uniultra.models.checkpoint import load_model, read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.predictor import Predictor
 
@@ -102,9 +102,12 @@ def check_modality_option(predictor: object, spec: str, requested: str | None, a
 def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
                    device: str | torch.device = "cpu") -> SAM2ImageModel | AutoSegmenter:
     """What `load_model` loads, except that an automatic-mode checkpoint keeps its head."""
-    if not (Path(spec).is_file() and is_auto_checkpoint(spec)):
+    if not Path(spec).is_file():  # "default", "preset:NAME", or a missing file (load_model says so)
         return load_model(spec, image_size=image_size, device=device)
-    model = load_auto_model(spec, device=device)
+    data = read_checkpoint(spec)  # once: large checkpoints take seconds to read
+    if not is_auto_data(data):
+        return load_model(spec, image_size=image_size, device=device, data=data)
+    model = load_auto_model(spec, device=device, data=data)
     if image_size not in (None, model.image_size):
         raise ValueError(f"{spec}: an automatic-mode checkpoint runs at the size it was trained at "
                          f"({model.image_size} px), not --size {image_size}")

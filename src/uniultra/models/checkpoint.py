@@ -110,10 +110,12 @@ def load_state_into(model: SAM2ImageModel, state: dict[str, torch.Tensor], path:
 
 
 def load_official(
-    path: str | os.PathLike, image_size: int = 1024, preset_name: str | None = None
+    path: str | os.PathLike, image_size: int = 1024, preset_name: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[SAM2ImageModel, LoadReport]:
-    """Build the image model from an official `sam2_hiera_*.pt` / `sam2.1_hiera_*.pt` file."""
-    data = read_checkpoint(path)
+    """Build the image model from an official `sam2_hiera_*.pt` / `sam2.1_hiera_*.pt` file
+    (`data`: the file's contents when the caller has already read it)."""
+    data = read_checkpoint(path) if data is None else data
     state = data.get("model")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no 'model' state dict: not an official SAM2 checkpoint")
@@ -295,10 +297,12 @@ def load_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     base: str | os.PathLike | None = None,
+    data: dict[str, Any] | None = None,
 ) -> SAM2ImageModel:
     """Build a ready-to-use model (eval mode) from a path, `default`, or `preset:NAME` (random weights).
 
     `base`: for an adapter-only checkpoint, the base checkpoint file (default: the path recorded in it).
+    `data`: the contents of the file at `spec` when the caller has already read it (read once).
     """
     spec_str = str(spec)
     if spec_str == "default":
@@ -307,9 +311,9 @@ def load_model(
         warnings.warn(f"{spec_str}: randomly initialised weights, masks will be meaningless", stacklevel=2)
         model = SAM2ImageModel(preset(spec_str.split(":", 1)[1], image_size or 1024))
     else:
-        data = read_checkpoint(spec_str)
+        data = read_checkpoint(spec_str) if data is None else data
         if "model" in data and "format" not in data:
-            model, _ = load_official(spec_str, image_size or 1024)
+            model, _ = load_official(spec_str, image_size or 1024, data=data)
         else:
             model, _ = load_uniultra(spec_str, image_size, data, base=base)
     return model.to(device).eval()
