@@ -19,6 +19,7 @@ import torch
 
 from uniultra.auto.checkpoint import is_auto_data, load_auto_model
 from uniultra.auto.model import AutoSegmenter
+from uniultra.inference.zoom import ZoomPredictor
 from uniultra.models.checkpoint import load_model, read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.predictor import Predictor
@@ -118,4 +119,6 @@ def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
                    device: str | torch.device = "cpu") -> Predictor:
     """A `Predictor` for any model spec, an `AutoPredictor` for an automatic-mode checkpoint."""
     model = load_any_model(spec, image_size=image_size, device=device)
-    return AutoPredictor(model) if isinstance(model, AutoSegmenter) else Predictor(model)
+    predictor = AutoPredictor(model) if isinstance(model, AutoSegmenter) else Predictor(model)
+    zoom = (getattr(predictor.model, "inference", None) or {}).get("zoom")
+    return ZoomPredictor(predictor, zoom["margin"]) if zoom else predictor

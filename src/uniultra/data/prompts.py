@@ -11,6 +11,10 @@ belong to one lesion; on busi 4- and 8-connectivity give the same 662 boxes). Pe
   image border counts as boundary; ties go to the first pixel in raster order).
 - points3: three distinct positive pixels sampled uniformly inside the component.
 - box+point: the box and the farthest-interior point.
+- box+click: the box, then one corrective click as a user would add it after seeing the box's
+  mask: at the farthest-interior pixel of the largest error region of that object's mask,
+  positive on a missed part, negative on a wrong one (SAM's interactive protocol, one round).
+  The prompt carries each object's truth for this; `segment_objects` runs the two rounds.
 - none: no prompt (automatic mode).
 
 Determinism: each (seed, image stem, prompt kind) gets its own random stream from a stable
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-PROMPT_MODES: tuple[str, ...] = ("box", "point", "points3", "box+point", "none")
+PROMPT_MODES: tuple[str, ...] = ("box", "point", "points3", "box+point", "box+click", "none")
 REFERENCE_SIZE = 1024
 # 8-connectivity (3x3 block of ones).
 CONNECTIVITY = np.ones((3, 3), dtype=bool)
@@ -40,13 +44,15 @@ class Prompt:
     """Prompts for the N objects of one image, in the predictor's conventions.
 
     boxes: (N, 4) float xyxy; points: (N, P, 2) float xy; labels: (N, P) int (1 = positive).
-    All None for mode `none`.
+    All None for mode `none`. objects: (H, W) component labels 1..N of the truth, only for mode
+    `box+click` (the simulated user looks at the truth to place the corrective click).
     """
 
     mode: str
     boxes: np.ndarray | None = None
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
+    objects: np.ndarray | None = None
 
     @property
     def n_objects(self) -> int:
@@ -127,11 +133,34 @@ def make_prompt(
     if not np.any(mask):
         return None
     boxes = points = None
-    if "box" in mode:
+    if mode.startswith("box"):
         boxes = jitter_boxes(component_boxes(mask), mask.shape, jitter, prompt_rng(seed, stem, "box"))
     if mode in ("point", "box+point"):
         points = farthest_interior_points(mask)[:, None, :]
     elif mode == "points3":
         points = sample_interior_points(mask, 3, prompt_rng(seed, stem, "points"))
     labels = None if points is None else np.ones(points.shape[:2], dtype=np.int64)
-    return Prompt(mode, boxes=boxes, points=points, labels=labels)
+    objects = label_components(mask)[0] if mode == "box+click" else None
+    return Prompt(mode, boxes=boxes, points=points, labels=labels, objects=objects)
+
+
+def corrective_clicks(predicted: np.ndarray, objects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((N, 1, 2) xy, (N, 1) labels): per object, the click on the largest error region of its mask
+    (N, H, W): positive where the object was missed, negative where the mask is wrong; a perfect
+    mask gets a positive click at the object's centre (it changes nothing a good model does)."""
+    points, labels = [], []
+    for i, pred in enumerate(np.asarray(predicted, dtype=bool)):
+        truth = objects == i + 1
+        regions = [(truth & ~pred, 1), (pred & ~truth, 0)]
+        best = max(((_largest_component(r), label) for r, label in regions), key=lambda t: t[0].sum())
+        region, label = best if best[0].any() else (truth, 1)
+        points.append(farthest_interior_points(region)[:1])
+        labels.append(label)
+    return np.stack(points).astype(np.float64), np.array(labels, dtype=np.int64)[:, None]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    components, count = label_components(mask)
+    if count <= 1:
+        return components > 0
+    return components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))

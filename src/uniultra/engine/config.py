@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from uniultra.config_io import ConfigError, from_dict, load_yaml, merge_dicts, to_dict
 
-TRAIN_PROMPT_MODES = ("box", "point", "points3", "box+point")
+# "box+click": a box and one more click, positive on the object or negative inside the box off it
+# (what a user adds to correct a box-only mask).
+TRAIN_PROMPT_MODES = ("box", "point", "points3", "box+point", "box+click")
 PHANTOM_KINDS = Literal["hypoechoic", "hyperechoic", "cyst", "mixed"]
 
 
@@ -60,7 +62,9 @@ class DataEntry:
     (the set is not used for training / for validation). `phantom`: generate the folder first
     (into `path`, default `<out_dir>/data/<name>`), with its own splits.json. `subset`: a file
     from `uniultra data coreset`; only the training images it lists under this entry's label are
-    used (validation is never filtered)."""
+    used (validation is never filtered). `targets`: `labels` (the masks) or `regions` (unsupervised
+    regions of the images, uniultra.data.regions; the masks are never read; zoomed training only).
+    `weight`: how many of the entry's images an epoch draws, relative to its size (zoomed training)."""
 
     path: str | None = None
     name: str | None = None
@@ -69,8 +73,14 @@ class DataEntry:
     splits_file: str | None = None
     phantom: PhantomSpec | None = None
     subset: str | None = None
+    targets: Literal["labels", "regions"] = "labels"
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        if self.targets == "regions" and self.split_val is not None:
+            raise ValueError("a `targets: regions` entry has no labels to validate on: set split_val: null")
         if self.path is None and self.phantom is None:
             raise ValueError("a data entry needs a path (or a phantom spec)")
         if self.phantom is not None and self.name is None and self.path is None:
@@ -168,6 +178,24 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ZoomConfig:
+    """Zoomed training (uniultra.engine.zoom_data): every sample is a crop around its object."""
+
+    margin: tuple[float, float] = (1.15, 1.8)  # box crop = the box enlarged by uniform(margin)
+    inference_margin: float = 1.4  # what the trained model's predictor uses (stored in best.pt)
+    whole_image_points: float = 0.5  # share of point-only samples shown the whole image
+    intensity: float = 0.5  # probability of a random gamma / contrast change
+    regions_dir: str = "runs/cache/regions"  # where the region maps of `targets: regions` entries are cached
+
+    def __post_init__(self) -> None:
+        low, high = self.margin
+        if not 1.0 <= low <= high:
+            raise ValueError(f"zoom margin must be 1 <= low <= high, got {self.margin}")
+        if self.inference_margin < 1.0:
+            raise ValueError(f"zoom inference_margin must be >= 1, got {self.inference_margin}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     peft: dict[str, Any] = field(default_factory=lambda: {"method": "full"})
@@ -176,6 +204,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    zoom: ZoomConfig | None = None  # null: whole images resized to the model input
     seed: int = 0
     out_dir: str = "runs/train"
     log_every: int = 20  # steps between progress lines / log flushes
@@ -196,6 +225,8 @@ class TrainConfig:
         config = from_dict(cls, data, source)
         config.peft_config(source)  # validate now, with the file named
         check_data_entries(config.data, source)
+        if config.zoom is None and any(d.targets == "regions" for d in config.data):
+            raise ConfigError(f"{source}: data: `targets: regions` entries need zoomed training (a zoom: section)")
         return config
 
     def peft_config(self, source: str = "config"):

@@ -276,7 +276,30 @@ def training_prompt(mask: np.ndarray, cfg: TrainPromptConfig, rng: np.random.Gen
     elif kind == "points3":
         coords += list(sample_interior_points(obj, 3, rng)[0])
         labels += [1, 1, 1]
+    elif kind == "box+click":
+        point, label = corrective_click(obj, np.concatenate(coords[:2]), rng)
+        coords.append(point)
+        labels.append(label)
     return obj, np.stack(coords).astype(np.float32), np.array(labels, dtype=np.int64), kind
+
+
+def corrective_click(target: np.ndarray, box: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A click like a user's second one: positive inside the object, or negative inside the box on
+    what is not the object (what a box-only mask most often wrongly includes)."""
+    if rng.random() < 0.5:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        outside = np.zeros_like(target)
+        outside[y0:y1 + 1, x0:x1 + 1] = True
+        outside &= ~target
+        if outside.any():
+            return random_pixel(outside, rng), 0
+    return random_pixel(target, rng), 1
+
+
+def random_pixel(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    k = int(rng.integers(rows.size))
+    return np.array([cols[k], rows[k]], dtype=np.float64)
 
 
 class TrainSet(Dataset):

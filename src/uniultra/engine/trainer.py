@@ -60,7 +60,14 @@ from uniultra.engine.losses import segmentation_loss
 from uniultra.engine.optimisation import EMA, Optimisation
 from uniultra.engine.rng import rng_state, seed_all, set_rng_state
 from uniultra.engine.weights_hash import HASH_DIR_ENV, state_hash, write_weights_hash
-from uniultra.models.checkpoint import CONTROLLER_META, WEIGHTS_FULL, WEIGHTS_TRAINED, load_base_model, save_model
+from uniultra.models.checkpoint import (
+    CONTROLLER_META,
+    INFERENCE_META,
+    WEIGHTS_FULL,
+    WEIGHTS_TRAINED,
+    load_base_model,
+    save_model,
+)
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
 
@@ -246,6 +253,9 @@ class Trainer(EpochLoop):
         cfg, ctx = self.config, self.ctx
         size = cfg.model.image_size
         D.ensure_all_phantoms(cfg.data, self.out_dir, ctx)
+        if cfg.zoom is not None:
+            self._setup_zoom_data()
+            return
         train_sets, val_sets = [], []
         bars = cfg.progress and ctx.is_main
         with D.main_fills_cache_first(ctx, cfg.cache_dir):
@@ -280,6 +290,37 @@ class Trainer(EpochLoop):
                       f"(empty mask), prompt {v.mode} J={v.jitter:g} seed {v.seed}")
         if not val_sets:
             self._say("WARNING: no validation split: best.pt will hold the last epoch's weights")
+
+    def _setup_zoom_data(self) -> None:
+        from uniultra.engine import zoom_data as Z
+
+        cfg = self.config
+        if self._set_modalities([]) is not None:
+            raise ValueError("zoomed training does not support a modality controller yet")
+        train_sets = [Z.build_native_set(entry, D.open_split(entry, D.entry_root(entry, self.out_dir),
+                                                             entry.split_train), cfg.zoom, progress=cfg.progress)
+                      for entry in cfg.data if entry.split_train is not None]
+        self.val_datasets = [D.open_split(entry, D.entry_root(entry, self.out_dir), entry.split_val)
+                             for entry in cfg.data if entry.split_val is not None]
+        self.train_set = Z.ZoomTrainSet(train_sets, cfg.prompts.train, cfg.zoom, cfg.model.image_size, cfg.seed,
+                                        cfg.augment.hflip)
+        self.train_modality = self.val_modality = None
+        if len(self.train_set) == 0:
+            raise ValueError("no training image with an object or a region")
+        self._setup_loader(D.collate, "training samples")
+        self.data_counts = {
+            "train": {s.name: {"images": len(s), "drawn_per_epoch": n, "targets": "labels" if s.masks else "regions",
+                               "empty_skipped": self.train_set.n_empty[s.name]}
+                      for s, n in zip(train_sets, self.train_set.counts, strict=True)},
+            "val": {d.name: {"images": len(d)} for d in self.val_datasets},
+        }
+        for name, counts in self.data_counts["train"].items():
+            self._say(f"train {name}: {counts['images']} images ({counts['targets']}), {counts['drawn_per_epoch']} "
+                      f"samples per epoch, {counts['empty_skipped']} without a target")
+        v = cfg.prompts.val
+        for d in self.val_datasets:
+            self._say(f"val   {d.name} ({d.split}): {len(d)} images, zoomed predictor (margin "
+                      f"{cfg.zoom.inference_margin}), prompt {v.mode} J={v.jitter:g} seed {v.seed}")
 
     def _setup_optim(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -342,6 +383,8 @@ class Trainer(EpochLoop):
         }
         if self._controller_meta() is not None:  # load_model re-attaches it before loading the weights
             meta[CONTROLLER_META] = self._controller_meta()
+        if self.config.zoom is not None:  # how the model must be run: on crops around each prompt
+            meta[INFERENCE_META] = {"zoom": {"margin": self.config.zoom.inference_margin}}
         save_model(self.model, self.out_dir / "best.pt", meta=meta, state=weights)
 
     def _controller_meta(self) -> dict[str, Any] | None:
@@ -357,6 +400,8 @@ class Trainer(EpochLoop):
         from uniultra.evaluation.metrics import dice_score, iou_score
         from uniultra.peft.apply import set_train_mode
 
+        if self.config.zoom is not None:
+            return self._validate_zoom()
         if not self.val.images:
             return None
         ctx, model, device = self.ctx, self.model, self.ctx.device
@@ -398,6 +443,33 @@ class Trainer(EpochLoop):
             result["datasets"][s.name] = {"dice": float(np.mean(dice)) if dice else None,
                                           "iou": float(np.mean(iou)) if iou else None,
                                           "n": len(dice), "skipped": self.val.skipped[s.name]}
+        scored = [d["dice"] for d in result["datasets"].values() if d["dice"] is not None]
+        result["dice"] = float(np.mean(scored)) if scored else None
+        return result
+
+    @torch.no_grad()
+    def _validate_zoom(self) -> dict[str, Any] | None:
+        """The val splits through the zoomed predictor and the evaluation loop: what users get."""
+        from uniultra.evaluation.evaluate import ModelMethod, evaluate_dataset
+        from uniultra.inference.zoom import ZoomPredictor
+        from uniultra.peft.apply import set_train_mode
+        from uniultra.predictor import Predictor
+
+        if not self.val_datasets:
+            return None
+        v = self.config.prompts.val
+        result: dict[str, Any] = {"datasets": {}}
+        try:
+            with self.optimisation.ema_applied():
+                predictor = ZoomPredictor(Predictor(self.model), self.config.zoom.inference_margin)
+                for dataset in self.val_datasets:
+                    summary = evaluate_dataset(ModelMethod("val", predictor), dataset, prompt_mode=v.mode,
+                                               jitter=v.jitter, seed=v.seed, progress=False).summary()
+                    result["datasets"][dataset.name] = {"dice": summary["dice"]["mean"],
+                                                        "iou": summary["iou"]["mean"],
+                                                        "n": summary["n"], "skipped": summary["n_skipped"]}
+        finally:
+            set_train_mode(self.model, True)
         scored = [d["dice"] for d in result["datasets"].values() if d["dice"] is not None]
         result["dice"] = float(np.mean(scored)) if scored else None
         return result

@@ -42,6 +42,9 @@ IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decode
 AUTO_HEAD_PREFIX = "auto_head."
 # meta key of the modality controller's config (uniultra.auto.controller): attached before loading.
 CONTROLLER_META = "modality_controller"
+# meta key of how a model must be run (e.g. {"zoom": {"margin": 1.4}}: each prompt on a crop around
+# it, uniultra.inference.zoom); `load_model` puts it on the model as `model.inference`.
+INFERENCE_META = "inference"
 
 
 class CheckpointError(ValueError):
@@ -170,7 +173,15 @@ def load_uniultra(
     meta = data.get("meta") or {}
     state = _without_auto_head(data["state_dict"], meta, path)
     if meta.get("weights") == WEIGHTS_TRAINED:
-        return _load_trained_subset(Path(path), config, meta, state, base)
+        model, report = _load_trained_subset(Path(path), config, meta, state, base)
+    else:
+        model, report = _load_complete(path, config, meta, state)
+    model.inference = dict(meta.get(INFERENCE_META) or {})
+    return model, report
+
+
+def _load_complete(path: str | os.PathLike, config: ImageModelConfig, meta: dict[str, Any],
+                   state: dict[str, torch.Tensor]) -> tuple[SAM2ImageModel, LoadReport]:
     model = SAM2ImageModel(config)
     plain_keys = set(model.state_dict())
     if any(k not in plain_keys for k in state):
@@ -374,4 +385,6 @@ def pack_model(
     controller = _controller_config(model)
     if controller is not None:
         info[CONTROLLER_META] = controller
+    if getattr(model, "inference", None):
+        info[INFERENCE_META] = model.inference
     return save_model(model, out, meta=info, state=state)

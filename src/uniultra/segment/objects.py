@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from uniultra.data.prompts import REFERENCE_SIZE, Prompt
+from uniultra.data.prompts import REFERENCE_SIZE, Prompt, corrective_clicks
 
 # Clip margin around each (already jittered) box for post-processing, in px at 1024 scale.
 POSTPROCESS_MARGIN = 10.0
@@ -65,6 +65,9 @@ def segment_objects(predictor, image: np.ndarray, prompt: Prompt, postprocess: b
     boxes = None if prompt.boxes is None else widen_degenerate_boxes(prompt.boxes)
     masks, _, _ = predictor.predict(box=boxes, points=prompt.points, labels=prompt.labels, multimask=False)
     masks = np.asarray(masks)
+    if prompt.mode == "box+click":  # the second round: the box again, plus the user's correction
+        points, labels = corrective_clicks(_first_candidates(masks), prompt.objects)
+        masks = np.asarray(predictor.predict(box=boxes, points=points, labels=labels, multimask=False)[0])
     shape = image.shape[:2]
     if not postprocess:
         return union_of_object_masks(masks, shape)

@@ -1,0 +1,134 @@
+"""Leave-one-dataset-out validation of a training recipe (issue "Universal for real").
+
+For a fold, the recipe's config is trained WITHOUT the held-out set(s) (every data entry whose
+folder is held out is removed: labels and unsupervised regions alike), then the model is
+evaluated on ALL images of the held-out set(s), next to the inscribed ellipse under the same
+boxes: box J = 0, box J = 20, one tap (`point`), and box J = 20 + one corrective click. The two
+usgra sets share their images, so they are held out together.
+
+    python benchmarks/bench_loo.py --config configs/cpu/universal-zoom.yaml --fold carotid
+    python benchmarks/bench_loo.py --table            # the markdown table of every finished fold
+
+Writes runs/loo/<recipe>/<fold>/ (config.yaml, training logs, best.pt) and
+benchmarks/results/loo-<recipe>-<fold>.json. A fold whose best.pt exists is not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from uniultra.atomic import atomic_write_text
+from uniultra.engine.config import load_train_config
+from uniultra.engine.trainer import train
+from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
+from uniultra.evaluation.report import machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FOLDS = {"busi": ("busi",), "ddti": ("ddti",), "tg3k": ("tg3k",), "carotid": ("carotid",),
+         "usgra": ("usgra_nerve", "usgra_vessel")}
+# (row label, prompt mode, jitter); the ellipse answers the box modes only.
+PROTOCOL = (("box J=0", "box", 0.0), ("box J=20", "box", 20.0), ("one tap", "point", 0.0),
+            ("box J=20 + click", "box+click", 20.0))
+
+
+def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None) -> dict:
+    document = yaml.safe_load(config_path.read_text())
+    kept = [e for e in document["data"] if not e.get("path") or Path(e["path"]).name not in held_out]
+    document["data"] = kept
+    document["out_dir"] = str(out_dir)
+    if epochs is not None:
+        document["optim"]["epochs"] = epochs
+    return document
+
+
+def run_fold(args: argparse.Namespace) -> None:
+    recipe = Path(args.config).stem
+    held_out = FOLDS[args.fold]
+    out_dir = Path(args.out) / recipe / args.fold
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = fold_config(Path(args.config), held_out, out_dir, args.epochs)
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+    start = time.perf_counter()
+    if not (out_dir / "best.pt").is_file():
+        train(load_train_config(out_dir / "config.yaml"), resume=True)
+    train_seconds = time.perf_counter() - start
+    datasets = load_datasets([Path(args.data_root) / name for name in held_out], None, None)
+    rows = {}
+    for label, spec in (("ellipse", "baseline:ellipse"), ("model", str(out_dir / "best.pt"))):
+        method = make_method(spec)
+        for row, mode, jitter in PROTOCOL:
+            if label == "ellipse" and mode not in ("box",):
+                continue
+            t0 = time.perf_counter()
+            results = evaluate(method, datasets, prompt_mode=mode, jitter=jitter, seed=0, progress=False)
+            rows.setdefault(label, {})[row] = {r.name: r.summary() for r in results}
+            rows[label][row]["seconds"] = time.perf_counter() - t0
+            print(f"{args.fold} {label} {row}: " + ", ".join(
+                f"{r.name} Dice {100 * r.summary()['dice']['mean']:.2f}" for r in results), flush=True)
+    document = {"benchmark": f"loo-{recipe}-{args.fold}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": machine_info(), "recipe": args.config, "held_out": list(held_out),
+                "train_config": document, "train_seconds_this_call": train_seconds,
+                "train_log": str(out_dir), "protocol": [list(p) for p in PROTOCOL], "seed": 0,
+                "command": f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
+                           + (f" --epochs {args.epochs}" if args.epochs is not None else ""),
+                "rows": rows}
+    atomic_write_text(RESULTS / f"loo-{recipe}-{args.fold}.json", json.dumps(document, indent=1))
+
+
+def table(recipe: str) -> str:
+    """Markdown: per held-out set, Dice / HD95 of the ellipse and the model under each protocol row."""
+    lines = ["| held out | n | ellipse J=0 | model J=0 | ellipse J=20 | model J=20 | model one tap "
+             "| model J=20 + click | train min |", "|---|---|---|---|---|---|---|---|---|"]
+    for fold in FOLDS:
+        path = RESULTS / f"loo-{recipe}-{fold}.json"
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        minutes = _train_minutes(Path(doc["train_log"]))
+        for name in doc["held_out"]:
+            cell = lambda label, row: _cell(doc["rows"][label][row][name])  # noqa: E731
+            n = doc["rows"]["model"]["box J=20"][name]["n"]
+            lines.append(f"| {name} | {n} | {cell('ellipse', 'box J=0')} | {cell('model', 'box J=0')} | "
+                         f"{cell('ellipse', 'box J=20')} | {cell('model', 'box J=20')} | "
+                         f"{cell('model', 'one tap')} | {cell('model', 'box J=20 + click')} | {minutes} |")
+    return "\n".join(lines)
+
+
+def _cell(summary: dict) -> str:
+    return f"{100 * summary['dice']['mean']:.2f} / {summary['hd95']['mean']:.1f}"
+
+
+def _train_minutes(out_dir: Path) -> str:
+    log = out_dir / "log.json"
+    if not log.is_file():
+        return "?"
+    rows = json.loads(log.read_text())["epochs"]
+    seconds = sum((r.get("seconds_train") or 0) + (r.get("seconds_val") or 0) for r in rows)
+    return f"{seconds / 60:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/cpu/universal-zoom.yaml")
+    parser.add_argument("--fold", choices=sorted(FOLDS))
+    parser.add_argument("--epochs", type=int, default=None, help="override optim.epochs (same for every fold)")
+    parser.add_argument("--out", default="runs/loo")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--table", action="store_true", help="print the table of finished folds and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.config).stem))
+        return
+    if args.fold is None:
+        parser.error("give --fold NAME (or --table)")
+    run_fold(args)
+
+
+if __name__ == "__main__":
+    main()

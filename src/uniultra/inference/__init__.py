@@ -1,0 +1,1 @@
+"""Inference: turning a trained model into masks for prompts on an image."""

@@ -1,0 +1,213 @@
+"""Zoomed segmentation: crop geometry, the zoomed predictor, zoomed training samples and runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uniultra.auto.predictor import load_predictor
+from uniultra.data.phantom import write_phantom_dataset
+from uniultra.data.prompts import corrective_clicks, make_prompt
+from uniultra.engine.config import TrainConfig, TrainPromptConfig, ZoomConfig
+from uniultra.engine.trainer import train
+from uniultra.engine.zoom_data import NativeSet, ZoomTrainSet
+from uniultra.inference.roi import MAX_ASPECT, Roi, crop, full_roi, mask_box, paste, roi_around_box
+from uniultra.inference.zoom import ZoomPredictor, _points_in_roi
+from uniultra.models.checkpoint import load_model, pack_model, read_checkpoint
+from uniultra.models.image_model import SAM2ImageModel
+from uniultra.predictor import Predictor
+from uniultra.prompt_validation import LOGIT_CLAMP
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+H, W = 120, 160
+
+
+@pytest.fixture(scope="module")
+def base() -> Predictor:
+    torch.manual_seed(0)
+    return Predictor(SAM2ImageModel.from_preset("mini", 64))
+
+
+def speckle() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = rng.rayleigh(size=(H, W))
+    return (image / image.max() * 255).astype(np.uint8)
+
+
+# --- geometry ------------------------------------------------------------------------------------
+
+def test_roi_holds_the_box_enlarged_by_the_margin():
+    roi = roi_around_box(np.array([40, 30, 79, 69]), (400, 400), 1.5)  # a 40 x 40 box
+    assert (roi.width, roi.height) == (60, 60)
+    assert roi.x0 <= 40 and roi.x1 >= 80 and roi.y0 <= 30 and roi.y1 >= 70
+
+
+def test_roi_limits_the_aspect_and_the_smallest_side():
+    thin = roi_around_box(np.array([10, 50, 209, 54]), (400, 400), 1.0)  # 200 x 5
+    assert thin.width / thin.height <= MAX_ASPECT + 0.05
+    tiny = roi_around_box(np.array([100, 100, 101, 101]), (1000, 1000), 1.4)
+    assert min(tiny.width, tiny.height) >= 80  # 8 % of the longer image side
+
+
+def test_crop_pads_with_black_and_paste_inverts_it():
+    image = np.arange(H * W, dtype=np.float32).reshape(H, W) + 1
+    roi = Roi(-10, 100, 30, 140)  # leaves the image at the left and the bottom
+    cut = crop(image, roi)
+    assert cut.shape == (40, 40)
+    assert (cut[:, :10] == 0).all() and (cut[20:] == 0).all()
+    np.testing.assert_array_equal(cut[:20, 10:], image[100:120, 0:30])
+    back = paste(cut, roi, (H, W), fill=-1.0)
+    np.testing.assert_array_equal(back[100:120, 0:30], image[100:120, 0:30])
+    assert (back[:100] == -1).all() and (back[:, 30:] == -1).all()
+    assert mask_box(np.zeros((4, 4), bool)) is None
+
+
+def test_points_outside_the_crop_become_padding():
+    points = np.array([[15.0, 15.0], [500.0, 5.0]])
+    local, labels = _points_in_roi(points, np.array([1, 0]), Roi(10, 10, 50, 50))
+    np.testing.assert_array_equal(local, [[5.0, 5.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(labels, [1, -1])
+
+
+# --- the zoomed predictor --------------------------------------------------------------------------
+
+def test_zoomed_box_is_the_crop_prediction_pasted_back(base):
+    zoom = ZoomPredictor(base, margin=1.5)
+    image, box = speckle(), np.array([50.0, 40.0, 89.0, 79.0])
+    zoom.set_image(image)
+    logits, scores, low = zoom.predict(box=box, return_logits=True)
+    roi = roi_around_box(box, (H, W), 1.5)
+    base.set_image(crop(image, roi))
+    expected, expected_scores, _ = base.predict(box=box - np.tile(roi.offset, 2), return_logits=True)
+    np.testing.assert_allclose(logits[0, roi.y0:roi.y1, roi.x0:roi.x1], expected[0], atol=1e-6)
+    np.testing.assert_allclose(scores, expected_scores)
+    outside = np.ones((H, W), bool)
+    outside[roi.y0:roi.y1, roi.x0:roi.x1] = False
+    assert (logits[0][outside] == -LOGIT_CLAMP).all()
+    masks, _, _ = zoom.predict(box=[box, box + 10])
+    assert masks.shape == (2, 1, H, W) and masks.dtype == bool
+    assert low.shape == (1, 16, 16)
+
+
+class CountingPredictor:
+    """Wraps a Predictor and records the shapes of the images it is given."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner, self.shapes = inner, []
+
+    def set_image(self, image):
+        self.shapes.append(image.shape)
+        self.inner.set_image(image)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_tap_runs_a_whole_image_pass_then_a_crop(base):
+    counting = CountingPredictor(base)
+    zoom = ZoomPredictor(counting)
+    zoom.set_image(speckle())
+    masks, scores, _ = zoom.predict(points=[[80, 60]], labels=[1])
+    assert masks.shape == (1, H, W) and scores.shape == (1,)
+    assert counting.shapes[0] == (H, W) and counting.shapes[1] != (H, W)
+    assert len(counting.shapes) == 2
+    with pytest.raises(ValueError, match="mask_input"):
+        zoom.predict(box=[1, 1, 20, 20], mask_input=np.zeros((1, 16, 16)))
+
+
+def test_zoom_checkpoints_load_as_zoomed_predictors_and_pack_keeps_it(tmp_path):
+    from uniultra.models.checkpoint import save_model
+
+    torch.manual_seed(0)
+    path = save_model(SAM2ImageModel.from_preset("mini", 64), tmp_path / "z.pt",
+                      meta={"inference": {"zoom": {"margin": 1.3}}})
+    predictor = load_predictor(path)
+    assert isinstance(predictor, ZoomPredictor) and predictor.margin == 1.3
+    packed = pack_model(path, tmp_path / "z.safetensors", half=True)
+    assert read_checkpoint(packed)["meta"]["inference"] == {"zoom": {"margin": 1.3}}
+    assert load_model(packed).inference == {"zoom": {"margin": 1.3}}
+    plain = save_model(SAM2ImageModel.from_preset("mini", 64), tmp_path / "p.pt")
+    assert isinstance(load_predictor(plain), Predictor)
+
+
+# --- the corrective click ------------------------------------------------------------------------
+
+def test_corrective_click_goes_to_the_largest_error():
+    truth = np.zeros((40, 40), bool)
+    truth[10:30, 10:30] = True
+    missed = truth.copy()
+    missed[10:30, 20:30] = False  # right half missed: positive click there
+    points, labels = corrective_clicks(missed[None], truth.astype(int))
+    assert labels.tolist() == [[1]] and 20 <= points[0, 0, 0] < 30
+    spilled = truth.copy()
+    spilled[10:30, 30:40] = True  # a wrong part right of the object: negative click there
+    points, labels = corrective_clicks(spilled[None], truth.astype(int))
+    assert labels.tolist() == [[0]] and points[0, 0, 0] >= 30
+    prompt = make_prompt(truth, "box+click", stem="s", jitter=0)
+    assert prompt.boxes.shape == (1, 4) and prompt.objects.max() == 1
+
+
+# --- zoomed training samples ---------------------------------------------------------------------
+
+def native_set(weight: float = 1.0) -> NativeSet:
+    mask = np.zeros((H, W), bool)
+    mask[30:50, 20:60] = True
+    mask[80:100, 100:150] = True
+    return NativeSet("s", ["a", "b"], [speckle(), speckle()], [mask, np.zeros_like(mask)], None, weight)
+
+
+def test_box_samples_put_the_box_at_the_canonical_place():
+    prompts = TrainPromptConfig(modes={"box": 1.0}, jitter=(0.0,))
+    data = ZoomTrainSet([native_set()], prompts, ZoomConfig(margin=(1.5, 1.5), intensity=0.0), 64, seed=0,
+                        hflip=0.0)
+    assert len(data) == 1 and data.n_empty == {"s": 1}
+    for epoch in range(4):
+        item = data[(epoch, 0)]
+        assert item["image"].shape == (1, 64, 64) and item["target"].shape == (64, 64)
+        (x0, y0), (x1, y1) = item["coords"].tolist()
+        # the box spans 1 / 1.5 of the crop on its long side, centred
+        assert abs((x0 + x1) / 2 - 32) < 3 and abs((x1 - x0) - 64 / 1.5) < 3
+        assert item["target"].sum() > 0 and item["labels"].tolist() == [2, 3]
+
+
+def test_point_samples_use_whole_images_or_crops():
+    prompts = TrainPromptConfig(modes={"point": 1.0})
+    data = ZoomTrainSet([native_set(weight=8.0)], prompts, ZoomConfig(whole_image_points=0.5), 64, seed=0)
+    assert len(data) == 8
+    kinds = [item["kind"] for item in (data[(0, i)] for i in range(8))]
+    assert set(kinds) == {"point"}
+    assert full_roi((H, W)) == Roi(0, 0, W, H)
+
+
+def test_zoomed_training_run_writes_a_zoomed_checkpoint(tmp_path):
+    root = write_phantom_dataset(tmp_path / "ph", 8, seed=3, size=96, n_lesions=2)
+    stems = [f"phantom_{i:04d}" for i in range(8)]
+    (root / "splits.json").write_text(json.dumps({"train": stems[:6], "val": stems[6:], "test": []}))
+    config = TrainConfig.from_dict({
+        "model": {"preset": "mini", "image_size": 64,
+                  "config": {"name": "c8", "trunk": {"embed_dim": 8}, "neck": {"d_model": 32},
+                             "decoder": {"transformer_mlp_dim": 64, "iou_head_hidden_dim": 32}}},
+        "data": [{"path": str(root)}],
+        "zoom": {"inference_margin": 1.3},
+        "prompts": {"train": {"modes": {"box": 0.5, "box+click": 0.25, "point": 0.25}}},
+        "optim": {"lr": 1e-3, "epochs": 1, "batch_size": 4, "warmup_steps": 1},
+        "out_dir": str(tmp_path / "run"), "progress": False, "threads": 1}, "test")
+    result = train(config)
+    assert result.epochs and result.epochs[-1]["val_dice"] is not None
+    predictor = load_predictor(Path(tmp_path / "run" / "best.pt"))
+    assert isinstance(predictor, ZoomPredictor) and predictor.margin == 1.3
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["data"]["train"][root.name]["targets"] == "labels"
+
+
+def test_regions_entries_need_zoom_and_no_val(tmp_path):
+    from uniultra.config_io import ConfigError
+
+    with pytest.raises(ValueError, match="split_val: null"):
+        TrainConfig.from_dict({"data": [{"path": "x", "targets": "regions"}]}, "t")
+    with pytest.raises(ConfigError, match="zoom"):
+        TrainConfig.from_dict({"data": [{"path": "x", "targets": "regions", "split_val": None}]}, "t")
