@@ -37,6 +37,10 @@ PROTOCOL = (("box J=0", "box", 0.0), ("box J=20", "box", 20.0), ("one tap", "poi
             ("box J=20 + click", "box+click", 20.0))
 
 
+TABLE_COLUMNS = (("ellipse", "box J=0"), ("model", "box J=0"), ("ellipse", "box J=20"), ("model", "box J=20"),
+                 ("model", "one tap"), ("model", "box J=20 + click"))
+
+
 def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None) -> dict:
     document = yaml.safe_load(config_path.read_text())
     kept = [e for e in document["data"] if not e.get("path") or Path(e["path"]).name not in held_out]
@@ -92,11 +96,9 @@ def table(recipe: str) -> str:
         doc = json.loads(path.read_text())
         minutes = _train_minutes(Path(doc["train_log"]))
         for name in doc["held_out"]:
-            cell = lambda label, row: _cell(doc["rows"][label][row][name])  # noqa: E731
+            cells = [_cell(doc["rows"][label][row][name]) for label, row in TABLE_COLUMNS]
             n = doc["rows"]["model"]["box J=20"][name]["n"]
-            lines.append(f"| {name} | {n} | {cell('ellipse', 'box J=0')} | {cell('model', 'box J=0')} | "
-                         f"{cell('ellipse', 'box J=20')} | {cell('model', 'box J=20')} | "
-                         f"{cell('model', 'one tap')} | {cell('model', 'box J=20 + click')} | {minutes} |")
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {minutes} |")
     return "\n".join(lines)
 
 

@@ -13,11 +13,11 @@ from uniultra.data.dataset import MultiDataset, SegmentationDataset
 from uniultra.data.split import (
     SPLITS_DIR_ENV,
     assign_groups,
-    find_project_root,
     group_stems,
     make_split,
     resolve_split_file,
 )
+from uniultra.shipped import shipped_split_path
 
 
 def split_of(document: dict) -> dict[str, str]:
@@ -105,9 +105,12 @@ def test_resolution_order(two_split_files, tmp_path):
     assert [s.stem for s in SegmentationDataset(root, split="test").samples] == ["c"]
 
 
-def test_project_splits_folder_is_found():
-    root = find_project_root()
-    assert root is not None and (root / "pyproject.toml").is_file() and root == REPO
+def test_shipped_splits_are_found(tmp_path, monkeypatch):
+    """Last in the order: the split file shipped in the package (uniultra/splits/<name>.json)."""
+    monkeypatch.delenv(SPLITS_DIR_ENV, raising=False)
+    root = write_dataset(tmp_path / "tg3k", ["a"])
+    assert resolve_split_file(root) == shipped_split_path("tg3k")
+    assert shipped_split_path("tg3k") == REPO / "src" / "uniultra" / "splits" / "tg3k.json"
 
 
 def test_missing_split_file_error_lists_places(tmp_path, monkeypatch):
@@ -146,7 +149,7 @@ def test_committed_splits_cover_each_dataset_once(name):
     from dataset_factory import shared_dataset
     from uniultra.data.dataset import list_folder
 
-    document = json.loads((REPO / "splits" / f"{name}.json").read_text())
+    document = json.loads(shipped_split_path(name).read_text())
     stems = document["train"] + document["val"] + document["test"]
     assert len(stems) == len(set(stems)) == document["n_images"]
     assert set(stems) == set(list_folder(shared_dataset(name)).paired_stems())

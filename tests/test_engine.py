@@ -324,7 +324,7 @@ def test_overrides_and_shipped_configs(tmp_path):
 
 
 def test_cached_images_match_the_predictor_preprocessing():
-    from uniultra.engine.data import resize_for_model
+    from uniultra.inference.transforms import resize_for_model
 
     image = make_phantom(5, (70, 90)).image
     ours = torch.from_numpy(resize_for_model(image, 64)).expand(3, -1, -1)

@@ -24,7 +24,7 @@ from uniultra.cli import main
 from uniultra.data.phantom import make_phantom
 from uniultra.export import OnnxPredictor, onnx_export
 from uniultra.export import metadata as md
-from uniultra.export.onnx_predictor import resize_antialiased, resize_bilinear
+from uniultra.inference.transforms_numpy import resize_antialiased, resize_bilinear
 from uniultra.models.checkpoint import load_model, save_model
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.predictor import Predictor

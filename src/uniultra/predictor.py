@@ -12,11 +12,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uniultra.auto.controller import modality_ids, modality_names, use_modality
-from uniultra.data.image_io import to_rgb_float
 from uniultra.image_session import ImageSession, require_pixels
+from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.transforms import image_to_model, upsample_logits
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
 
@@ -62,12 +62,7 @@ class Predictor(ImageSession):
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """Any accepted image -> normalised (1, 3, S, S) model input."""
         require_pixels(image)
-        rgb = torch.from_numpy(np.ascontiguousarray(to_rgb_float(image)))
-        x = rgb.permute(2, 0, 1).unsqueeze(0).to(self.device)
-        size = self.model.image_size
-        # Antialiased bilinear resize: what the official predictor's transform does.
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return self.model.normalize(x)
+        return self.model.normalize(image_to_model(image, self.model.image_size, self.device))
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
@@ -103,16 +98,14 @@ class Predictor(ImageSession):
         """
         self._require_image()
         prompts = PromptSet.from_user(box, points, labels, self.orig_hw)
-        box_t = self._to_model_coords(prompts.boxes.reshape(-1, 2, 2)) if prompts.boxes is not None else None
-        pts_t = None
-        if prompts.points is not None:
-            pts_t = (self._to_model_coords(prompts.points),
-                     torch.as_tensor(prompts.labels, dtype=torch.int, device=self.device))
+        coords, point_labels = prompt_tokens(prompts.boxes, prompts.points, prompts.labels, self.orig_hw,
+                                             self.model.image_size)
+        tokens = (torch.from_numpy(coords).to(self.device), torch.from_numpy(point_labels).to(self.device))
         mask_t = _tensor(mask_input, self.device) if mask_input is not None else None
         if mask_t is not None and mask_t.ndim == 3:
             mask_t = mask_t.unsqueeze(0)
         with self._autocast():
-            out = self.model.decode(self._features, pts_t, box_t, mask_t, multimask)
+            out = self.model.decode(self._features, tokens, None, mask_t, multimask)
         masks, logits = self._to_image_size(out.low_res_logits, return_logits)
         result = (masks, out.iou_scores.float().cpu().numpy(), logits)
         return result if prompts.batched else tuple(r[0] for r in result)
@@ -134,17 +127,10 @@ class Predictor(ImageSession):
     def _to_image_size(self, low_res_logits: torch.Tensor, return_logits: bool) -> tuple[np.ndarray, np.ndarray]:
         """(N, C, h, w) decoder logits -> (masks, or logits, at the original image size; clamped low-res logits)."""
         logits = low_res_logits.float()
-        masks = F.interpolate(logits, size=self.orig_hw, mode="bilinear", align_corners=False)
+        masks = upsample_logits(logits, self.orig_hw)
         if not return_logits:
             masks = masks > self.mask_threshold
         return masks.cpu().numpy(), logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).cpu().numpy()
-
-    def _to_model_coords(self, xy: np.ndarray) -> torch.Tensor:
-        """Original-image pixels -> model-input pixels (float32, in the official predictor's order)."""
-        h, w = self.orig_hw
-        t = _tensor(xy, self.device)
-        t = t / torch.tensor([w, h], dtype=t.dtype, device=t.device)
-        return t * self.model.image_size
 
     def _autocast(self):
         if self._use_autocast:

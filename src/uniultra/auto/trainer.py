@@ -58,6 +58,7 @@ from uniultra.engine.optimisation import Optimisation
 from uniultra.engine.rng import seed_all
 from uniultra.engine.trainer import TrainHooks, TrainState
 from uniultra.engine.weights_hash import state_hash
+from uniultra.inference.transforms import upsample_logits
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
 
@@ -135,7 +136,7 @@ def mark_trainable(model: AutoSegmenter, config: AutoTrainConfig) -> dict[str, n
 def auto_loss(out: AutoOutput, masks: torch.Tensor, patch_size: int,
               cfg: AutoLossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Batch loss and its terms; masks (B, S, S) 0/1 at the model input size."""
-    logits = F.interpolate(out.low_res_logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    logits = upsample_logits(out.low_res_logits, masks.shape[-2:])
     targets = masks.unsqueeze(1).float()
     focal = sigmoid_focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma).mean()
     dice = dice_loss(logits, targets).mean()
@@ -395,8 +396,7 @@ class AutoTrainer(EpochLoop):
             out = self._predict(split, idx, model)
             logits, scores = out.low_res_logits.detach().float(), presence(out.patch_logits.detach())
             for j, i in enumerate(idx):
-                up = F.interpolate(logits[j:j + 1], size=split.images.native_hw[i], mode="bilinear",
-                                   align_corners=False)
+                up = upsample_logits(logits[j:j + 1], split.images.native_hw[i])
                 pred = (up[0, 0] > 0).cpu().numpy()
                 truth = split.images.native_masks[i]
                 rows.append((dice_score(pred, truth), iou_score(pred, truth), not truth.any(), not pred.any(),

@@ -20,6 +20,7 @@ import numpy as np
 from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import dataset_name, image_content_hash, list_folder, natural_sorted
 from uniultra.data.image_io import read_image
+from uniultra.shipped import shipped_split_path
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 SPLITS_FILENAME = "splits.json"
@@ -185,15 +186,6 @@ def write_split(document: dict, path: str | Path) -> Path:
 
 # --- resolution ----------------------------------------------------------------------------
 
-def find_project_root(start: str | Path | None = None) -> Path | None:
-    """The source checkout holding this package: the nearest parent with pyproject.toml and splits/."""
-    here = Path(start or __file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").is_file() and (parent / "splits").is_dir():
-            return parent
-    return None
-
-
 def split_file_candidates(root: str | Path, splits_file: str | Path | None = None) -> list[Path]:
     """Where a split file is looked for, in priority order."""
     root = Path(root)
@@ -202,15 +194,14 @@ def split_file_candidates(root: str | Path, splits_file: str | Path | None = Non
     candidates.append(root / SPLITS_FILENAME)
     if os.environ.get(SPLITS_DIR_ENV):
         candidates.append(Path(os.environ[SPLITS_DIR_ENV]) / f"{name}.json")
-    project = find_project_root()
-    if project is not None:
-        candidates.append(project / "splits" / f"{name}.json")
+    candidates.append(shipped_split_path(name))
     return candidates
 
 
 def resolve_split_file(root: str | Path, splits_file: str | Path | None = None) -> Path:
     """Pick the split file for a dataset: an explicit file first, then the dataset's own
-    splits.json, then $UNIULTRA_SPLITS_DIR/<name>.json, then <project>/splits/<name>.json."""
+    splits.json, then $UNIULTRA_SPLITS_DIR/<name>.json, then the split file shipped in the
+    package for that dataset name (uniultra/splits/<name>.json)."""
     if splits_file and not Path(splits_file).is_file():
         raise FileNotFoundError(f"split file {splits_file} does not exist")
     candidates = split_file_candidates(root, splits_file)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from uniultra.config_io import merge_dicts
+from uniultra.shipped import resolve_config, shipped_config_names
 
 
 def register(subparsers) -> None:
@@ -21,10 +21,13 @@ def register(subparsers) -> None:
         description="Train from a YAML config. Relative paths in the config are resolved against the "
                     "current directory. Writes OUT/{last.pt,best.pt,steps.csv,epochs.csv,log.json,curves.png}.",
     )
-    parser.add_argument("--config", required=True, type=Path, help="YAML training config (e.g. configs/cpu/...)")
+    parser.add_argument("--config", required=True, metavar="FILE|NAME",
+                        help="YAML training config: a file (e.g. configs/cpu/...), or the name of a config shipped "
+                             f"with the package ({', '.join(shipped_config_names()) or 'none'})")
     add_data_option(parser)
     parser.add_argument("--base", default=None, metavar="CHECKPOINT",
-                        help="starting checkpoint (official SAM2 .pt or UniUltra); overrides model.base")
+                        help="starting checkpoint: a file (official SAM2 .pt or UniUltra), 'default' (the bundled "
+                             "model) or 'preset:NAME' (random init); overrides model.base")
     add_out_option(parser)
     parser.add_argument("--epochs", type=int, default=None, help="number of epochs (overrides optim.epochs)")
     add_run_options(parser, set_example="optim.lr=5e-4",
@@ -80,20 +83,46 @@ def command_line() -> str:
 
 # --- uniultra train -------------------------------------------------------------------------------
 
+DEFAULT_BASE = "default"
+PRESET_PREFIX = "preset:"
+
+
 def build_overrides(args: argparse.Namespace) -> dict:
     overrides = run_overrides(args)
     if args.base is not None:
         # --base wins over --set model.base; no other option touches the model section.
-        overrides = merge_dicts(overrides, {"model": {"base": args.base}})
+        if args.base.startswith(PRESET_PREFIX):
+            # What load_model calls preset:NAME: a random initialisation of that preset.
+            model = {"base": None, "preset": args.base[len(PRESET_PREFIX):]}
+        else:
+            model = {"base": args.base}
+        overrides = merge_dicts(overrides, {"model": model})
     return overrides
+
+
+def resolve_base(config):
+    """model.base `default` (from --base or the config) -> the bundled default model's file, which
+    is what the trainer loads (it takes a checkpoint path); any other value is left as it is."""
+    import dataclasses
+
+    if config.model.base != DEFAULT_BASE:
+        return config
+    from uniultra.models.checkpoint import bundled_default_path
+
+    path = bundled_default_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.base default: the bundled default model is not in this installation "
+                                f"({path}); pass a checkpoint file with --base")
+    return config.replace(model=dataclasses.replace(config.model, base=str(path)))
 
 
 def run_train(args: argparse.Namespace) -> int:
     from uniultra.engine.config import load_train_config
     from uniultra.engine.trainer import train
 
-    config = load_train_config(args.config, build_overrides(args), args.data)
-    result = train(config, resume=args.resume, command=command_line(), source=str(args.config))
+    config_path = resolve_config(args.config)
+    config = resolve_base(load_train_config(config_path, build_overrides(args), args.data))
+    result = train(config, resume=args.resume, command=command_line(), source=str(config_path))
     state = result.state
     if state.best_epoch is not None and state.best_score is not None:
         print(f"done: {state.epoch} epochs, {state.step} steps; best val Dice {100 * state.best_score:.2f} "

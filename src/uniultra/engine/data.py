@@ -1,7 +1,7 @@
 """Training and validation data: images resized to the model size once and cached, then
 augmented and prompted per sample with a random stream fixed by (seed, epoch, sample index).
 
-- Images are resized exactly as `uniultra.predictor.Predictor.preprocess` does (to_rgb_float,
+- Images are resized by uniultra.inference.transforms, as every prediction is (to_rgb_float,
   antialiased bilinear), stored as float16 (one channel when the image is gray), so training sees
   what inference sees up to float16 rounding (< 2.5e-4). Masks are resized nearest-neighbour.
 - The cache lives in memory, or in `cache_dir` as .npy files that every process memory-maps
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -37,7 +36,7 @@ from uniultra.atomic import atomic_write, atomic_write_text
 from uniultra.config_io import to_dict
 from uniultra.data.coreset import restrict_to_subset
 from uniultra.data.dataset import SegmentationDataset, load_sample
-from uniultra.data.image_io import read_mask, resize_mask, to_rgb_float
+from uniultra.data.image_io import read_mask, resize_mask
 from uniultra.data.prompts import (
     farthest_interior_points,
     jitter_boxes,
@@ -46,25 +45,14 @@ from uniultra.data.prompts import (
     sample_interior_points,
 )
 from uniultra.engine.config import TRAIN_PROMPT_MODES, AugmentConfig, DataEntry, TrainPromptConfig
+from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.transforms import resize_for_model
+from uniultra.models.prompt_labels import BOX_CORNER_LABELS
 
 CACHE_VERSION = 1
-BOX_LABELS = (2, 3)
 
 
 # --- resizing and caching ----------------------------------------------------------------------
-
-def resize_for_model(image: np.ndarray, size: int) -> np.ndarray:
-    """Any image -> (C, size, size) float32 in [0, 1], C = 1 for gray, 3 for colour.
-
-    Same operations as Predictor.preprocess (before ImageNet normalisation)."""
-    rgb = to_rgb_float(image)
-    gray = bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
-    if gray:
-        x = x[:, :1]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].numpy()
-
 
 @dataclass
 class CachedSet:
@@ -266,7 +254,7 @@ def training_prompt(mask: np.ndarray, cfg: TrainPromptConfig, rng: np.random.Gen
         x0, y0, x1, y1 = jitter_boxes(box, obj.shape, jitter, rng)[0]
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)  # a one-pixel object still gets a proper box
         coords += [np.array([x0, y0]), np.array([x1, y1])]
-        labels += list(BOX_LABELS)
+        labels += list(BOX_CORNER_LABELS)
     if kind in ("point", "box+point"):
         if rng.random() < cfg.center_point_prob:
             coords.append(farthest_interior_points(obj)[0])
@@ -425,15 +413,7 @@ def build_val_data(sets: Sequence[CachedSet], mode: str, jitter: float, seed: in
             if prompt is None:
                 skipped[s.name] += 1
                 continue
-            h, w = s.native_hw[i]
-            parts, labels = [], []
-            if prompt.boxes is not None:
-                parts.append(widen_degenerate_boxes(prompt.boxes).reshape(-1, 2, 2))
-                labels.append(np.tile(np.array(BOX_LABELS), (len(prompt.boxes), 1)))
-            if prompt.points is not None:
-                parts.append(prompt.points)
-                labels.append(prompt.labels)
-            xy = torch.as_tensor(np.concatenate(parts, axis=1), dtype=torch.float32)
-            xy = xy / torch.tensor([w, h], dtype=torch.float32) * s.images.shape[-1]
-            images.append(ValImage(si, i, xy, torch.as_tensor(np.concatenate(labels, axis=1), dtype=torch.int)))
+            boxes = None if prompt.boxes is None else widen_degenerate_boxes(prompt.boxes)
+            xy, labels = prompt_tokens(boxes, prompt.points, prompt.labels, s.native_hw[i], s.images.shape[-1])
+            images.append(ValImage(si, i, torch.from_numpy(xy), torch.from_numpy(labels).int()))
     return ValData(list(sets), images, skipped)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from uniultra.engine.config import LossConfig
+from uniultra.inference.transforms import upsample_logits
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -55,7 +56,7 @@ def segmentation_loss(
     low_res_logits (n, M, h, w), iou_pred (n, M), targets (n, S, S) -> (total (n,), terms {name: (n,)}).
     """
     size = targets.shape[-2:]
-    logits = F.interpolate(low_res_logits.float(), size=size, mode="bilinear", align_corners=False)
+    logits = upsample_logits(low_res_logits, size)
     targets = targets.unsqueeze(1).expand_as(logits)
     focal = sigmoid_focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma)  # (n, M)
     dice = dice_loss(logits, targets)

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uniultra.auto.controller import controller_config, label_modality_ids, use_modality
@@ -60,6 +59,7 @@ from uniultra.engine.losses import segmentation_loss
 from uniultra.engine.optimisation import EMA, Optimisation
 from uniultra.engine.rng import rng_state, seed_all, set_rng_state
 from uniultra.engine.weights_hash import HASH_DIR_ENV, state_hash, write_weights_hash
+from uniultra.inference.transforms import upsample_logits
 from uniultra.models.checkpoint import (
     CONTROLLER_META,
     INFERENCE_META,
@@ -215,6 +215,7 @@ class Trainer(EpochLoop):
                 for parameter in self.model.parameters():
                     parameter.requires_grad_(True)
                 self.peft, self.report = inserted, trainable_report(self.model)
+                self.report.method = "full"  # what trains; the table still lists the base's adapters
             else:
                 self.report = apply_peft(self.model, self.peft)
         self._say(self.report.format())
@@ -428,8 +429,7 @@ class Trainer(EpochLoop):
                     all_logits = model.decode(sub, points=(coords, labels)).low_res_logits.float()
                     for j, v in enumerate(part):
                         s = self.val.sets[v.set_index]
-                        logits = F.interpolate(all_logits[owner == j], size=s.native_hw[v.index],
-                                               mode="bilinear", align_corners=False)
+                        logits = upsample_logits(all_logits[owner == j], s.native_hw[v.index])
                         pred = (logits[:, 0] > 0).any(dim=0).cpu().numpy()
                         truth = s.native_masks[v.index]
                         rows.append((v.set_index, dice_score(pred, truth), iou_score(pred, truth)))

@@ -1,7 +1,7 @@
 """Training samples for zoomed models: each sample is a crop around one prompted object.
 
 The crop is cut from the NATIVE image with uniultra.inference.roi (the functions inference uses)
-and resized to the model input like every image (`resize_for_model`), so training sees the
+and resized to the model input like every image (uniultra.inference.transforms), so training sees the
 crops `ZoomPredictor` will show the model. What makes a model follow the prompt rather than a
 dataset's prior ("the dark blob") is the mix of targets:
 - `targets: labels` entries: one connected component of the ground truth;
@@ -31,8 +31,10 @@ from uniultra.data.prompts import (
 )
 from uniultra.data.regions import cache_dataset_regions, load_dataset_regions, regions_cache_path, sample_region
 from uniultra.engine.config import TRAIN_PROMPT_MODES, DataEntry, TrainPromptConfig, ZoomConfig
-from uniultra.engine.data import BOX_LABELS, corrective_click, resize_for_model
+from uniultra.engine.data import corrective_click
 from uniultra.inference.roi import Roi, crop, full_roi, mask_box, roi_around_box
+from uniultra.inference.transforms import resize_for_model
+from uniultra.models.prompt_labels import BOX_CORNER_LABELS
 
 # Point-only samples cut around the object use a looser crop than boxes: the second pass of a tap
 # crops around a first-pass mask that may be too small or too large.
@@ -150,7 +152,7 @@ class ZoomTrainSet(Dataset):
         coords, labels = [], []
         if "box" in kind:
             coords += [box[:2], box[2:]]
-            labels += list(BOX_LABELS)
+            labels += list(BOX_CORNER_LABELS)
             roi = roi_around_box(box, target.shape, rng.uniform(*self.zoom.margin))
         elif rng.random() < self.zoom.whole_image_points:
             roi = full_roi(target.shape)

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                         help="split name (e.g. test); omitted = every image of each dataset")
     parser.add_argument("--splits", action="append", default=None, metavar="FILE",
                         help="explicit split file; repeat once per --data (default: DIR/splits.json, "
-                             "$UNIULTRA_SPLITS_DIR/<name>.json, then the project's splits/<name>.json)")
+                             "$UNIULTRA_SPLITS_DIR/<name>.json, then the split shipped with uniultra, "
+                             "uniultra/splits/<name>.json)")
     parser.add_argument("--prompt", choices=PROMPT_MODES, default="box",
                         help="prompts from the truth; 'none' = no prompt: the automatic head of a checkpoint "
                         "from `uniultra auto train` (the plain decoder, unprompted, for other models); "

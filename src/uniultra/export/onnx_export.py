@@ -36,7 +36,8 @@ from torch import nn
 from uniultra import __version__
 from uniultra.atomic import atomic_write, atomic_write_text
 from uniultra.export import metadata as md
-from uniultra.models.image_model import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, PIXEL_MEAN, PIXEL_STD, SAM2ImageModel
+from uniultra.models.image_model import PIXEL_MEAN, PIXEL_STD, SAM2ImageModel
+from uniultra.models.prompt_labels import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
 from uniultra.prompt_validation import LOGIT_CLAMP
 
 # opset 20 has a native Gelu op (at 18 the exporter writes Erf arithmetic, which onnxruntime

@@ -3,8 +3,7 @@
 Same API, prompts and return shapes as `uniultra.predictor.Predictor`; runs an export directory
 written by `uniultra export onnx`. Pre-processing (RGB in [0, 1], antialiased bilinear resize,
 ImageNet normalisation) and post-processing (bilinear upsampling of the low-res logits to the
-original size) are re-implemented in numpy to match the torch predictor; see
-`resize_antialiased` and `resize_bilinear` for what exactly is reproduced.
+original size) are the numpy twins in uniultra.inference.transforms_numpy.
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from uniultra.data.image_io import to_rgb_float
 from uniultra.export import metadata as md
 from uniultra.image_session import ImageSession, require_pixels
+from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.transforms_numpy import image_to_model, upsample_logits
 from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
-
-BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 2, 3
 
 
 class OnnxPredictor(ImageSession):
@@ -75,11 +73,7 @@ class OnnxPredictor(ImageSession):
         """Any accepted image -> normalised (1, 3, S, S) float32 model input."""
         image = np.asarray(image)
         require_pixels(image)
-        rgb = to_rgb_float(image)  # validates the layout and scales by dtype
-        size = (self.image_size, self.image_size)
-        gray = image.ndim == 2 or image.shape[2] == 1  # three identical channels: resize one
-        planes = rgb[None, :, :, 0] if gray else np.ascontiguousarray(rgb.transpose(2, 0, 1))
-        resized = resize_antialiased(planes, size)
+        resized = image_to_model(image, self.image_size)
         out = (resized - self.pixel_mean) / self.pixel_std  # gray broadcasts to three channels
         return out[None].astype(np.float32, copy=False)
 
@@ -120,7 +114,7 @@ class OnnxPredictor(ImageSession):
         }
         wanted = ["multimask_masks", "multimask_iou_scores"] if multimask else ["masks", "iou_scores"]
         logits, scores = self.decoder.run(wanted, feeds)
-        masks = resize_bilinear(logits, self.orig_hw)
+        masks = upsample_logits(logits, self.orig_hw)
         if not return_logits:
             masks = masks > self.mask_threshold
         result = (masks, scores, np.clip(logits, -LOGIT_CLAMP, LOGIT_CLAMP))
@@ -131,22 +125,7 @@ class OnnxPredictor(ImageSession):
 
         Box corners come first (labels 2, 3), then clicks, as the torch predictor merges them.
         """
-        parts_xy, parts_lbl = [], []
-        if prompts.boxes is not None:
-            corners = prompts.boxes.reshape(-1, 2, 2)
-            parts_xy.append(self._to_model_coords(corners))
-            parts_lbl.append(np.broadcast_to(np.array([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], np.int32), (len(corners), 2)))
-        if prompts.points is not None:
-            parts_xy.append(self._to_model_coords(prompts.points))
-            parts_lbl.append(prompts.labels.astype(np.int32))
-        coords = np.ascontiguousarray(np.concatenate(parts_xy, axis=1), dtype=np.float32)
-        return coords, np.ascontiguousarray(np.concatenate(parts_lbl, axis=1), dtype=np.int32)
-
-    def _to_model_coords(self, xy: np.ndarray) -> np.ndarray:
-        """Original-image pixels -> model-input pixels, in float32 and in the torch predictor's order."""
-        h, w = self.orig_hw
-        t = np.asarray(xy, dtype=np.float32)
-        return (t / np.array([w, h], dtype=np.float32)) * np.float32(self.image_size)
+        return prompt_tokens(prompts.boxes, prompts.points, prompts.labels, self.orig_hw, self.image_size)
 
     def _mask_arrays(self, mask_input: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         low = self.low_res_size
@@ -188,73 +167,3 @@ def session_options(threads: int | None = None, optimization: str = "all", spinn
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
-
-
-# ---------------------------------------------------------------------------------------------
-# Resizing in numpy, matching torch.nn.functional.interpolate
-
-
-def _aa_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and normalised weights (out_size, K) of torch's bilinear antialias filter.
-
-    The triangle filter is widened by the scale factor when shrinking (PIL's and torch's
-    `antialias=True`); when enlarging it is plain bilinear with align_corners=False.
-    """
-    scale = in_size / out_size
-    support = scale if scale >= 1.0 else 1.0
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    centers = scale * (np.arange(out_size) + 0.5)
-    # int() truncation as in the C++ code; the max(.., 0) makes truncation and floor agree.
-    xmin = np.maximum((centers - support + 0.5).astype(np.int64), 0)
-    xmax = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
-    k = int((xmax - xmin).max())
-    idx = xmin[:, None] + np.arange(k)[None, :]
-    weights = np.maximum(0.0, 1.0 - np.abs((idx - centers[:, None] + 0.5) * invscale))
-    weights[idx >= xmax[:, None]] = 0.0
-    weights /= weights.sum(axis=1, keepdims=True)
-    return np.minimum(idx, in_size - 1), weights.astype(np.float32)
-
-
-def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and weights (out_size, 2) of torch's bilinear interpolation, align_corners=False."""
-    scale = np.float32(np.float32(in_size) / np.float32(out_size))
-    # One rounding of scale * (i + 0.5) - 0.5, as torch's compiled kernel (a fused multiply-add).
-    src = np.maximum((np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32), 0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = (src - i0).astype(np.float32)
-    return np.stack([i0, i1], axis=1), np.stack([1 - frac, frac], axis=1).astype(np.float32)
-
-
-def _apply_taps(x: np.ndarray, axis: int, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """out[..., i, ...] = sum_k weights[i, k] * x[..., idx[i, k], ...] along `axis`."""
-    shape = [1] * x.ndim
-    shape[axis] = idx.shape[0]
-    out = None
-    for k in range(idx.shape[1]):
-        w = weights[:, k].reshape(shape)
-        term = np.take(x, idx[:, k], axis=axis)
-        term *= w
-        out = term if out is None else np.add(out, term, out=out)
-    return out
-
-
-def resize_antialiased(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(..., H, W) float32 -> (..., h, w): `F.interpolate(mode="bilinear", antialias=True)`.
-
-    Separable: rows first, then columns (the columns pass runs on the transposed array so both
-    passes gather along a leading, contiguous axis). Agrees with torch to ~1e-6.
-    """
-    h, w = size
-    x = np.asarray(planes, dtype=np.float32)
-    rows = _apply_taps(x, x.ndim - 2, *_aa_taps(x.shape[-2], h))
-    cols = _apply_taps(np.ascontiguousarray(np.swapaxes(rows, -1, -2)), x.ndim - 2, *_aa_taps(x.shape[-1], w))
-    return np.ascontiguousarray(np.swapaxes(cols, -1, -2))
-
-
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(..., H, W) float32 -> (..., h, w): `F.interpolate(mode="bilinear", align_corners=False)`."""
-    h, w = size
-    x = np.asarray(x, dtype=np.float32)
-    rows = _apply_taps(x, x.ndim - 2, *_bilinear_taps(x.shape[-2], h))
-    return _apply_taps(rows, x.ndim - 1, *_bilinear_taps(x.shape[-1], w))

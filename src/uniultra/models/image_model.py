@@ -15,10 +15,9 @@ from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_encoder import ImageEncoder
 from uniultra.models.mask_decoder import MaskDecoder
 from uniultra.models.prompt_encoder import PromptEncoder
+from uniultra.models.prompt_labels import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
 from uniultra.models.transformer import TwoWayTransformer
 
-# Box corners enter the prompt encoder as two points with these labels (SAM convention).
-BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 2, 3
 # ImageNet statistics: SAM2 was pretrained with them, so every input is normalised this way.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
