@@ -63,11 +63,12 @@ def run_fold(args: argparse.Namespace) -> None:
         train(load_train_config(out_dir / "config.yaml"), resume=True)
     train_seconds = time.perf_counter() - start
     datasets = load_datasets([Path(args.data_root) / name for name in held_out], None, None)
-    rows = {}
+    result_file = RESULTS / f"loo-{recipe}-{args.fold}.json"
+    rows = json.loads(result_file.read_text())["rows"] if args.rows and result_file.is_file() else {}
     for label, spec in (("ellipse", "baseline:ellipse"), ("model", str(out_dir / "best.pt"))):
         method = make_method(spec)
         for row, mode, jitter in PROTOCOL:
-            if label == "ellipse" and mode not in ("box",):
+            if (label == "ellipse" and mode not in ("box",)) or (args.rows and row not in args.rows):
                 continue
             t0 = time.perf_counter()
             results = evaluate(method, datasets, prompt_mode=mode, jitter=jitter, seed=0, progress=False)
@@ -82,7 +83,9 @@ def run_fold(args: argparse.Namespace) -> None:
                 "command": f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
                            + (f" --epochs {args.epochs}" if args.epochs is not None else ""),
                 "rows": rows}
-    atomic_write_text(RESULTS / f"loo-{recipe}-{args.fold}.json", json.dumps(document, indent=1))
+    if args.rows:
+        document["rows_re_evaluated"] = {"rows": args.rows, "date": document["date"]}
+    atomic_write_text(result_file, json.dumps(document, indent=1))
 
 
 def table(recipe: str) -> str:
@@ -123,6 +126,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/loo")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--table", action="store_true", help="print the table of finished folds and exit")
+    parser.add_argument("--rows", nargs="+", choices=[r[0] for r in PROTOCOL], default=None,
+                        help="re-evaluate only these rows of a finished fold (the others are kept from its JSON)")
     args = parser.parse_args()
     if args.table:
         print(table(Path(args.config).stem))

@@ -94,9 +94,9 @@ def onnx_profile(model, x, threads: int) -> tuple[list[tuple[str, float]], list[
     import numpy as np
     import onnxruntime as ort
 
-    from uniultra.export import metadata as md
     from uniultra.export.onnx_export import DEFAULT_OPSET, EncoderGraph, _onnx_proto
-    from uniultra.export.onnx_predictor import session_options
+    from uniultra.inference import onnx_format as md
+    from uniultra.inference.onnx_predictor import session_options
 
     proto = _onnx_proto(EncoderGraph(model), (x,), md.ENCODER_INPUTS, md.ENCODER_OUTPUTS, DEFAULT_OPSET)
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,10 +9,10 @@ import torch
 
 from test_auto_train import phantom_sets, run_config  # noqa: F401 (phantom_sets is a fixture)
 from uniultra.auto.calibration import ImageOutcome, choose_threshold, mean_dice
-from uniultra.auto.checkpoint import load_auto_model
-from uniultra.auto.model import ABSENT_LOGIT, AutoHeadConfig, AutoSegmenter
 from uniultra.auto.trainer import train_auto
 from uniultra.cli import main
+from uniultra.inference.loading import load_auto_model
+from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoHeadConfig, AutoSegmenter
 from uniultra.models.image_model import SAM2ImageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 
 from dataset_factory import blob_mask, write_pair
-from uniultra.auto.checkpoint import load_auto_model, save_auto_model
-from uniultra.auto.model import AutoHeadConfig, AutoSegmenter
-from uniultra.auto.predictor import AutoPredictor, choose_modality, load_predictor
 from uniultra.cli import main
 from uniultra.data.phantom import make_phantom
+from uniultra.inference.auto_predictor import AutoPredictor, choose_modality
+from uniultra.inference.loading import load_auto_model, load_predictor
+from uniultra.inference.predictor import Predictor
+from uniultra.models.auto_checkpoint import save_auto_model
+from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
 from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
 
 H, W = 120, 160
 SIZE = 128
@@ -284,7 +285,7 @@ def test_serve_auto_endpoint_reuses_the_embedding(serve_client, auto_path, image
 
 
 def test_serve_auto_errors_are_clear_and_the_server_goes_on(serve_client, auto_path, plain_path, image):
-    from uniultra.models.checkpoint import load_model
+    from uniultra.inference.loading import load_model
 
     client = serve_client(load_auto_model(auto_path))
     image_id = _upload(client, image)
@@ -305,7 +306,7 @@ def test_serve_auto_errors_are_clear_and_the_server_goes_on(serve_client, auto_p
 
 def test_any_checkpoint_file_is_read_once(auto_path, plain_path, monkeypatch):
     import uniultra.models.checkpoint as checkpoint
-    from uniultra.auto.predictor import load_any_model
+    from uniultra.inference.loading import load_any_model
 
     reads = []
     original = checkpoint.read_checkpoint
@@ -315,8 +316,8 @@ def test_any_checkpoint_file_is_read_once(auto_path, plain_path, monkeypatch):
         return original(path)
 
     monkeypatch.setattr(checkpoint, "read_checkpoint", counting)
-    monkeypatch.setattr("uniultra.auto.predictor.read_checkpoint", counting)
-    monkeypatch.setattr("uniultra.auto.checkpoint.read_checkpoint", counting)
+    monkeypatch.setattr("uniultra.inference.loading.read_checkpoint", counting)
+    monkeypatch.setattr("uniultra.models.auto_checkpoint.read_checkpoint", counting)
     assert isinstance(load_any_model(auto_path), AutoSegmenter)
     assert type(load_any_model(plain_path)) is SAM2ImageModel
     assert reads == [str(auto_path), str(plain_path)]

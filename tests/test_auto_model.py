@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniultra.auto.checkpoint import is_auto_checkpoint, load_auto_model, save_auto_model
-from uniultra.auto.model import AutoHeadConfig, AutoSegmenter
-from uniultra.auto.patch_prompt import patch_targets
-from uniultra.models.checkpoint import CheckpointError, load_model, save_model
+from uniultra.inference.loading import load_auto_model, load_model
+from uniultra.models.auto_checkpoint import is_auto_checkpoint, save_auto_model
+from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+from uniultra.models.checkpoint import CheckpointError, save_model
 from uniultra.models.image_model import SAM2ImageModel
+from uniultra.models.patch_prompt import patch_targets
 
 SIZE = 128
 MODALITIES = ("busi", "ddti", "tg3k")

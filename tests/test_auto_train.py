@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from uniultra.auto.checkpoint import load_auto_model
 from uniultra.auto.config import AutoTrainConfig, load_auto_config
 from uniultra.auto.trainer import auto_loss, build_auto_model, mark_trainable, train_auto
 from uniultra.cli import main
 from uniultra.config_io import ConfigError
 from uniultra.engine.config import DataEntry, PhantomSpec
 from uniultra.engine.data import ensure_phantoms
-from uniultra.models.checkpoint import load_model
+from uniultra.inference.loading import load_auto_model, load_model
 from uniultra.models.image_model import SAM2ImageModel
 
 SIZE = 128

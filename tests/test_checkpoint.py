@@ -3,14 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uniultra.models.checkpoint import (
-    CheckpointError,
-    infer_preset,
-    load_model,
-    load_official,
-    load_uniultra,
-    save_model,
-)
+from uniultra.inference.loading import load_model, load_uniultra
+from uniultra.models.checkpoint import CheckpointError, infer_preset, load_official, save_model
 from uniultra.models.image_model import SAM2ImageModel
 
 
@@ -114,7 +108,7 @@ def test_pack_makes_a_standalone_file(mini, tmp_path, half):
 
 
 def test_pack_keeps_adapters(tmp_path):
-    from uniultra.models.checkpoint import pack_model
+    from uniultra.inference.loading import pack_model
     from uniultra.peft import PeftConfig, apply_peft
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""uniultra.data.coreset and `uniultra data coreset`: k-center, stratification, determinism, the
+"""uniultra.distill.coreset and `uniultra data coreset`: k-center, stratification, determinism, the
 subset file, and a data entry's `subset:` in training (engine and distillation).
 
 Random-weight teacher (the `mini` preset at 64 px), phantom datasets, one torch thread.
@@ -16,16 +16,15 @@ import torch
 from dataset_factory import write_pair
 from uniultra.cli import main
 from uniultra.config_io import ConfigError
-from uniultra.data.coreset import (
+from uniultra.data.dataset import SegmentationDataset
+from uniultra.data.phantom import make_phantom, write_phantom_dataset
+from uniultra.data.subset import read_subset, write_subset
+from uniultra.distill.coreset import (
     allocate_quota,
     dataset_features,
     kcenter_greedy,
-    read_subset,
     select_indices,
-    write_subset,
 )
-from uniultra.data.dataset import SegmentationDataset
-from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.engine.config import DataEntry, TrainConfig
 from uniultra.models.checkpoint import file_sha256, save_model
 from uniultra.models.image_model import SAM2ImageModel
@@ -115,7 +114,7 @@ def test_selection_is_seeded_stratified_and_differs_from_random():
 # --- teacher features -------------------------------------------------------------------------------
 
 def test_embedding_and_gradient_features(datasets, teacher_file, tmp_path):
-    from uniultra.models.checkpoint import load_model
+    from uniultra.inference.loading import load_model
 
     model = load_model(teacher_file)
     ds = SegmentationDataset(datasets[1], split="train")

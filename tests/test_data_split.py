@@ -9,14 +9,8 @@ import pytest
 
 from dataset_factory import REPO, blob_mask, write_dataset, write_pair
 from uniultra.cli import main
-from uniultra.data.dataset import MultiDataset, SegmentationDataset
-from uniultra.data.split import (
-    SPLITS_DIR_ENV,
-    assign_groups,
-    group_stems,
-    make_split,
-    resolve_split_file,
-)
+from uniultra.data.dataset import SPLITS_DIR_ENV, MultiDataset, SegmentationDataset, resolve_split_file
+from uniultra.data.split import assign_groups, group_stems, make_split
 from uniultra.shipped import shipped_split_path
 
 

@@ -10,8 +10,8 @@ from uniultra.data.prompts import make_prompt
 from uniultra.evaluation.baselines import fill_ellipses
 from uniultra.evaluation.efficiency import count_parameters
 from uniultra.evaluation.metrics import dice_score
-from uniultra.models.checkpoint import bundled_default_path, load_model
-from uniultra.predictor import Predictor
+from uniultra.inference.loading import bundled_default_path, load_model
+from uniultra.inference.predictor import Predictor
 from uniultra.segment.folder import segment_image
 
 pytestmark = pytest.mark.skipif(not bundled_default_path().is_file(), reason="no bundled default model")

@@ -31,8 +31,9 @@ from uniultra.distill.model import (
     teacher_taps,
 )
 from uniultra.distill.trainer import DistillHooks, distill
-from uniultra.engine.trainer import state_hash
-from uniultra.models.checkpoint import load_model, read_checkpoint, save_model
+from uniultra.engine.weights_hash import state_hash
+from uniultra.inference.loading import load_model
+from uniultra.models.checkpoint import read_checkpoint, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.peft import CHAdapter, PeftConfig, apply_peft, record_taps

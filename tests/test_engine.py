@@ -20,10 +20,12 @@ from torchrun_cli import run_two_processes
 from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
-from uniultra.engine.trainer import TrainHooks, state_hash, train
-from uniultra.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_model
+from uniultra.engine.trainer import TrainHooks, train
+from uniultra.engine.weights_hash import state_hash
+from uniultra.inference.loading import load_model
+from uniultra.inference.predictor import Predictor
+from uniultra.models.checkpoint import CheckpointError, read_checkpoint, save_model
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {

@@ -16,15 +16,16 @@ import torch
 from run_outputs import read_rows
 from test_engine import TINY_MODEL
 from test_modality_controller import randomise
-from uniultra.auto.controller import ControllerConfig, attach_modality_controller, controller_config
 from uniultra.config_io import from_dict, merge_dicts
 from uniultra.data.phantom import write_phantom_dataset
 from uniultra.engine import trainer as engine
 from uniultra.engine.config import TrainConfig
 from uniultra.engine.trainer import train
-from uniultra.models.checkpoint import load_model, read_checkpoint, save_model
+from uniultra.inference.loading import load_model
+from uniultra.models.checkpoint import read_checkpoint, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft.controller import ControllerConfig, attach_modality_controller, controller_config
 
 MODALITIES = ("pa", "pb")
 

@@ -13,13 +13,8 @@ from uniultra.cli import main
 from uniultra.data.dataset import SegmentationDataset
 from uniultra.data.prompts import Prompt, component_boxes
 from uniultra.evaluation.baselines import fill_boxes, fill_ellipses
-from uniultra.evaluation.evaluate import (
-    ModelMethod,
-    evaluate,
-    make_method,
-    union_of_object_masks,
-    widen_degenerate_boxes,
-)
+from uniultra.evaluation.evaluate import ModelMethod, evaluate, make_method
+from uniultra.inference.objects import union_of_object_masks, widen_degenerate_boxes
 
 TWO_RECTANGLES = blob_mask((48, 64), ((4, 4, 10, 12), (25, 30, 15, 20)))
 
@@ -37,7 +32,7 @@ def test_ellipse_is_inscribed_in_its_box():
 
 
 class FakePredictor:
-    """Stands in for uniultra.predictor.Predictor: returns each box filled, one mask per object."""
+    """Stands in for uniultra.inference.predictor.Predictor: returns each box filled, one mask per object."""
 
     def __init__(self):
         self.calls = []
@@ -126,7 +121,7 @@ def test_same_prompts_for_every_method(tmp_path):
 
 
 def test_real_predictor_with_random_tiny_model(tmp_path):
-    pytest.importorskip("uniultra.predictor", reason="the model code is not in this tree yet")
+    pytest.importorskip("uniultra.inference.predictor", reason="the model code is not in this tree yet")
     root = tmp_path / "set"
     write_pair(root, "two", TWO_RECTANGLES)
     with warnings.catch_warnings():
@@ -154,7 +149,7 @@ def test_busi_inscribed_ellipse_matches_the_reference(tmp_path):
 
 
 def test_postprocess_keeps_one_clean_component_inside_the_box():
-    from uniultra.segment.objects import clean_object_mask
+    from uniultra.inference.objects import clean_object_mask
 
     mask = np.zeros((40, 40), dtype=bool)
     mask[10:20, 10:20] = True

@@ -23,11 +23,12 @@ from uniultra import __version__
 from uniultra.cli import main
 from uniultra.data.phantom import make_phantom
 from uniultra.export import OnnxPredictor, onnx_export
-from uniultra.export import metadata as md
+from uniultra.inference import onnx_format as md
+from uniultra.inference.loading import load_model
+from uniultra.inference.predictor import Predictor
 from uniultra.inference.transforms_numpy import resize_antialiased, resize_bilinear
-from uniultra.models.checkpoint import load_model, save_model
+from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
 
 # The imports above need neither onnx nor onnxruntime (both are imported lazily).
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install '.[export]'")
@@ -230,9 +231,9 @@ def test_a_tampered_export_is_refused(exported, tmp_path):
 def test_bad_model_spec_gives_one_clear_line_and_no_files(spec, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if spec == "default":
-        from uniultra.models import checkpoint
+        from uniultra.inference import loading
 
-        monkeypatch.setattr(checkpoint, "bundled_default_path", lambda: tmp_path / "absent.safetensors")
+        monkeypatch.setattr(loading, "bundled_default_path", lambda: tmp_path / "absent.safetensors")
     out = tmp_path / "out"
     assert main(["export", "onnx", "--model", spec, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

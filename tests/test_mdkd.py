@@ -17,7 +17,17 @@ import yaml
 
 from run_outputs import read_rows, same_state
 from test_distill import SIZE, STUDENT, TEACHER_CONFIG, make_teacher
-from uniultra.auto.controller import (
+from uniultra.config_io import ConfigError, from_dict, merge_dicts
+from uniultra.data.phantom import write_phantom_dataset
+from uniultra.distill.config import DistillConfig, StudentSection, load_distill_config
+from uniultra.distill.mdkd import MDKD, general_taps
+from uniultra.distill.model import DSKD, build_student, load_teacher, mark_dskd_trainable, teacher_taps
+from uniultra.distill.trainer import DistillHooks, distill
+from uniultra.inference.loading import load_model
+from uniultra.models.checkpoint import read_checkpoint, save_model
+from uniultra.models.config import ImageModelConfig, preset
+from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft.controller import (
     ControllerConfig,
     attach_modality_controller,
     controller_config,
@@ -25,15 +35,6 @@ from uniultra.auto.controller import (
     is_controller_parameter,
     use_modality,
 )
-from uniultra.config_io import ConfigError, from_dict, merge_dicts
-from uniultra.data.phantom import write_phantom_dataset
-from uniultra.distill.config import DistillConfig, StudentSection, load_distill_config
-from uniultra.distill.mdkd import MDKD, general_taps
-from uniultra.distill.model import DSKD, build_student, load_teacher, mark_dskd_trainable, teacher_taps
-from uniultra.distill.trainer import DistillHooks, distill
-from uniultra.models.checkpoint import load_model, read_checkpoint, save_model
-from uniultra.models.config import ImageModelConfig, preset
-from uniultra.models.image_model import SAM2ImageModel
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS, TAPS = (1, 2, 3), ("D1", "D2", "D3")

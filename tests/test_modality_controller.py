@@ -1,4 +1,4 @@
-"""uniultra.auto.controller: the modality controller in the Hiera blocks (SPEC 5).
+"""uniultra.peft.controller: the modality controller in the Hiera blocks (SPEC 5).
 
 Random-weight `mini` models (windowed and global blocks, q-pooling) at 64-128 px, one thread:
 a zeroed controller is exactly the shared network, gradients reach it from the first step,
@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uniultra.auto.controller import (
+from uniultra.inference.loading import load_model, pack_model
+from uniultra.models.checkpoint import CheckpointError, read_checkpoint, save_model
+from uniultra.models.config import preset
+from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft import PeftConfig, apply_peft
+from uniultra.peft.controller import (
     BlockController,
     ControllerConfig,
     attach_modality_controller,
@@ -22,10 +27,6 @@ from uniultra.auto.controller import (
     set_modality,
     use_modality,
 )
-from uniultra.models.checkpoint import CheckpointError, load_model, pack_model, read_checkpoint, save_model
-from uniultra.models.config import preset
-from uniultra.models.image_model import SAM2ImageModel
-from uniultra.peft import PeftConfig, apply_peft
 
 SIZE = 128
 MODALITIES = ("busi", "ddti", "tg3k")

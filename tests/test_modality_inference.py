@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from test_modality_controller import MODALITIES, model_with_adapters, randomise
-from uniultra.auto.controller import attach_modality_controller, controller_config, use_modality
-from uniultra.auto.predictor import choose_modality
 from uniultra.cli import main
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
+from uniultra.inference.auto_predictor import choose_modality
+from uniultra.inference.predictor import Predictor
 from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
+from uniultra.peft.controller import attach_modality_controller, controller_config, use_modality
 
 SIZE = 64
 BOX = np.array([10.0, 12.0, 50.0, 44.0])
@@ -121,7 +121,7 @@ def test_evaluate_picks_the_dataset_name_and_modality_overrides(files, tmp_path,
 
 
 def test_predict_encodes_under_the_modality(files, image, tmp_path, capsys):
-    from uniultra.models.checkpoint import load_model
+    from uniultra.inference.loading import load_model
 
     source = tmp_path / "scan.png"
     Image.fromarray(image).save(source)

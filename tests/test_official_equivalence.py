@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from uniultra.inference.predictor import Predictor
 from uniultra.models.checkpoint import load_official
-from uniultra.predictor import Predictor
 
 sam2_build = pytest.importorskip("sam2.build_sam", reason="official sam2==1.1.0 not installed (make setup)")
 

@@ -17,9 +17,8 @@ import pytest
 
 from dataset_factory import REPO, write_dataset
 from uniultra.cli import COMMAND_MODULES, COMMANDS, build_parser, chosen_command, main
-from uniultra.data.dataset import SegmentationDataset
-from uniultra.data.split import SPLITS_DIR_ENV, resolve_split_file
-from uniultra.engine.command import build_overrides, resolve_base
+from uniultra.commands.train import build_overrides, resolve_base
+from uniultra.data.dataset import SPLITS_DIR_ENV, SegmentationDataset, resolve_split_file
 from uniultra.engine.config import load_train_config
 from uniultra.shipped import (
     is_config_name,
@@ -134,7 +133,7 @@ def test_shipped_config_by_name(tmp_path):
     assert (config.prompts.val.mode, config.prompts.val.jitter) == ("box", 20)
     assert (config.out_dir, config.threads) == ("runs/finetune", None)
     # The default base becomes the bundled file, which is what the trainer loads.
-    from uniultra.models.checkpoint import bundled_default_path
+    from uniultra.inference.loading import bundled_default_path
 
     assert resolve_base(config).model.base == str(bundled_default_path())
 
@@ -260,7 +259,7 @@ def test_wheel_installs_predicts_and_finetunes(tmp_path):
     assert 2 * (predicted & mask).sum() / (predicted.sum() + mask.sum()) > 0.5
 
     # Shipped split files resolve from site-packages.
-    probe = ("from uniultra.data.split import resolve_split_file; from uniultra.models.checkpoint import "
+    probe = ("from uniultra.data.dataset import resolve_split_file; from uniultra.inference.loading import "
              "bundled_default_path; print(resolve_split_file('busi')); print(bundled_default_path())")
     split_file, default = check(python, "-c", probe, cwd=work, env=env).split()
     assert "site-packages" in split_file and split_file.endswith("uniultra/splits/busi.json")

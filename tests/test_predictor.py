@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from uniultra.data.image_io import ImageReadError
+from uniultra.inference.predictor import Predictor
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
 
 H, W = 150, 210
 

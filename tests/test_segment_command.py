@@ -87,7 +87,7 @@ def test_demo_prints_dice_for_every_image(model_path, tmp_path, capsys):
 
 
 def test_default_model_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    import uniultra.models.checkpoint as ckpt
+    import uniultra.inference.loading as ckpt
 
     monkeypatch.setattr(ckpt, "bundled_default_path", lambda: tmp_path / "absent.safetensors")
     assert main(["demo", "--output", str(tmp_path / "d"), "--n", "1"]) == 2

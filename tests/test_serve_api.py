@@ -28,11 +28,11 @@ with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2, rai
     from fastapi.testclient import TestClient  # noqa: E402
 from test_image_io import write_dicom  # noqa: E402
 from uniultra.cli import COMMAND_MODULES  # noqa: E402
+from uniultra.commands.serve import exposure_warning, is_local, register  # noqa: E402
 from uniultra.data.phantom import make_phantom  # noqa: E402
+from uniultra.inference.predictor import Predictor  # noqa: E402
 from uniultra.models.image_model import SAM2ImageModel  # noqa: E402
-from uniultra.predictor import Predictor  # noqa: E402
 from uniultra.serve.app import STATIC_DIR, create_app  # noqa: E402
-from uniultra.serve.command import exposure_warning, is_local, register  # noqa: E402
 
 H, W = 120, 160
 BOX = [20, 15, 110, 95]
@@ -360,7 +360,7 @@ def _serve_parser():
 
 
 def test_serve_command_is_registered_and_defaults_to_loopback():
-    assert "uniultra.serve.command" in COMMAND_MODULES
+    assert "uniultra.commands.serve" in COMMAND_MODULES
     args = _serve_parser().parse_args(["serve"])
     assert (args.model, args.host, args.port, args.max_upload_mb, args.cache_size) == (
         "default", "127.0.0.1", 8000, 20.0, 8)

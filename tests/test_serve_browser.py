@@ -32,9 +32,10 @@ from PIL import Image
 
 from uniultra.data.phantom import make_phantom
 from uniultra.evaluation.metrics import dice_score
-from uniultra.models.checkpoint import bundled_default_path, load_model, save_model
+from uniultra.inference.loading import bundled_default_path, load_model
+from uniultra.inference.predictor import Predictor
+from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags that keep Chromium quiet on a machine without outside network (see the machine notes).
@@ -292,9 +293,10 @@ def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_p
     modality menu appear, and the mask of the chosen channel equals the Python AutoPredictor's."""
     from playwright.sync_api import expect
 
-    from uniultra.auto.checkpoint import load_auto_model, save_auto_model
-    from uniultra.auto.model import AutoHeadConfig, AutoSegmenter
-    from uniultra.auto.predictor import AutoPredictor
+    from uniultra.inference.auto_predictor import AutoPredictor
+    from uniultra.inference.loading import load_auto_model
+    from uniultra.models.auto_checkpoint import save_auto_model
+    from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("auto") / "auto.pt"

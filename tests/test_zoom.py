@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from uniultra.auto.predictor import load_predictor
 from uniultra.data.phantom import write_phantom_dataset
 from uniultra.data.prompts import corrective_clicks, make_prompt
 from uniultra.engine.config import TrainConfig, TrainPromptConfig, ZoomConfig
 from uniultra.engine.trainer import train
 from uniultra.engine.zoom_data import NativeSet, ZoomTrainSet
+from uniultra.inference.loading import load_model, load_predictor, pack_model
+from uniultra.inference.predictor import Predictor
+from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.inference.roi import MAX_ASPECT, Roi, crop, full_roi, mask_box, paste, roi_around_box
 from uniultra.inference.zoom import ZoomPredictor, _points_in_roi
-from uniultra.models.checkpoint import load_model, pack_model, read_checkpoint
+from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
-from uniultra.prompt_validation import LOGIT_CLAMP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 120, 160
@@ -114,7 +114,7 @@ def test_a_tap_runs_a_whole_image_pass_then_a_crop(base):
     masks, scores, _ = zoom.predict(points=[[80, 60]], labels=[1])
     assert masks.shape == (1, H, W) and scores.shape == (1,)
     assert counting.shapes[0] == (H, W) and counting.shapes[1] != (H, W)
-    assert len(counting.shapes) == 2
+    assert len(counting.shapes) == 2 + len(zoom.tap_scales)
     with pytest.raises(ValueError, match="mask_input"):
         zoom.predict(box=[1, 1, 20, 20], mask_input=np.zeros((1, 16, 16)))
 
@@ -127,7 +127,9 @@ def test_zoom_checkpoints_load_as_zoomed_predictors_and_pack_keeps_it(tmp_path):
                       meta={"inference": {"zoom": {"margin": 1.3}}})
     predictor = load_predictor(path)
     assert isinstance(predictor, ZoomPredictor) and predictor.margin == 1.3
-    packed = pack_model(path, tmp_path / "z.safetensors", half=True)
+    packed = pack_model(path, tmp_path / "z.safetensors", half=True, decoder_blur=2)
+    assert load_model(packed).config.decoder.upscale_blur == 2
+    assert load_model(packed).sam_mask_decoder.upscale_blur == 2
     assert read_checkpoint(packed)["meta"]["inference"] == {"zoom": {"margin": 1.3}}
     assert load_model(packed).inference == {"zoom": {"margin": 1.3}}
     plain = save_model(SAM2ImageModel.from_preset("mini", 64), tmp_path / "p.pt")

@@ -1,4 +1,4 @@
-"""The `uniultra` command line: each sub-command lives beside the code it drives.
+"""The `uniultra` command line: each sub-command is a module of uniultra.commands.
 
 A command module exposes `register(subparsers)`, which adds its parser(s) and sets `func`
 (a callable taking the parsed namespace and returning an exit code).
@@ -23,24 +23,24 @@ class Command(NamedTuple):
 
 # In the order of `uniultra --help`. `help` must equal the help its module registers (a test checks).
 COMMANDS: dict[str, Command] = {
-    "info": Command("uniultra.models.info_command", "parameters and FLOPs of a model"),
-    "pack": Command("uniultra.models.pack_command",
+    "info": Command("uniultra.commands.info", "parameters and FLOPs of a model"),
+    "pack": Command("uniultra.commands.pack",
                     "write a standalone (optionally fp16) model file from a checkpoint"),
-    "data": Command("uniultra.data.commands",
+    "data": Command("uniultra.commands.data",
                     "check a dataset folder, make its train/val/test split or choose a coreset"),
-    "evaluate": Command("uniultra.evaluation.command",
+    "evaluate": Command("uniultra.commands.evaluate",
                         "Dice/IoU/HD/HD95 of a model or baseline per dataset, with seeded prompts"),
-    "predict": Command("uniultra.segment.command",
+    "predict": Command("uniultra.commands.segment",
                        "segment an image (or a folder) with box / point prompts, or with none (automatic mode)"),
-    "demo": Command("uniultra.segment.command", "segment example images with the bundled model and print Dice"),
-    "train": Command("uniultra.engine.command", "train / adapt a model (PEFT, DDP, resumable) from a YAML config"),
-    "distill": Command("uniultra.distill.command",
+    "demo": Command("uniultra.commands.segment", "segment example images with the bundled model and print Dice"),
+    "train": Command("uniultra.commands.train", "train / adapt a model (PEFT, DDP, resumable) from a YAML config"),
+    "distill": Command("uniultra.commands.distill",
                        "distil UniUltra-mini from an adapted teacher (DSKD, or MDKD with a general teacher, then "
                        "optional fine-tuning; DDP, resumable)"),
-    "auto": Command("uniultra.auto.command", "automatic (no-prompt) segmentation: train its head"),
-    "serve": Command("uniultra.serve.command", "interactive segmentation in the browser (web app + JSON API)"),
-    "export": Command("uniultra.export.command", "export a model for deployment (ONNX)"),
-    "bench": Command("uniultra.bench.command", "run a benchmark (speed)"),
+    "auto": Command("uniultra.commands.auto", "automatic (no-prompt) segmentation: train its head"),
+    "serve": Command("uniultra.commands.serve", "interactive segmentation in the browser (web app + JSON API)"),
+    "export": Command("uniultra.commands.export", "export a model for deployment (ONNX)"),
+    "bench": Command("uniultra.commands.bench", "run a benchmark (speed)"),
 }
 
 # Every command module once, in help order (kept for callers that register them all).

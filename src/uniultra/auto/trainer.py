@@ -13,7 +13,7 @@ costs only the decoder.
 
 Per epoch: validation on the val splits, Dice at each image's native resolution (empty truth +
 empty prediction = 1, uniultra.evaluation.metrics.dice_score), averaged per dataset then over
-datasets; `best.pt` (an auto checkpoint, uniultra.auto.checkpoint) when that mean improves;
+datasets; `best.pt` (an auto checkpoint, uniultra.models.auto_checkpoint) when that mean improves;
 `last.pt` is the resume state (`--resume`); logs as `uniultra train` (steps.csv, epochs.csv,
 log.json, curves.png). After the last epoch the presence gate of `best.pt` is calibrated on the
 val splits (uniultra.auto.calibration).
@@ -37,10 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from uniultra.auto.calibration import Calibration, ImageOutcome, choose_threshold
-from uniultra.auto.checkpoint import load_auto_model, save_auto_model
 from uniultra.auto.config import AutoLossConfig, AutoTrainConfig
-from uniultra.auto.model import AutoHeadConfig, AutoOutput, AutoSegmenter, presence
-from uniultra.auto.patch_prompt import patch_targets
 from uniultra.engine import data as D
 from uniultra.engine.checkpointing import (
     check_config_unchanged,
@@ -58,9 +55,13 @@ from uniultra.engine.optimisation import Optimisation
 from uniultra.engine.rng import seed_all
 from uniultra.engine.trainer import TrainHooks, TrainState
 from uniultra.engine.weights_hash import state_hash
+from uniultra.inference.loading import load_auto_model
 from uniultra.inference.transforms import upsample_logits
+from uniultra.models.auto_checkpoint import save_auto_model
+from uniultra.models.auto_segmenter import AutoHeadConfig, AutoOutput, AutoSegmenter, presence
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
+from uniultra.models.patch_prompt import patch_targets
 
 STATE_FORMAT = "uniultra-auto-train-state"
 STATE_VERSION = 1
@@ -84,7 +85,7 @@ class AutoTrainResult:
 
 def load_base(config: AutoTrainConfig, source: str = "config") -> tuple[SAM2ImageModel, dict[str, Any]]:
     """The base model and the identity of its weights (file + sha256, or seeded random init)."""
-    from uniultra.models.checkpoint import base_identity, bundled_default_path, load_base_model, load_default_model
+    from uniultra.inference.loading import base_identity, bundled_default_path, load_base_model, load_default_model
     from uniultra.models.config import preset
 
     spec, size = config.model.base, config.model.image_size

@@ -1,13 +1,13 @@
 """`uniultra bench speed`: what a user waits for, PyTorch eager against ONNX Runtime, in one run.
 
 For each model preset (random weights: speed does not depend on the values) at one input size:
-- parameters (count_parameters) and FLOPs with attention counted (info_command.describe);
+- parameters (count_parameters) and FLOPs with attention counted (uniultra.evaluation.model_info.describe);
 - median latency after warm-up, threads fixed (efficiency.measure_latency), of
   * encoder: normalised (1, 3, S, S) image -> image embedding + high-res features,
   * decoder: one box prompt on those features -> low-res logits + IoU,
   * end to end: `set_image` + `predict(box=...)` on a uint8 image of realistic size, i.e.
     pre-processing, encoder, decoder and post-processing to a full-size mask,
-  for PyTorch eager (uniultra.predictor.Predictor) and ONNX Runtime fp32 and dynamic-INT8
+  for PyTorch eager (uniultra.inference.predictor.Predictor) and ONNX Runtime fp32 and dynamic-INT8
   encoders (uniultra.export.OnnxPredictor);
 - peak RSS of a fresh process that loads the model and segments one image (measure_peak_rss);
 - optionally the official sam2 code's image encoder (`forward_image`: trunk, neck, high-res
@@ -137,10 +137,10 @@ def _latency(fn: Callable[[], Any], cfg: SpeedConfig, torch_grad_free: bool = Fa
 
 def bench_model(name: str, cfg: SpeedConfig, image: np.ndarray, box: list[float], workdir: Path,
                 log: Callable[[str], None]) -> dict[str, Any]:
+    from uniultra.evaluation.model_info import describe
     from uniultra.export.onnx_export import export_onnx
-    from uniultra.export.onnx_predictor import OnnxPredictor
-    from uniultra.models.info_command import describe
-    from uniultra.predictor import Predictor
+    from uniultra.inference.onnx_predictor import OnnxPredictor
+    from uniultra.inference.predictor import Predictor
 
     torch.manual_seed(0)
     model = SAM2ImageModel(preset(name, cfg.size)).eval()

@@ -12,8 +12,8 @@ import numpy as np
 def torch_predict_once(preset_name: str, image_size: int, threads: int, image: np.ndarray, box: list[float]) -> None:
     import torch
 
+    from uniultra.inference.predictor import Predictor
     from uniultra.models.image_model import SAM2ImageModel
-    from uniultra.predictor import Predictor
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -23,7 +23,7 @@ def torch_predict_once(preset_name: str, image_size: int, threads: int, image: n
 
 
 def onnx_predict_once(export_dir: str, int8: bool, threads: int, image: np.ndarray, box: list[float]) -> None:
-    from uniultra.export.onnx_predictor import OnnxPredictor
+    from uniultra.inference.onnx_predictor import OnnxPredictor
 
     predictor = OnnxPredictor(export_dir, int8=int8, threads=threads, verify=False)
     predictor.set_image(image)

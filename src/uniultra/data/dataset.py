@@ -7,6 +7,8 @@ with every sample so several datasets can be trained on together and reported se
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from uniultra.data.image_io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_image, read_mask
+from uniultra.shipped import shipped_split_path
+
+SPLITS_FILENAME = "splits.json"
+SPLITS_DIR_ENV = "UNIULTRA_SPLITS_DIR"
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
@@ -112,8 +118,6 @@ class SegmentationDataset(SampleList):
     """
 
     def __init__(self, root: str | Path, split: str | None = None, splits_file: str | Path | None = None):
-        from uniultra.data.split import load_split_stems
-
         self.root = require_dataset_dir(root)
         self.name = dataset_name(self.root)
         listing = list_folder(self.root)
@@ -158,3 +162,56 @@ def _refuse_ambiguous(listing: FolderListing) -> None:
         if len(paths) > 1:
             names = ", ".join(p.name for p in paths)
             raise ValueError(f"stem {stem!r} has several images ({names}); keep one")
+
+
+# --- which split file a dataset folder uses (written by uniultra.data.split) ---------------------
+
+def split_file_candidates(root: str | Path, splits_file: str | Path | None = None) -> list[Path]:
+    """Where a split file is looked for, in priority order."""
+    root = Path(root)
+    name = dataset_name(root)
+    candidates = [Path(splits_file)] if splits_file else []
+    candidates.append(root / SPLITS_FILENAME)
+    if os.environ.get(SPLITS_DIR_ENV):
+        candidates.append(Path(os.environ[SPLITS_DIR_ENV]) / f"{name}.json")
+    candidates.append(shipped_split_path(name))
+    return candidates
+
+
+def resolve_split_file(root: str | Path, splits_file: str | Path | None = None) -> Path:
+    """Pick the split file for a dataset: an explicit file first, then the dataset's own
+    splits.json, then $UNIULTRA_SPLITS_DIR/<name>.json, then the split file shipped in the
+    package for that dataset name (uniultra/splits/<name>.json)."""
+    if splits_file and not Path(splits_file).is_file():
+        raise FileNotFoundError(f"split file {splits_file} does not exist")
+    candidates = split_file_candidates(root, splits_file)
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = "\n  ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"no split file for dataset {dataset_name(root)!r}; looked in:\n  {looked}\n"
+        f"create one with `uniultra data split {root}`, pass --splits FILE, set {SPLITS_DIR_ENV}, "
+        "or omit --split to use every image"
+    )
+
+
+def load_split_stems(
+    root: str | Path,
+    split: str,
+    splits_file: str | Path | None = None,
+    available: Sequence[str] | None = None,
+) -> list[str]:
+    path = resolve_split_file(root, splits_file)
+    document = json.loads(path.read_text())
+    names = [key for key, value in document.items() if isinstance(value, list) and key != "ratios"]
+    if split not in names:
+        raise ValueError(f"{path}: no split named {split!r} (available: {', '.join(names)})")
+    stems = [str(stem) for stem in document[split]]
+    if available is not None:
+        missing = sorted(set(stems) - set(available))
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ValueError(f"{path}: split {split!r} names {len(missing)} stems without an image/mask pair "
+                             f"in {root} ({shown})")
+    return stems

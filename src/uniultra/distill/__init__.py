@@ -3,7 +3,7 @@
     from uniultra.distill import distill, load_distill_config
 
     result = distill(load_distill_config("configs/cpu/distill-mini-universal.yaml"))
-    # result.out_dir / "student.pt" loads with uniultra.models.checkpoint.load_model
+    # result.out_dir / "student.pt" loads with uniultra.inference.loading.load_model
 
 Building blocks (uniultra.distill.model): `load_teacher`, `build_student`, `DSKD` (student + tap
 necks, forward -> L_DSKD and its terms), `teacher_taps`, `collect_taps`. See docs/distill.md.

@@ -5,7 +5,7 @@
     mdkd = MDKD(student, teacher, general, levels=(1, 2, 3), taps=("D1", "D2", "D3"))
     total, terms = mdkd(x, teacher_taps(teacher, x, levels, taps), general_taps(general, x, levels), ids)
 
-The student (with a modality controller, uniultra.auto.controller) runs twice per step:
+The student (with a modality controller, uniultra.peft.controller) runs twice per step:
 
 - **common knowledge**: controller OFF (no modality: the shared network). Its stage outputs go
   through the common necks and are regressed on the GENERAL teacher's stage outputs:
@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniultra.auto.controller import find_controllers, is_controller_parameter, use_modality
 from uniultra.distill.config import MDKDSection, term_name
 from uniultra.distill.model import DSKD, collect_taps, load_teacher, make_necks, stage_strides, tap_terms, teacher_taps
 from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft.controller import find_controllers, is_controller_parameter, use_modality
 
 # The general teacher's tap (its stage output; = D2 without adapters) and the student's partner.
 COMMON_TAP = "D1"

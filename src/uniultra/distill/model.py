@@ -50,7 +50,8 @@ def load_teacher(
 ) -> tuple[SAM2ImageModel, dict[str, Any]]:
     """The frozen teacher (eval mode, no parameter requires grad) at `image_size`, and its identity
     (path, sha256) as recorded by uniultra train for base checkpoints."""
-    from uniultra.models.checkpoint import FORMAT_NAME, base_identity, load_model
+    from uniultra.inference.loading import base_identity, load_model
+    from uniultra.models.checkpoint import FORMAT_NAME
 
     teacher = load_model(path, image_size=image_size, device=device, base=base)
     teacher.requires_grad_(False)

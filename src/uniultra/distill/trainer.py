@@ -56,7 +56,6 @@ import torch
 from torch import nn
 
 from uniultra.atomic import atomic_write, atomic_write_text
-from uniultra.auto.controller import attach_modality_controller, controller_config, controller_parameters
 from uniultra.distill import data as DD
 from uniultra.distill.config import DistillConfig, term_name
 from uniultra.distill.logs import DistillLog
@@ -89,9 +88,11 @@ from uniultra.engine.optimisation import Optimisation
 from uniultra.engine.rng import seed_all
 from uniultra.engine.trainer import TrainHooks
 from uniultra.engine.weights_hash import write_weights_hash
-from uniultra.models.checkpoint import CONTROLLER_META, WEIGHTS_FULL, base_identity, load_model, save_model
+from uniultra.inference.loading import base_identity, load_model
+from uniultra.models.checkpoint import CONTROLLER_META, WEIGHTS_FULL, save_model
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.peft.config import PeftConfig
+from uniultra.peft.controller import attach_modality_controller, controller_config, controller_parameters
 
 STATE_FORMAT = "uniultra-distill-state"
 STATE_VERSION = 1
@@ -360,7 +361,7 @@ class Distiller(EpochLoop):
                             "selection": f"lowest val {self.loss_name}" if val else "last epoch (no val)"},
             }
             controller = controller_config(self.student)
-            if controller is not None:  # load_model re-attaches it (inference: uniultra.auto.controller.use_modality)
+            if controller is not None:  # load_model re-attaches it (inference: uniultra.peft.controller.use_modality)
                 meta[CONTROLLER_META] = controller.to_dict()
                 meta["distill"]["general_teacher"] = self.general_identity
             save_model(self.student, self.out_dir / "distilled.pt", meta=meta)

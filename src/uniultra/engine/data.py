@@ -34,7 +34,6 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from uniultra.atomic import atomic_write, atomic_write_text
 from uniultra.config_io import to_dict
-from uniultra.data.coreset import restrict_to_subset
 from uniultra.data.dataset import SegmentationDataset, load_sample
 from uniultra.data.image_io import read_mask, resize_mask
 from uniultra.data.prompts import (
@@ -44,6 +43,7 @@ from uniultra.data.prompts import (
     make_prompt,
     sample_interior_points,
 )
+from uniultra.data.subset import restrict_to_subset
 from uniultra.engine.config import TRAIN_PROMPT_MODES, AugmentConfig, DataEntry, TrainPromptConfig
 from uniultra.inference.coords import prompt_tokens
 from uniultra.inference.transforms import resize_for_model
@@ -403,7 +403,7 @@ class ValData:
 def build_val_data(sets: Sequence[CachedSet], mode: str, jitter: float, seed: int) -> ValData:
     """Prompts of `uniultra evaluate` (native resolution, fixed seed) mapped to model pixels the way
     Predictor maps them; images without an object are skipped and counted."""
-    from uniultra.segment.objects import widen_degenerate_boxes
+    from uniultra.inference.objects import widen_degenerate_boxes
 
     images, skipped = [], {}
     for si, s in enumerate(sets):

@@ -13,13 +13,13 @@ Files in `out_dir`:
   saves it mid-epoch). Training data order is a function of (seed, epoch), each sample's
   augmentation and prompt of (seed, epoch, sample index), so a resumed run reproduces the
   uninterrupted one bit for bit on CPU (same seed, same number of processes).
-- `best.pt`  a UniUltra model checkpoint (`uniultra.models.checkpoint.load_model`) holding only
+- `best.pt`  a UniUltra model checkpoint (`uniultra.inference.loading.load_model`) holding only
   the trained parameters (EMA weights when EMA is on), the full training config and the base
   checkpoint's identity (path + sha256). When the base is a random initialisation, or every
   parameter trains, it holds every weight and loads standalone.
 - logs: see uniultra.engine.logs.
 
-A model with a modality controller (uniultra.auto.controller; e.g. an MDKD student) trains and
+A model with a modality controller (uniultra.peft.controller; e.g. an MDKD student) trains and
 validates each sample under its modality: its data entry's label, which must be one of the
 controller's modality names. Without a controller no modality is selected and nothing changes.
 
@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from uniultra.auto.controller import controller_config, label_modality_ids, use_modality
 from uniultra.config_io import ConfigError, from_dict, merge_dicts
 from uniultra.engine import data as D
 from uniultra.engine.checkpointing import (
@@ -56,30 +55,21 @@ from uniultra.engine.distributed import setup
 from uniultra.engine.epoch_loop import EpochLoop
 from uniultra.engine.logs import RunLog, run_info
 from uniultra.engine.losses import segmentation_loss
-from uniultra.engine.optimisation import EMA, Optimisation
-from uniultra.engine.rng import rng_state, seed_all, set_rng_state
-from uniultra.engine.weights_hash import HASH_DIR_ENV, state_hash, write_weights_hash
+from uniultra.engine.optimisation import Optimisation
+from uniultra.engine.rng import seed_all
+from uniultra.engine.weights_hash import write_weights_hash
+from uniultra.inference.loading import load_base_model
 from uniultra.inference.transforms import upsample_logits
-from uniultra.models.checkpoint import (
-    CONTROLLER_META,
-    INFERENCE_META,
-    WEIGHTS_FULL,
-    WEIGHTS_TRAINED,
-    load_base_model,
-    save_model,
-)
+from uniultra.models.checkpoint import CONTROLLER_META, INFERENCE_META, WEIGHTS_FULL, WEIGHTS_TRAINED, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
+from uniultra.peft.controller import controller_config, label_modality_ids, use_modality
 
 STATE_FORMAT = "uniultra-train-state"
 STATE_VERSION = 1
 # Config keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("optim.epochs", "model.base", "out_dir", "log_every", "checkpoint_every", "num_workers", "device",
                      "progress", "cache_dir", "val_batch_size", "threads")
-# EMA, HASH_DIR_ENV, state_hash, rng_state and set_rng_state now live in their own engine modules
-# (optimisation, weights_hash, rng); they stay importable from here for existing callers.
-__all__ = ["EMA", "HASH_DIR_ENV", "TrainHooks", "TrainResult", "TrainState", "Trainer", "build_model",
-           "resolve_model_config", "rng_state", "set_rng_state", "state_hash", "train"]
 
 
 @dataclass
@@ -451,9 +441,9 @@ class Trainer(EpochLoop):
     def _validate_zoom(self) -> dict[str, Any] | None:
         """The val splits through the zoomed predictor and the evaluation loop: what users get."""
         from uniultra.evaluation.evaluate import ModelMethod, evaluate_dataset
+        from uniultra.inference.predictor import Predictor
         from uniultra.inference.zoom import ZoomPredictor
         from uniultra.peft.apply import set_train_mode
-        from uniultra.predictor import Predictor
 
         if not self.val_datasets:
             return None

@@ -18,13 +18,9 @@ import numpy as np
 from uniultra.data.dataset import SegmentationDataset, load_sample
 from uniultra.data.prompts import Prompt, make_prompt
 from uniultra.evaluation.metrics import ImageMetrics, image_metrics, summarize, summarize_images
-from uniultra.segment.objects import segment_objects, union_of_object_masks, widen_degenerate_boxes
-
-__all__ = ["AutoMethod", "ModelMethod", "evaluate", "make_method", "union_of_object_masks", "widen_degenerate_boxes"]
+from uniultra.inference.objects import segment_objects
 
 BASELINE_PREFIX = "baseline:"
-# An exported model directory (`uniultra export onnx`), run on onnxruntime, fp32 or INT8 encoder.
-ONNX_PREFIX, ONNX_INT8_PREFIX = "onnx:", "onnx-int8:"
 BOX_MODES = ("box", "box+point")
 
 
@@ -54,7 +50,7 @@ class BaselineMethod:
 
 @dataclass
 class ModelMethod:
-    """A SAM2-style model behind `uniultra.predictor.Predictor` (set_image once, then predict).
+    """A SAM2-style model behind `uniultra.inference.predictor.Predictor` (set_image once, then predict).
 
     With a modality controller each dataset is encoded under the modality of its folder name
     (the shared network when the controller does not know it), unless `modality` fixes one."""
@@ -81,7 +77,7 @@ class ModelMethod:
         return selects is not None and selects(prompt_mode == "none")
 
     def modality_for(self, dataset: str) -> str | None:
-        from uniultra.auto.predictor import choose_modality
+        from uniultra.inference.auto_predictor import choose_modality
 
         try:
             return choose_modality(self.predictor, self.modality, dataset)
@@ -91,7 +87,7 @@ class ModelMethod:
 
 @dataclass
 class AutoMethod(ModelMethod):
-    """An automatic-mode checkpoint (`uniultra.auto.predictor.AutoPredictor`). With prompt `none`
+    """An automatic-mode checkpoint (`uniultra.inference.auto_predictor.AutoPredictor`). With prompt `none`
     each dataset decodes through the channel of its folder name, unless `modality` fixes one;
     prompted modes use the box-promptable base model the checkpoint keeps."""
 
@@ -111,15 +107,13 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
             raise ValueError(f"unknown baseline {spec!r}; choose from "
                              + ", ".join(BASELINE_PREFIX + b for b in BASELINES))
         return BaselineMethod(kind)
-    for prefix, int8 in ((ONNX_PREFIX, False), (ONNX_INT8_PREFIX, True)):
-        if spec.startswith(prefix):
-            from uniultra.export.onnx_predictor import OnnxPredictor
-
-            return ModelMethod(spec, OnnxPredictor(spec[len(prefix):], int8=int8), postprocess)
     # Imported here: the model code is heavy and evaluating a baseline must not need it.
-    from uniultra.auto.predictor import AutoPredictor, check_modality_option, load_predictor
+    from uniultra.inference.auto_predictor import AutoPredictor, check_modality_option
+    from uniultra.inference.loading import ONNX_INT8_PREFIX, ONNX_PREFIX, load_predictor
 
     predictor = load_predictor(spec, image_size=image_size, device=device)
+    if spec.startswith((ONNX_PREFIX, ONNX_INT8_PREFIX)):
+        return ModelMethod(spec, predictor, postprocess)
     # Whatever the prompt mode: refused only where no mode could use it (check_method_prompt knows the mode).
     check_modality_option(predictor, spec, modality, automatic=True)
     kind = AutoMethod if isinstance(predictor, AutoPredictor) else ModelMethod
@@ -133,7 +127,7 @@ def check_method_prompt(method: Method, prompt_mode: str) -> None:
         raise ValueError(f"{method.name} cannot predict without a prompt (ONNX exports take box / point "
                          "prompts only); evaluate the PyTorch checkpoint with --prompt none instead")
     if isinstance(method, ModelMethod):
-        from uniultra.auto.predictor import check_modality_option
+        from uniultra.inference.auto_predictor import check_modality_option
 
         check_modality_option(method.predictor, method.spec, method.modality, prompt_mode == "none")
 

@@ -1,7 +1,8 @@
-"""Deployment: ONNX export of the image model and a torch-free ONNX Runtime predictor.
+"""Deployment: ONNX export of the image model, and the torch-free ONNX Runtime predictor.
 
-`OnnxPredictor` (numpy + onnxruntime only) and `export_onnx` (needs torch) are imported lazily,
-so `from uniultra.export import OnnxPredictor` never pulls torch in.
+`OnnxPredictor` (numpy + onnxruntime only) lives in uniultra.inference.onnx_predictor (beside the
+other predictors); it is importable from here as docs/deployment.md shows. It and `export_onnx`
+(needs torch) are imported lazily, so `from uniultra.export import OnnxPredictor` never pulls torch in.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ __all__ = ["OnnxPredictor", "export_onnx", "ExportResult"]
 
 def __getattr__(name: str) -> Any:
     if name == "OnnxPredictor":
-        from uniultra.export.onnx_predictor import OnnxPredictor
+        from uniultra.inference.onnx_predictor import OnnxPredictor
 
         return OnnxPredictor
     if name in ("export_onnx", "ExportResult"):

@@ -35,10 +35,10 @@ from torch import nn
 
 from uniultra import __version__
 from uniultra.atomic import atomic_write, atomic_write_text
-from uniultra.export import metadata as md
+from uniultra.inference import onnx_format as md
+from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.models.image_model import PIXEL_MEAN, PIXEL_STD, SAM2ImageModel
 from uniultra.models.prompt_labels import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
-from uniultra.prompt_validation import LOGIT_CLAMP
 
 # opset 20 has a native Gelu op (at 18 the exporter writes Erf arithmetic, which onnxruntime
 # does not fuse back: mini encoder 8% slower at 1024); onnxruntime >= 1.17 runs opset 20.
@@ -338,7 +338,7 @@ def export_onnx(
     if opset < 18:
         raise ValueError(f"opset {opset} is not supported: the torch exporter targets opset >= 18")
     if isinstance(model, str | Path):
-        from uniultra.models.checkpoint import load_model
+        from uniultra.inference.loading import load_model
 
         model_spec = str(model)
         model = load_model(model_spec, image_size=image_size)

@@ -1,1 +1,2 @@
-"""Inference: turning a trained model into masks for prompts on an image."""
+"""Inference: any checkpoint to a ready predictor (`loading.load_predictor`), and the predictors that
+turn prompts on an image into masks (`predictor`, `auto_predictor`, `zoom`, `onnx_predictor`)."""

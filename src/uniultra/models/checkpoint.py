@@ -1,4 +1,7 @@
-"""Checkpoint I/O: official SAM2 / SAM2.1 checkpoints in, UniUltra checkpoints in and out.
+"""Checkpoint file I/O: official SAM2 / SAM2.1 checkpoints in, UniUltra checkpoints in and out.
+
+Pure file I/O on the plain image model; turning any checkpoint (adapters, controller, adapter-only
+files, `default`, `preset:NAME`) into a ready model is uniultra.inference.loading.
 
 Official files are `{"model": state_dict}` holding the whole video model; only the image path is
 used, the video-memory keys are reported and ignored, and any missing image-path key is an error.
@@ -20,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 from uniultra.atomic import atomic_write
-from uniultra.models.config import PRESETS, ImageModelConfig, preset
+from uniultra.models.config import PRESETS, preset
 from uniultra.models.image_model import SAM2ImageModel
 
 FORMAT_NAME = "uniultra"
@@ -40,10 +42,10 @@ WEIGHTS_FULL = "full"
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
 # Keys of an automatic (no-prompt) head stored beside the base (uniultra.auto); meta["auto_head"] marks them.
 AUTO_HEAD_PREFIX = "auto_head."
-# meta key of the modality controller's config (uniultra.auto.controller): attached before loading.
+# meta key of the modality controller's config (uniultra.peft.controller): attached before loading.
 CONTROLLER_META = "modality_controller"
 # meta key of how a model must be run (e.g. {"zoom": {"margin": 1.4}}: each prompt on a crop around
-# it, uniultra.inference.zoom); `load_model` puts it on the model as `model.inference`.
+# it, uniultra.inference.zoom); uniultra.inference.loading.load_model puts it on the model as `model.inference`.
 INFERENCE_META = "inference"
 
 
@@ -154,50 +156,7 @@ def save_model(
     return path
 
 
-def load_uniultra(
-    path: str | os.PathLike,
-    image_size: int | None = None,
-    data: dict[str, Any] | None = None,
-    base: str | os.PathLike | None = None,
-) -> tuple[SAM2ImageModel, LoadReport]:
-    """Rebuild a UniUltra checkpoint; `base` overrides where an adapter-only file's base is read."""
-    data = data if data is not None else read_checkpoint(path)
-    if data.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: not a UniUltra checkpoint (no format='{FORMAT_NAME}')")
-    try:
-        config = ImageModelConfig.from_dict(data["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid model config ({exc})") from exc
-    if image_size is not None:
-        config = config.with_size(image_size)
-    meta = data.get("meta") or {}
-    state = _without_auto_head(data["state_dict"], meta, path)
-    if meta.get("weights") == WEIGHTS_TRAINED:
-        model, report = _load_trained_subset(Path(path), config, meta, state, base)
-    else:
-        model, report = _load_complete(path, config, meta, state)
-    model.inference = dict(meta.get(INFERENCE_META) or {})
-    return model, report
-
-
-def _load_complete(path: str | os.PathLike, config: ImageModelConfig, meta: dict[str, Any],
-                   state: dict[str, torch.Tensor]) -> tuple[SAM2ImageModel, LoadReport]:
-    model = SAM2ImageModel(config)
-    plain_keys = set(model.state_dict())
-    if any(k not in plain_keys for k in state):
-        if not meta.get("peft") and not meta.get(CONTROLLER_META):
-            extra = sorted(k for k in state if k not in plain_keys)
-            raise CheckpointError(f"{path}: {len(extra)} keys this model does not have, e.g. {extra[:4]}, "
-                                  "and no PEFT config (or modality controller) in the file to insert them")
-        if meta.get("peft"):
-            _apply_peft(model, meta["peft"], path)
-        if meta.get(CONTROLLER_META):
-            _attach_controller(model, meta[CONTROLLER_META], path)
-    load_state_into(model, state, str(path))
-    return model, LoadReport(str(path), FORMAT_NAME, config.name)
-
-
-def _without_auto_head(
+def without_auto_head(
     state: dict[str, torch.Tensor], meta: dict[str, Any], path: str | os.PathLike
 ) -> dict[str, torch.Tensor]:
     """The base model's keys: an auto checkpoint's head is ignored here (load_auto_model reads it)."""
@@ -208,141 +167,6 @@ def _without_auto_head(
             f"{path}: has '{AUTO_HEAD_PREFIX}*' keys but no meta['auto_head']: a corrupt auto checkpoint"
         )
     return {k: v for k, v in state.items() if not k.startswith(AUTO_HEAD_PREFIX)}
-
-
-def base_identity(path: str | os.PathLike, kind: str) -> dict[str, Any]:
-    """What an adapter-only checkpoint records about the checkpoint it was trained on."""
-    path = Path(path)
-    return {"kind": kind, "path": str(path), "abs_path": str(path.resolve()), "sha256": file_sha256(path)}
-
-
-def load_base_model(
-    path: str | os.PathLike, image_size: int | None = None
-) -> tuple[SAM2ImageModel, dict[str, Any]]:
-    """A starting point for training: an official SAM2 file or a UniUltra checkpoint, plus its identity."""
-    data = read_checkpoint(path)
-    if "model" in data and "format" not in data:
-        model, _ = load_official(path, image_size or 1024)
-        kind = "official"
-    else:
-        model, _ = load_uniultra(path, image_size, data)
-        kind = FORMAT_NAME
-    return model, base_identity(path, kind)
-
-
-def _apply_peft(model: SAM2ImageModel, peft: dict[str, Any], path: str | os.PathLike):
-    from uniultra.peft.apply import apply_peft
-
-    try:
-        return apply_peft(model, peft)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot apply its PEFT config {peft} ({exc})") from exc
-
-
-def _attach_controller(model: SAM2ImageModel, config: dict[str, Any], path: str | os.PathLike) -> None:
-    from uniultra.auto.controller import attach_from_config
-
-    try:
-        attach_from_config(model, config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot attach its modality controller {config} ({exc})") from exc
-
-
-def _controller_config(model: SAM2ImageModel) -> dict[str, Any] | None:
-    """The attached modality controller's config as a checkpoint records it (None without one)."""
-    from uniultra.auto.controller import controller_config
-
-    config = controller_config(model)
-    return None if config is None else config.to_dict()
-
-
-def _find_base(path: Path, recorded: dict[str, Any], explicit: str | os.PathLike | None) -> Path:
-    if explicit is not None:
-        if not Path(explicit).is_file():
-            raise FileNotFoundError(f"base checkpoint {explicit} does not exist")
-        return Path(explicit)
-    candidates = [Path(p) for p in (recorded.get("path"), recorded.get("abs_path")) if p]
-    if recorded.get("path"):
-        candidates.append(path.parent / Path(recorded["path"]).name)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates) or "nowhere (no base recorded)"
-    raise CheckpointError(
-        f"{path}: holds only trained parameters; its base checkpoint (sha256 {recorded.get('sha256', '?')}) "
-        f"was not found (looked at {looked}); pass the base file (load_model(..., base=FILE), --base FILE)"
-    )
-
-
-def _load_trained_subset(
-    path: Path, config: ImageModelConfig, meta: dict[str, Any], state: dict[str, torch.Tensor],
-    explicit_base: str | os.PathLike | None,
-) -> tuple[SAM2ImageModel, LoadReport]:
-    from uniultra.peft.apply import PeftError, load_trainable_state
-
-    recorded = meta.get("base") or {}
-    if "peft" not in meta:
-        raise CheckpointError(f"{path}: adapter-only checkpoint without its PEFT config (meta['peft'])")
-    base_path = _find_base(path, recorded, explicit_base)
-    digest = file_sha256(base_path)
-    if recorded.get("sha256") and digest != recorded["sha256"]:
-        raise CheckpointError(
-            f"{path}: was trained on a base with sha256 {recorded['sha256']} ({recorded.get('path')}), "
-            f"but {base_path} has sha256 {digest}: not the same base checkpoint"
-        )
-    model, _ = load_base_model(base_path, config.image_size)
-    arch = ("trunk", "neck", "decoder", "backbone_stride")
-    if any(getattr(model.config, k) != getattr(config, k) for k in arch):
-        raise CheckpointError(f"{path}: base {base_path} has another architecture than the trained model")
-    model.config = config
-    _apply_peft(model, meta["peft"], path)
-    try:
-        load_trainable_state(model, state)
-    except PeftError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    return model, LoadReport(str(path), f"{FORMAT_NAME} adapter-only on {base_path}", config.name)
-
-
-def load_model(
-    spec: str | os.PathLike,
-    image_size: int | None = None,
-    device: str | torch.device = "cpu",
-    base: str | os.PathLike | None = None,
-    data: dict[str, Any] | None = None,
-) -> SAM2ImageModel:
-    """Build a ready-to-use model (eval mode) from a path, `default`, or `preset:NAME` (random weights).
-
-    `base`: for an adapter-only checkpoint, the base checkpoint file (default: the path recorded in it).
-    `data`: the contents of the file at `spec` when the caller has already read it (read once).
-    """
-    spec_str = str(spec)
-    if spec_str == "default":
-        model = load_default_model(image_size)
-    elif spec_str.startswith("preset:"):
-        warnings.warn(f"{spec_str}: randomly initialised weights, masks will be meaningless", stacklevel=2)
-        model = SAM2ImageModel(preset(spec_str.split(":", 1)[1], image_size or 1024))
-    else:
-        data = read_checkpoint(spec_str) if data is None else data
-        if "model" in data and "format" not in data:
-            model, _ = load_official(spec_str, image_size or 1024, data=data)
-        else:
-            model, _ = load_uniultra(spec_str, image_size, data, base=base)
-    return model.to(device).eval()
-
-
-def bundled_default_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "uniultra-mini-default.safetensors"
-
-
-def load_default_model(image_size: int | None = None) -> SAM2ImageModel:
-    path = bundled_default_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the bundled default model is not in this installation ({path}); "
-            "pass a checkpoint path with --model instead"
-        )
-    model, _ = load_uniultra(path, image_size)
-    return model
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -364,27 +188,3 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     return {**header, "state_dict": state}
-
-
-def pack_model(
-    source: str | os.PathLike, out: str | os.PathLike, half: bool = False, meta: dict[str, Any] | None = None
-) -> Path:
-    """A standalone deployable file from any loadable checkpoint (adapters merged into one file).
-
-    `half` stores floating-point weights as fp16 (half the size); they are widened back to the
-    model's fp32 parameters on load.
-    """
-    model = load_model(source)
-    state = model.state_dict()
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    peft = getattr(model, "peft_config", None)
-    info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
-    if peft is not None:
-        info["peft"] = peft.to_dict()
-    controller = _controller_config(model)
-    if controller is not None:
-        info[CONTROLLER_META] = controller
-    if getattr(model, "inference", None):
-        info[INFERENCE_META] = model.inference
-    return save_model(model, out, meta=info, state=state)

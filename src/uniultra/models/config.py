@@ -55,6 +55,12 @@ class DecoderConfig:
     dynamic_multimask_stability_delta: float = 0.05
     dynamic_multimask_stability_thresh: float = 0.98
     mask_in_chans: int = 16
+    # A fixed [1, 2, 1] blur after the last (1) or both (2) stride-2 transposed convs of the upscaling
+    # path; 0 = none. No weights, so official checkpoints still load; off by default, so their outputs
+    # are unchanged. Kernel = stride gives each of the 4 output phases its own kernel: a period-2/4
+    # lattice in the logits that shows as pin-holes where the model is unsure
+    # (benchmarks/probe_lattice.py). 1 is nearly neutral on a model trained without it; 2 needs training.
+    upscale_blur: int = 0
 
 
 @dataclass(frozen=True)

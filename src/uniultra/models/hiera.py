@@ -120,7 +120,7 @@ class MultiScaleAttention(nn.Module):
         """`extra_kv(q)`: the term that extra key/value tokens add to the attention output
         (B, heads, N, hd) for queries q of that shape, each with its own share of the query's
         attention that does not renormalise the image tokens' softmax (the modality controller,
-        uniultra.auto.controller), so the fused kernel below stays as it is."""
+        uniultra.peft.controller), so the fused kernel below stays as it is."""
         b, h, w, _ = x.shape
         # (B, N, 3, heads, hd) -> three (B, heads, N, hd) views, no copy.
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).flatten(1, 2).permute(2, 0, 3, 1, 4)
@@ -167,7 +167,7 @@ class MultiScaleBlock(nn.Module):
         # there is no adapter) and "output" (their sum, the block's return value: D1 at a stage end).
         # Tensors are stored as computed (not detached) so a student's taps carry gradients.
         self.tap_store: dict[str, torch.Tensor | None] | None = None
-        # Optional modality controller slot (uniultra.auto.controller). While it has a modality
+        # Optional modality controller slot (uniultra.peft.controller). While it has a modality
         # selected (`active`) it adds its key/value token's share to the attention output
         # (`extra_kv`) and a bottleneck-MLP residual parallel to the MLP (inside D2: it is part of
         # the student's own block, not of the adapter). None or inactive: skipped, nothing changes.

@@ -76,6 +76,7 @@ class SAM2ImageModel(nn.Module):
             pred_obj_scores=dec.pred_obj_scores,
             pred_obj_scores_mlp=dec.pred_obj_scores_mlp,
             use_multimask_token_for_obj_ptr=dec.use_multimask_token_for_obj_ptr,
+            upscale_blur=dec.upscale_blur,
         )
         # SAM2 adds this learned "no memory" token to single-image features (directly_add_no_mem_embed).
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, dim))

@@ -7,6 +7,7 @@ state dict loads here with ``strict=True``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageModelConfig
@@ -38,6 +39,8 @@ class MaskDecoder(nn.Module):
         pred_obj_scores_mlp: use a 3-layer MLP rather than a Linear for the object-score head.
         use_multimask_token_for_obj_ptr: return the multimask tokens as `sam_tokens_out` when
             `multimask_output=True` (else always the single-mask token).
+        upscale_blur: smooth the last (1) or both (2) transposed-conv outputs with a fixed [1, 2, 1] kernel
+            (see DecoderConfig); 0 = none.
     """
 
     def __init__(
@@ -57,8 +60,12 @@ class MaskDecoder(nn.Module):
         pred_obj_scores: bool = False,
         pred_obj_scores_mlp: bool = False,
         use_multimask_token_for_obj_ptr: bool = False,
+        upscale_blur: int = 0,
     ) -> None:
         super().__init__()
+        if upscale_blur not in (0, 1, 2):
+            raise ValueError(f"upscale_blur must be 0, 1 or 2 (transposed convs smoothed), got {upscale_blur!r}")
+        self.upscale_blur = int(upscale_blur)
         self.transformer_dim = transformer_dim
         self.transformer = transformer
         self.num_multimask_outputs = num_multimask_outputs
@@ -128,6 +135,7 @@ class MaskDecoder(nn.Module):
             iou_prediction_use_sigmoid=d.iou_prediction_use_sigmoid,
             dynamic_multimask_via_stability=d.dynamic_multimask_via_stability,
             dynamic_multimask_stability_delta=d.dynamic_multimask_stability_delta,
+            upscale_blur=d.upscale_blur,
             dynamic_multimask_stability_thresh=d.dynamic_multimask_stability_thresh,
             pred_obj_scores=d.pred_obj_scores,
             pred_obj_scores_mlp=d.pred_obj_scores_mlp,
@@ -216,15 +224,28 @@ class MaskDecoder(nn.Module):
         return image_embeddings + dense
 
     def _upscale(self, src: torch.Tensor, high_res_features: list[torch.Tensor] | None) -> torch.Tensor:
-        if not self.use_high_res_features:
-            return self.output_upscaling(src)
-        if high_res_features is None or len(high_res_features) != 2:
-            raise ValueError("this decoder uses high-res features: pass [feat_s0, feat_s1]")
         deconv1, norm1, act1, deconv2, act2 = self.output_upscaling
-        feat_s0, feat_s1 = high_res_features
+        if self.use_high_res_features:
+            if high_res_features is None or len(high_res_features) != 2:
+                raise ValueError("this decoder uses high-res features: pass [feat_s0, feat_s1]")
+            feat_s0, feat_s1 = high_res_features
+        else:
+            feat_s0 = feat_s1 = 0.0
         # The skip connections are added before each normalisation/activation, as trained.
-        x = act1(norm1(deconv1(src) + feat_s1))
-        return act2(deconv2(x) + feat_s0)
+        x = act1(norm1(self._smooth(deconv1(src), self.upscale_blur >= 2) + feat_s1))
+        return act2(self._smooth(deconv2(x), self.upscale_blur >= 1) + feat_s0)
+
+    @staticmethod
+    def _smooth(x: torch.Tensor, on: bool) -> torch.Tensor:
+        """Separable [1, 2, 1] / 4 per channel, edges replicated (identity when not `on`)."""
+        if not on:
+            return x
+        kernel = x.new_tensor([0.25, 0.5, 0.25])
+        channels = x.shape[1]
+        x = F.conv2d(F.pad(x, (1, 1, 0, 0), mode="replicate"), kernel.view(1, 1, 1, 3).expand(channels, 1, 1, 3),
+                     groups=channels)
+        return F.conv2d(F.pad(x, (0, 0, 1, 1), mode="replicate"), kernel.view(1, 1, 3, 1).expand(channels, 1, 3, 1),
+                        groups=channels)
 
     def predict_masks(
         self,

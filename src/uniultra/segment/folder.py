@@ -22,8 +22,8 @@ from uniultra.data.prompts import Prompt, make_prompt
 from uniultra.evaluation.baselines import fill_ellipses
 from uniultra.evaluation.metrics import dice_score
 from uniultra.evaluation.report import overlay_image
-from uniultra.predictor import Predictor
-from uniultra.segment.objects import segment_objects
+from uniultra.inference.objects import segment_objects
+from uniultra.inference.predictor import Predictor
 
 
 @dataclass

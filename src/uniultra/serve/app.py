@@ -351,9 +351,9 @@ def _plain_numbers(message: str) -> str:
 def _predictor_factory(model_or_factory: Any) -> Callable[[], Any]:
     import torch
 
-    from uniultra.auto.model import AutoSegmenter
-    from uniultra.auto.predictor import AutoPredictor
-    from uniultra.predictor import Predictor
+    from uniultra.inference.auto_predictor import AutoPredictor
+    from uniultra.inference.predictor import Predictor
+    from uniultra.models.auto_segmenter import AutoSegmenter
 
     if isinstance(model_or_factory, AutoSegmenter):
         auto_model = model_or_factory.eval()

@@ -1,6 +1,6 @@
 """`set_image` once, then many `predict` calls, on ONNX Runtime with numpy only (no torch).
 
-Same API, prompts and return shapes as `uniultra.predictor.Predictor`; runs an export directory
+Same API, prompts and return shapes as `uniultra.inference.predictor.Predictor`; runs an export directory
 written by `uniultra export onnx`. Pre-processing (RGB in [0, 1], antialiased bilinear resize,
 ImageNet normalisation) and post-processing (bilinear upsampling of the low-res logits to the
 original size) are the numpy twins in uniultra.inference.transforms_numpy.
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from uniultra.export import metadata as md
-from uniultra.image_session import ImageSession, require_pixels
+from uniultra.inference import onnx_format as md
 from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
+from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms_numpy import image_to_model, upsample_logits
-from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
 
 
 class OnnxPredictor(ImageSession):

@@ -52,7 +52,7 @@ def _register_split(data_sub) -> None:
 
 
 def _register_coreset(data_sub) -> None:
-    from uniultra.data.coreset import METHODS
+    from uniultra.data.subset import METHODS
 
     coreset = data_sub.add_parser(
         "coreset",
@@ -95,8 +95,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from uniultra.data.dataset import require_dataset_dir
-    from uniultra.data.split import SPLITS_FILENAME, make_split, write_split
+    from uniultra.data.dataset import SPLITS_FILENAME, require_dataset_dir
+    from uniultra.data.split import make_split, write_split
 
     root = require_dataset_dir(args.dir)
     document = make_split(
@@ -133,8 +133,9 @@ def _split_command(args: argparse.Namespace) -> str:
 
 
 def run_coreset(args: argparse.Namespace) -> int:
-    from uniultra.data.coreset import select_indices, write_subset
     from uniultra.data.dataset import SegmentationDataset
+    from uniultra.data.subset import write_subset
+    from uniultra.distill.coreset import select_indices
 
     if args.method != "random" and args.teacher is None:
         raise ValueError(f"--method {args.method} needs --teacher CKPT")
@@ -168,8 +169,8 @@ def _coreset_features(args: argparse.Namespace, datasets, teacher_sha256: str) -
     """Per dataset, the (N, D) features of the method; and the teacher's input size."""
     import torch
 
-    from uniultra.data.coreset import dataset_features
-    from uniultra.models.checkpoint import load_model
+    from uniultra.distill.coreset import dataset_features
+    from uniultra.inference.loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

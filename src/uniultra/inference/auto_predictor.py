@@ -6,23 +6,16 @@ the automatic head's `predict_auto`.
 
 `choose_modality` and `check_modality_option` serve `uniultra evaluate` and `uniultra predict`
 for both kinds of modality: an automatic head's decoding channel and a plain model's encoder
-controller (uniultra.auto.controller).
+controller (uniultra.peft.controller).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from uniultra.auto.checkpoint import is_auto_data, load_auto_model
-from uniultra.auto.model import AutoSegmenter
-from uniultra.inference.zoom import ZoomPredictor
-from uniultra.models.checkpoint import load_model, read_checkpoint
-from uniultra.models.image_model import SAM2ImageModel
-from uniultra.predictor import Predictor
+from uniultra.inference.predictor import Predictor
+from uniultra.models.auto_segmenter import AutoSegmenter
 
 
 class AutoPredictor(Predictor):
@@ -98,27 +91,3 @@ def check_modality_option(predictor: object, spec: str, requested: str | None, a
         raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
     raise ValueError(f"{spec} has no automatic head and no modality controller: --modality applies only to "
                      "checkpoints from `uniultra auto train` and to MDKD students (`uniultra distill` with mdkd)")
-
-
-def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
-                   device: str | torch.device = "cpu") -> SAM2ImageModel | AutoSegmenter:
-    """What `load_model` loads, except that an automatic-mode checkpoint keeps its head."""
-    if not Path(spec).is_file():  # "default", "preset:NAME", or a missing file (load_model says so)
-        return load_model(spec, image_size=image_size, device=device)
-    data = read_checkpoint(spec)  # once: large checkpoints take seconds to read
-    if not is_auto_data(data):
-        return load_model(spec, image_size=image_size, device=device, data=data)
-    model = load_auto_model(spec, device=device, data=data)
-    if image_size not in (None, model.image_size):
-        raise ValueError(f"{spec}: an automatic-mode checkpoint runs at the size it was trained at "
-                         f"({model.image_size} px), not --size {image_size}")
-    return model
-
-
-def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
-                   device: str | torch.device = "cpu") -> Predictor:
-    """A `Predictor` for any model spec, an `AutoPredictor` for an automatic-mode checkpoint."""
-    model = load_any_model(spec, image_size=image_size, device=device)
-    predictor = AutoPredictor(model) if isinstance(model, AutoSegmenter) else Predictor(model)
-    zoom = (getattr(predictor.model, "inference", None) or {}).get("zoom")
-    return ZoomPredictor(predictor, zoom["margin"]) if zoom else predictor

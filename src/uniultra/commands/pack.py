@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from uniultra.models.checkpoint import pack_model
+    from uniultra.inference.loading import pack_model
 
     try:
         meta = json.loads(args.meta)

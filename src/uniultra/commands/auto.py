@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uniultra.engine.command import add_out_option, add_run_options, command_line, run_overrides
+from uniultra.commands.train import add_out_option, add_run_options, command_line, run_overrides
 
 
 def register(subparsers) -> None:

@@ -1,7 +1,7 @@
 """Interactive prediction in the style of SAM2: `set_image` once, then many `predict` calls.
 
 Prompts are given in pixel coordinates of the ORIGINAL image, and masks come back at its size.
-A model with a modality controller (uniultra.auto.controller, e.g. an MDKD student) encodes each
+A model with a modality controller (uniultra.peft.controller, e.g. an MDKD student) encodes each
 image under `modality` (None: the shared network); other models ignore it.
 """
 
@@ -13,12 +13,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from uniultra.auto.controller import modality_ids, modality_names, use_modality
-from uniultra.image_session import ImageSession, require_pixels
 from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
+from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms import image_to_model, upsample_logits
 from uniultra.models.image_model import SAM2ImageModel
-from uniultra.prompt_validation import LOGIT_CLAMP, PromptSet
+from uniultra.peft.controller import modality_ids, modality_names, use_modality
 
 
 class Predictor(ImageSession):

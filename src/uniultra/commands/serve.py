@@ -62,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"uniultra serve: error: {exc.name} is not installed; install the server with "
               "pip install 'uniultra[serve]'", file=sys.stderr)
         return 2
-    from uniultra.auto.predictor import load_any_model
+    from uniultra.inference.loading import load_any_model
 
     model = load_any_model(args.model, image_size=args.size, device=args.device)
     app = create_app(model, max_upload_mb=args.max_upload_mb, cache_size=args.cache_size)

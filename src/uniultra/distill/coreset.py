@@ -17,8 +17,8 @@ With stratification (the default) K is split across the datasets in proportion t
 The seed picks the first centre (per dataset), so the selection is deterministic.
 
 The subset file: '#' comment lines (method, k, seed, teacher and its sha256, split, date, ...),
-then one `<dataset_label>/<stem>` per line, per dataset in selection order. A training config
-points at it with `subset:` on a data entry (uniultra.engine.data.open_split).
+then one `<dataset_label>/<stem>` per line, per dataset in selection order. Its format lives in
+uniultra.data.subset (a training config points at it with `subset:` on a data entry).
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import SegmentationDataset, load_sample
+from uniultra.data.subset import METHODS
 
-METHODS = ("kcenter", "gradient", "random")
 FEATURE_CACHE_VERSION = 1
 
 
@@ -119,7 +118,7 @@ def _encoded_batches(model, dataset: SegmentationDataset, batch_size: int, desc:
     """(loaded samples, ImageFeatures) per batch, preprocessed exactly as the Predictor does."""
     import torch
 
-    from uniultra.predictor import Predictor
+    from uniultra.inference.predictor import Predictor
 
     predictor = Predictor(model)
     samples = dataset.samples
@@ -213,7 +212,7 @@ def _box_prompts_and_targets(item: dict, size: int, seed: int):
 
     from uniultra.data.image_io import resize_mask
     from uniultra.data.prompts import label_components, make_prompt
-    from uniultra.segment.objects import widen_degenerate_boxes
+    from uniultra.inference.objects import widen_degenerate_boxes
 
     mask = item["mask"]
     prompt = make_prompt(mask, "box", stem=item["stem"], seed=seed, jitter=0.0)
@@ -250,57 +249,3 @@ def dataset_features(model, dataset: SegmentationDataset, method: str, *, seed: 
 
         save_npy(path, features)
     return features
-
-
-# --- the subset file ----------------------------------------------------------------------------
-
-def format_subset(selection: dict[str, list[str]], header: dict[str, object]) -> str:
-    """'# key: value' header lines, then `<label>/<stem>` lines in the order given."""
-    lines = ["# uniultra coreset subset: one <dataset>/<stem> per line; '#' lines are comments"]
-    lines += [f"# {key}: {value}" for key, value in header.items()]
-    lines += [f"{label}/{stem}" for label, stems in selection.items() for stem in stems]
-    return "\n".join(lines) + "\n"
-
-
-def write_subset(path: str | Path, selection: dict[str, list[str]], header: dict[str, object]) -> Path:
-    return atomic_write_text(path, format_subset(selection, header))
-
-
-def read_subset(path: str | Path) -> dict[str, list[str]]:
-    """{dataset label: [stems]} of a subset file; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"subset file {path} does not exist (make it with `uniultra data coreset`)")
-    selection: dict[str, list[str]] = {}
-    seen: set[str] = set()
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        label, slash, stem = line.partition("/")
-        if not slash or not label or not stem or "/" in stem:
-            raise ValueError(f"subset file {path}, line {number}: expected <dataset>/<stem>, got {line!r}")
-        if line in seen:
-            raise ValueError(f"subset file {path}, line {number}: {line} is listed twice")
-        seen.add(line)
-        selection.setdefault(label, []).append(stem)
-    return selection
-
-
-def restrict_to_subset(dataset: SegmentationDataset, path: str | Path, label: str) -> SegmentationDataset:
-    """Keep only the samples the subset file lists under `label` (in place; returns `dataset`)."""
-    selection = read_subset(path)
-    wanted = selection.get(label)
-    if not wanted:
-        listed = ", ".join(selection) or "no dataset"
-        raise ValueError(f"subset file {path} selects no image of dataset {label!r} (it lists {listed}); "
-                         "the labels are dataset folder names, or the data entry's `name`")
-    available = {s.stem for s in dataset.samples}
-    missing = [stem for stem in wanted if stem not in available]
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise ValueError(f"subset file {path}: {len(missing)} stems of {label!r} are not in its "
-                         f"{dataset.split or 'all'} split ({shown})")
-    keep = set(wanted)
-    dataset.samples = [s for s in dataset.samples if s.stem in keep]
-    return dataset

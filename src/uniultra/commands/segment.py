@@ -76,7 +76,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predictor(args: argparse.Namespace):
-    from uniultra.auto.predictor import load_predictor
+    from uniultra.inference.loading import load_predictor
 
     return load_predictor(args.model, image_size=args.size, device=args.device)
 
@@ -84,7 +84,7 @@ def _predictor(args: argparse.Namespace):
 def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
     """The predictor of `uniultra predict`: an automatic head for --prompt none; its modality (the
     head's channel, or the controller's modality) chosen and checked."""
-    from uniultra.auto.predictor import AutoPredictor, check_modality_option, choose_modality
+    from uniultra.inference.auto_predictor import AutoPredictor, check_modality_option, choose_modality
 
     predictor = _predictor(args)
     automatic = args.prompt == "none"

@@ -2,7 +2,8 @@
 
 The file is an ordinary UniUltra checkpoint (base config, base weights) with the head's keys stored
 under `AUTO_HEAD_PREFIX` and its config in `meta["auto_head"]`. `load_model(path)` therefore
-still returns the plain box-promptable base; `load_auto_model(path)` adds the head.
+still returns the plain box-promptable base; `load_auto_model(path)`
+(uniultra.inference.loading) adds the head.
 """
 
 from __future__ import annotations
@@ -13,14 +14,8 @@ from typing import Any
 
 import torch
 
-from uniultra.auto.model import AutoHeadConfig, AutoSegmenter
-from uniultra.models.checkpoint import (
-    AUTO_HEAD_PREFIX,
-    CheckpointError,
-    load_uniultra,
-    read_checkpoint,
-    save_model,
-)
+from uniultra.models.auto_segmenter import AutoSegmenter
+from uniultra.models.checkpoint import AUTO_HEAD_PREFIX, CheckpointError, read_checkpoint, save_model
 
 # meta key holding the head's config; its presence marks an auto checkpoint.
 META_KEY = "auto_head"
@@ -49,33 +44,12 @@ def is_auto_checkpoint(path: str | os.PathLike) -> bool:
     return is_auto_data(data)
 
 
-def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    data: dict[str, Any] | None = None) -> AutoSegmenter:
-    """Rebuild base + head (eval mode); every tensor is loaded with weights_only (`data`: the file's
-    contents when the caller has already read it)."""
-    data = read_checkpoint(path) if data is None else data
-    if not is_auto_data(data):
-        raise CheckpointError(
-            f"{path}: has no automatic head (no meta['{META_KEY}']); train one with `uniultra auto train` "
-            "or use this file with box / point prompts"
-        )
-    meta = data.get("meta") or {}
-    try:
-        config = AutoHeadConfig.from_dict(meta[META_KEY])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid auto-head config ({exc})") from exc
-    base, _ = load_uniultra(path, data=data)
-    model = AutoSegmenter(base, config)
-    _load_head(model, data["state_dict"], Path(path))
-    return model.to(device).eval()
-
-
 def is_auto_data(data: dict[str, Any]) -> bool:
     """True when already-read checkpoint contents carry an automatic head."""
     return data.get("format") == "uniultra" and isinstance((data.get("meta") or {}).get(META_KEY), dict)
 
 
-def _load_head(model: AutoSegmenter, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_head_state(model: AutoSegmenter, state: dict[str, torch.Tensor], path: Path) -> None:
     head = {k[len(AUTO_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(AUTO_HEAD_PREFIX)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("base.")}
     missing = sorted(set(own) - set(head))

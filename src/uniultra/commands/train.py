@@ -107,7 +107,7 @@ def resolve_base(config):
 
     if config.model.base != DEFAULT_BASE:
         return config
-    from uniultra.models.checkpoint import bundled_default_path
+    from uniultra.inference.loading import bundled_default_path
 
     path = bundled_default_path()
     if not path.is_file():

@@ -1,14 +1,12 @@
-"""`uniultra info`: parameters and FLOPs of a preset or a checkpoint."""
+"""Parameters and FLOPs of an image model (`uniultra info`, `uniultra bench speed`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from uniultra.models.config import PRESETS, preset
+from uniultra.evaluation.efficiency import count_flops, count_parameters
 from uniultra.models.image_model import SAM2ImageModel
 
 
@@ -28,8 +26,6 @@ class ModelInfo:
 
 
 def describe(model: SAM2ImageModel) -> ModelInfo:
-    from uniultra.evaluation.efficiency import count_parameters
-
     enc = model.image_encoder
     enc_flops, proj_flops, dec_flops = count_model_flops(model)
     return ModelInfo(
@@ -53,8 +49,6 @@ def count_model_flops(model: SAM2ImageModel) -> tuple[int, int, int]:
 
     The count runs on shape-only "meta" copies, so even Hiera-L at 1024 costs no real compute.
     """
-    from uniultra.evaluation.efficiency import count_flops
-
     meta = SAM2ImageModel(model.config).to("meta") if _on_real_device(model) else model
     size = model.image_size
     images = torch.zeros(1, 3, size, size, device="meta")
@@ -69,35 +63,6 @@ def count_model_flops(model: SAM2ImageModel) -> tuple[int, int, int]:
 
 def _on_real_device(model: torch.nn.Module) -> bool:
     return next(model.parameters()).device.type != "meta"
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "info",
-        help="parameters and FLOPs of a model",
-        description="Print parameter counts (trunk, neck, image encoder, decoder, whole model) and FLOPs "
-        "(attention included) of a preset or a checkpoint.",
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset (random weights)")
-    source.add_argument("--model", help="checkpoint path or 'default'")
-    p.add_argument("--size", type=int, default=None, help="input size, a multiple of 32 (default 1024 for presets)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.preset:
-        # Parameters do not depend on the values, so a meta-device model is enough and instant.
-        with torch.device("meta"):
-            model = SAM2ImageModel(preset(args.preset, args.size or 1024))
-    else:
-        from uniultra.models.checkpoint import load_model
-
-        model = load_model(args.model, image_size=args.size)
-    info = describe(model)
-    print(json.dumps(asdict(info), indent=2) if args.json else format_info(info))
-    return 0
 
 
 def format_info(info: ModelInfo) -> str:

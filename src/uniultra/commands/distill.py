@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from uniultra.commands.train import add_data_option, add_out_option, add_run_options, command_line, run_overrides
 from uniultra.config_io import merge_dicts
-from uniultra.engine.command import add_data_option, add_out_option, add_run_options, command_line, run_overrides
 
 
 def register(subparsers) -> None:

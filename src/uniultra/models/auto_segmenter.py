@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniultra.auto.modality_decoder import ModalityDecoder
-from uniultra.auto.patch_prompt import PatchPromptGenerator
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
+from uniultra.models.modality_decoder import ModalityDecoder
+from uniultra.models.patch_prompt import PatchPromptGenerator
 
 # Mask logit given to every pixel of an image the presence gate calls empty.
 ABSENT_LOGIT = -32.0

@@ -1,0 +1,113 @@
+"""A model against the inscribed ellipse on the committed test splits of every shared set.
+
+Same prompts for every row (seed 0): box J = 20 and J = 0 (ellipse and model), one tap
+(`point`) and box J = 20 + one corrective click (model only). Per row and dataset: Dice, IoU,
+HD95 and, for the model's box rows, how clean the masks are:
+- leak: share of images whose mask has more than 2 % of its area outside the prompt boxes
+  enlarged by 10 % of their size on each side;
+- holes: share of images whose mask has a hole (background enclosed by the mask).
+Also the median seconds per object of a whole predict (image in, mask out; machine load noted).
+
+    python benchmarks/bench_universal.py --model default --name universal-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from uniultra.atomic import atomic_write_text
+from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
+from uniultra.evaluation.report import machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
+ROWS = (("box J=20", "box", 20.0), ("box J=0", "box", 0.0), ("one tap", "point", 0.0),
+        ("box J=20 + click", "box+click", 20.0))
+LEAK_AREA, BOX_MARGIN = 0.02, 0.10
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def leaks(prediction: np.ndarray, boxes: np.ndarray | None) -> bool:
+    if boxes is None or not prediction.any():
+        return False
+    inside = np.zeros_like(prediction)
+    h, w = prediction.shape
+    for x0, y0, x1, y1 in boxes:
+        mx, my = BOX_MARGIN * (x1 - x0 + 1), BOX_MARGIN * (y1 - y0 + 1)
+        inside[max(0, int(y0 - my)): min(h, int(np.ceil(y1 + my)) + 1),
+               max(0, int(x0 - mx)): min(w, int(np.ceil(x1 + mx)) + 1)] = True
+    return (prediction & ~inside).sum() > LEAK_AREA * prediction.sum()
+
+
+def has_hole(prediction: np.ndarray) -> bool:
+    return bool((ndimage.binary_fill_holes(prediction) & ~prediction).any())
+
+
+def run_row(method, datasets, mode: str, jitter: float) -> dict:
+    flags: dict[str, list[tuple[bool, bool]]] = {}
+
+    def inspect(item, prompt, prediction):
+        flags.setdefault(item["dataset"], []).append((leaks(prediction, prompt.boxes), has_hole(prediction)))
+
+    results = evaluate(method, datasets, prompt_mode=mode, jitter=jitter, seed=0, progress=False, on_image=inspect)
+    row = {}
+    for r in results:
+        summary = r.summary()
+        marks = flags.get(r.name, [])
+        per_object = [x["predict_seconds"] / max(1, x["n_objects"]) for x in r.rows]
+        summary["leak_share"] = float(np.mean([m[0] for m in marks])) if marks else None
+        summary["hole_share"] = float(np.mean([m[1] for m in marks])) if marks else None
+        summary["median_seconds_per_object"] = float(np.median(per_object)) if per_object else None
+        row[r.name] = summary
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--name", default="universal-default")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--no-ellipse", action="store_true")
+    args = parser.parse_args()
+    datasets = load_datasets([Path(args.data_root) / name for name in args.datasets], "test", None)
+    methods = {"model": make_method(args.model)}
+    if not args.no_ellipse:
+        methods["ellipse"] = make_method("baseline:ellipse")
+    rows: dict[str, dict] = {}
+    for label, method in methods.items():
+        for row, mode, jitter in ROWS:
+            if label == "ellipse" and mode != "box":
+                continue
+            start = time.perf_counter()
+            rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
+            rows[label][row]["seconds"] = time.perf_counter() - start
+            print(f"{label} {row}: " + ", ".join(f"{k} {100 * v['dice']['mean']:.2f}"
+                                                  for k, v in rows[label][row].items() if k != "seconds"), flush=True)
+    document = {"benchmark": args.name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {**machine_info(), "cpu_model": cpu_model()}, "model": args.model, "split": "test",
+                "seed": 0, "protocol": [list(r) for r in ROWS],
+                "leak_definition": f"mask area outside the boxes + {BOX_MARGIN:.0%} margin > {LEAK_AREA:.0%}",
+                "command": f"python benchmarks/bench_universal.py --model {args.model} --name {args.name}",
+                "rows": rows}
+    atomic_write_text(ROOT / "benchmarks" / "results" / f"{args.name}.json", json.dumps(document, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""The command line's sub-commands, one module per command (see uniultra.cli): the only package that
+imports argparse. Each module parses options and calls into the library; nothing imports it but
+uniultra.cli."""

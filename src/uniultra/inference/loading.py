@@ -1,0 +1,307 @@
+"""Turning any checkpoint into a ready model or predictor: the one place that does it.
+
+`load_model(spec)`: a path (official SAM2 file, UniUltra checkpoint, adapter-only checkpoint on its
+base), `default` (the bundled model) or `preset:NAME` (random weights); PEFT modules and the modality
+controller recorded in a checkpoint's meta are inserted before its weights are copied in.
+`load_predictor(spec)`: the right predictor for every kind of spec (see there).
+File reading and writing is uniultra.models.checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniultra.inference.auto_predictor import AutoPredictor
+from uniultra.inference.predictor import Predictor
+from uniultra.inference.zoom import ZoomPredictor
+from uniultra.models.auto_checkpoint import META_KEY, is_auto_data, load_head_state
+from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+from uniultra.models.checkpoint import (
+    CONTROLLER_META,
+    FORMAT_NAME,
+    INFERENCE_META,
+    WEIGHTS_TRAINED,
+    CheckpointError,
+    LoadReport,
+    file_sha256,
+    load_official,
+    load_state_into,
+    read_checkpoint,
+    save_model,
+    without_auto_head,
+)
+from uniultra.models.config import ImageModelConfig, preset
+from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft.apply import PeftError, apply_peft, load_trainable_state
+from uniultra.peft.controller import attach_from_config, controller_config
+
+# An exported model directory (`uniultra export onnx`), run on onnxruntime, fp32 or INT8 encoder.
+ONNX_PREFIX, ONNX_INT8_PREFIX = "onnx:", "onnx-int8:"
+
+
+def load_uniultra(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    data: dict[str, Any] | None = None,
+    base: str | os.PathLike | None = None,
+) -> tuple[SAM2ImageModel, LoadReport]:
+    """Rebuild a UniUltra checkpoint; `base` overrides where an adapter-only file's base is read."""
+    data = data if data is not None else read_checkpoint(path)
+    if data.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a UniUltra checkpoint (no format='{FORMAT_NAME}')")
+    try:
+        config = ImageModelConfig.from_dict(data["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model config ({exc})") from exc
+    if image_size is not None:
+        config = config.with_size(image_size)
+    meta = data.get("meta") or {}
+    state = without_auto_head(data["state_dict"], meta, path)
+    if meta.get("weights") == WEIGHTS_TRAINED:
+        model, report = _load_trained_subset(Path(path), config, meta, state, base)
+    else:
+        model, report = _load_complete(path, config, meta, state)
+    model.inference = dict(meta.get(INFERENCE_META) or {})
+    return model, report
+
+
+def _load_complete(path: str | os.PathLike, config: ImageModelConfig, meta: dict[str, Any],
+                   state: dict[str, torch.Tensor]) -> tuple[SAM2ImageModel, LoadReport]:
+    model = SAM2ImageModel(config)
+    plain_keys = set(model.state_dict())
+    if any(k not in plain_keys for k in state):
+        if not meta.get("peft") and not meta.get(CONTROLLER_META):
+            extra = sorted(k for k in state if k not in plain_keys)
+            raise CheckpointError(f"{path}: {len(extra)} keys this model does not have, e.g. {extra[:4]}, "
+                                  "and no PEFT config (or modality controller) in the file to insert them")
+        if meta.get("peft"):
+            _apply_peft(model, meta["peft"], path)
+        if meta.get(CONTROLLER_META):
+            _attach_controller(model, meta[CONTROLLER_META], path)
+    load_state_into(model, state, str(path))
+    return model, LoadReport(str(path), FORMAT_NAME, config.name)
+
+
+def base_identity(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """What an adapter-only checkpoint records about the checkpoint it was trained on."""
+    path = Path(path)
+    return {"kind": kind, "path": str(path), "abs_path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def load_base_model(
+    path: str | os.PathLike, image_size: int | None = None
+) -> tuple[SAM2ImageModel, dict[str, Any]]:
+    """A starting point for training: an official SAM2 file or a UniUltra checkpoint, plus its identity."""
+    data = read_checkpoint(path)
+    if "model" in data and "format" not in data:
+        model, _ = load_official(path, image_size or 1024)
+        kind = "official"
+    else:
+        model, _ = load_uniultra(path, image_size, data)
+        kind = FORMAT_NAME
+    return model, base_identity(path, kind)
+
+
+def _apply_peft(model: SAM2ImageModel, peft: dict[str, Any], path: str | os.PathLike):
+    try:
+        return apply_peft(model, peft)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot apply its PEFT config {peft} ({exc})") from exc
+
+
+def _attach_controller(model: SAM2ImageModel, config: dict[str, Any], path: str | os.PathLike) -> None:
+    try:
+        attach_from_config(model, config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot attach its modality controller {config} ({exc})") from exc
+
+
+def _controller_config(model: SAM2ImageModel) -> dict[str, Any] | None:
+    """The attached modality controller's config as a checkpoint records it (None without one)."""
+    config = controller_config(model)
+    return None if config is None else config.to_dict()
+
+
+def _find_base(path: Path, recorded: dict[str, Any], explicit: str | os.PathLike | None) -> Path:
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"base checkpoint {explicit} does not exist")
+        return Path(explicit)
+    candidates = [Path(p) for p in (recorded.get("path"), recorded.get("abs_path")) if p]
+    if recorded.get("path"):
+        candidates.append(path.parent / Path(recorded["path"]).name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates) or "nowhere (no base recorded)"
+    raise CheckpointError(
+        f"{path}: holds only trained parameters; its base checkpoint (sha256 {recorded.get('sha256', '?')}) "
+        f"was not found (looked at {looked}); pass the base file (load_model(..., base=FILE), --base FILE)"
+    )
+
+
+def _load_trained_subset(
+    path: Path, config: ImageModelConfig, meta: dict[str, Any], state: dict[str, torch.Tensor],
+    explicit_base: str | os.PathLike | None,
+) -> tuple[SAM2ImageModel, LoadReport]:
+    recorded = meta.get("base") or {}
+    if "peft" not in meta:
+        raise CheckpointError(f"{path}: adapter-only checkpoint without its PEFT config (meta['peft'])")
+    base_path = _find_base(path, recorded, explicit_base)
+    digest = file_sha256(base_path)
+    if recorded.get("sha256") and digest != recorded["sha256"]:
+        raise CheckpointError(
+            f"{path}: was trained on a base with sha256 {recorded['sha256']} ({recorded.get('path')}), "
+            f"but {base_path} has sha256 {digest}: not the same base checkpoint"
+        )
+    model, _ = load_base_model(base_path, config.image_size)
+    arch = ("trunk", "neck", "decoder", "backbone_stride")
+    if any(getattr(model.config, k) != getattr(config, k) for k in arch):
+        raise CheckpointError(f"{path}: base {base_path} has another architecture than the trained model")
+    model.config = config
+    _apply_peft(model, meta["peft"], path)
+    try:
+        load_trainable_state(model, state)
+    except PeftError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return model, LoadReport(str(path), f"{FORMAT_NAME} adapter-only on {base_path}", config.name)
+
+
+def load_model(
+    spec: str | os.PathLike,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    base: str | os.PathLike | None = None,
+    data: dict[str, Any] | None = None,
+) -> SAM2ImageModel:
+    """Build a ready-to-use model (eval mode) from a path, `default`, or `preset:NAME` (random weights).
+
+    `base`: for an adapter-only checkpoint, the base checkpoint file (default: the path recorded in it).
+    `data`: the contents of the file at `spec` when the caller has already read it (read once).
+    """
+    spec_str = str(spec)
+    if spec_str == "default":
+        model = load_default_model(image_size)
+    elif spec_str.startswith("preset:"):
+        warnings.warn(f"{spec_str}: randomly initialised weights, masks will be meaningless", stacklevel=2)
+        model = SAM2ImageModel(preset(spec_str.split(":", 1)[1], image_size or 1024))
+    else:
+        data = read_checkpoint(spec_str) if data is None else data
+        if "model" in data and "format" not in data:
+            model, _ = load_official(spec_str, image_size or 1024, data=data)
+        else:
+            model, _ = load_uniultra(spec_str, image_size, data, base=base)
+    return model.to(device).eval()
+
+
+def bundled_default_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "uniultra-mini-default.safetensors"
+
+
+def load_default_model(image_size: int | None = None) -> SAM2ImageModel:
+    path = bundled_default_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled default model is not in this installation ({path}); "
+            "pass a checkpoint path with --model instead"
+        )
+    model, _ = load_uniultra(path, image_size)
+    return model
+
+
+def pack_model(
+    source: str | os.PathLike, out: str | os.PathLike, half: bool = False, meta: dict[str, Any] | None = None,
+    decoder_blur: int | None = None,
+) -> Path:
+    """A standalone deployable file from any loadable checkpoint (adapters merged into one file).
+
+    `half` stores floating-point weights as fp16 (half the size); they are widened back to the
+    model's fp32 parameters on load. `decoder_blur` sets the decoder's anti-lattice blur
+    (DecoderConfig.upscale_blur: 0, 1 or 2; it has no weights), None keeps the source's.
+    """
+    model = load_model(source)
+    if decoder_blur is not None:
+        set_decoder_blur(model, decoder_blur)
+    state = model.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    peft = getattr(model, "peft_config", None)
+    info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
+    if peft is not None:
+        info["peft"] = peft.to_dict()
+    controller = _controller_config(model)
+    if controller is not None:
+        info[CONTROLLER_META] = controller
+    if getattr(model, "inference", None):
+        info[INFERENCE_META] = model.inference
+    return save_model(model, out, meta=info, state=state)
+
+
+def set_decoder_blur(model: SAM2ImageModel, stages: int) -> None:
+    """Switch the decoder's fixed anti-lattice blur (0, 1 or 2 stages) in the module and its config."""
+    if stages not in (0, 1, 2):
+        raise ValueError(f"decoder blur must be 0, 1 or 2, got {stages!r}")
+    model.sam_mask_decoder.upscale_blur = stages
+    model.config = dataclasses.replace(model.config, decoder=dataclasses.replace(model.config.decoder,
+                                                                                 upscale_blur=stages))
+
+
+def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    data: dict[str, Any] | None = None) -> AutoSegmenter:
+    """Rebuild base + head (eval mode); every tensor is loaded with weights_only (`data`: the file's
+    contents when the caller has already read it)."""
+    data = read_checkpoint(path) if data is None else data
+    if not is_auto_data(data):
+        raise CheckpointError(
+            f"{path}: has no automatic head (no meta['{META_KEY}']); train one with `uniultra auto train` "
+            "or use this file with box / point prompts"
+        )
+    meta = data.get("meta") or {}
+    try:
+        config = AutoHeadConfig.from_dict(meta[META_KEY])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid auto-head config ({exc})") from exc
+    base, _ = load_uniultra(path, data=data)
+    model = AutoSegmenter(base, config)
+    load_head_state(model, data["state_dict"], Path(path))
+    return model.to(device).eval()
+
+
+def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
+                   device: str | torch.device = "cpu") -> SAM2ImageModel | AutoSegmenter:
+    """What `load_model` loads, except that an automatic-mode checkpoint keeps its head."""
+    if not Path(spec).is_file():  # "default", "preset:NAME", or a missing file (load_model says so)
+        return load_model(spec, image_size=image_size, device=device)
+    data = read_checkpoint(spec)  # once: large checkpoints take seconds to read
+    if not is_auto_data(data):
+        return load_model(spec, image_size=image_size, device=device, data=data)
+    model = load_auto_model(spec, device=device, data=data)
+    if image_size not in (None, model.image_size):
+        raise ValueError(f"{spec}: an automatic-mode checkpoint runs at the size it was trained at "
+                         f"({model.image_size} px), not --size {image_size}")
+    return model
+
+
+def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
+                   device: str | torch.device = "cpu", **onnx_options: Any):
+    """The predictor for any model spec: `onnx:DIR` / `onnx-int8:DIR` an `OnnxPredictor` (onnxruntime,
+    fp32 or INT8 encoder; `onnx_options` go to it); an automatic-mode checkpoint an `AutoPredictor`;
+    any other spec (path, `default`, `preset:NAME`) a `Predictor`. Wrapped in a `ZoomPredictor` when
+    the checkpoint says it runs zoomed (`model.inference["zoom"]`)."""
+    spec_str = str(spec)
+    for prefix, int8 in ((ONNX_PREFIX, False), (ONNX_INT8_PREFIX, True)):
+        if spec_str.startswith(prefix):
+            # Imported here: onnxruntime is an optional dependency (the `export` extra).
+            from uniultra.inference.onnx_predictor import OnnxPredictor
+
+            return OnnxPredictor(spec_str[len(prefix):], int8=int8, **onnx_options)
+    model = load_any_model(spec, image_size=image_size, device=device)
+    predictor = AutoPredictor(model) if isinstance(model, AutoSegmenter) else Predictor(model)
+    zoom = (getattr(predictor.model, "inference", None) or {}).get("zoom")
+    return ZoomPredictor(predictor, zoom["margin"]) if zoom else predictor
