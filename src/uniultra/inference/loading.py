@@ -301,7 +301,12 @@ def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
             from uniultra.inference.onnx_predictor import OnnxPredictor
 
             return OnnxPredictor(spec_str[len(prefix):], int8=int8, **onnx_options)
-    model = load_any_model(spec, image_size=image_size, device=device)
+    return predictor_for(load_any_model(spec, image_size=image_size, device=device))
+
+
+def predictor_for(model: SAM2ImageModel | AutoSegmenter):
+    """The predictor a loaded model is meant to be run with: `AutoPredictor` for an automatic-mode
+    model, else `Predictor`, wrapped in a `ZoomPredictor` when the model runs zoomed."""
     predictor = AutoPredictor(model) if isinstance(model, AutoSegmenter) else Predictor(model)
     zoom = (getattr(predictor.model, "inference", None) or {}).get("zoom")
     return ZoomPredictor(predictor, zoom["margin"]) if zoom else predictor

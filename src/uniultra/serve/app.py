@@ -351,16 +351,11 @@ def _plain_numbers(message: str) -> str:
 def _predictor_factory(model_or_factory: Any) -> Callable[[], Any]:
     import torch
 
-    from uniultra.inference.auto_predictor import AutoPredictor
-    from uniultra.inference.predictor import Predictor
-    from uniultra.models.auto_segmenter import AutoSegmenter
+    from uniultra.inference.loading import predictor_for
 
-    if isinstance(model_or_factory, AutoSegmenter):
-        auto_model = model_or_factory.eval()
-        return lambda: AutoPredictor(auto_model)
     if isinstance(model_or_factory, torch.nn.Module):
         model = model_or_factory.eval()
-        return lambda: Predictor(model)
+        return lambda: predictor_for(model)
     if callable(model_or_factory):
         return model_or_factory
     raise TypeError(f"create_app expects a model or a predictor factory, got {type(model_or_factory).__name__}")
