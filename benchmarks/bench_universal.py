@@ -85,15 +85,18 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--no-ellipse", action="store_true")
+    parser.add_argument("--rows", nargs="+", choices=[r[0] for r in ROWS], default=None,
+                        help="re-run only these rows of the model; the others are kept from the JSON")
     args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
     datasets = load_datasets([Path(args.data_root) / name for name in args.datasets], "test", None)
     methods = {"model": make_method(args.model)}
-    if not args.no_ellipse:
+    if not args.no_ellipse and not args.rows:
         methods["ellipse"] = make_method("baseline:ellipse")
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = json.loads(out.read_text())["rows"] if args.rows else {}
     for label, method in methods.items():
         for row, mode, jitter in ROWS:
-            if label == "ellipse" and mode != "box":
+            if (label == "ellipse" and mode != "box") or (args.rows and row not in args.rows):
                 continue
             start = time.perf_counter()
             rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
@@ -106,7 +109,9 @@ def main() -> None:
                 "leak_definition": f"mask area outside the boxes + {BOX_MARGIN:.0%} margin > {LEAK_AREA:.0%}",
                 "command": f"python benchmarks/bench_universal.py --model {args.model} --name {args.name}",
                 "rows": rows}
-    atomic_write_text(ROOT / "benchmarks" / "results" / f"{args.name}.json", json.dumps(document, indent=1))
+    if args.rows:
+        document["rows_re_run"] = args.rows
+    atomic_write_text(out, json.dumps(document, indent=1))
 
 
 if __name__ == "__main__":

@@ -450,6 +450,9 @@ def build_metadata(
         "image_size": s,
         "embedding_size": e,
         "low_res_size": low,
+        # How the model must be run, e.g. {"zoom": {"margin": 1.4}}: each prompt on a crop around it
+        # (uniultra.inference.zoom wraps the ONNX predictor the same way).
+        "inference": dict(getattr(model, "inference", None) or {}),
         "preprocessing": {
             "input": "RGB float32 in [0, 1]: uint8 / 255, uint16 / 65535, gray replicated to 3 channels, "
             "alpha dropped",

@@ -300,7 +300,9 @@ def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
             # Imported here: onnxruntime is an optional dependency (the `export` extra).
             from uniultra.inference.onnx_predictor import OnnxPredictor
 
-            return OnnxPredictor(spec_str[len(prefix):], int8=int8, **onnx_options)
+            onnx = OnnxPredictor(spec_str[len(prefix):], int8=int8, **onnx_options)
+            zoom = (onnx.metadata.get("inference") or {}).get("zoom")
+            return ZoomPredictor(onnx, zoom["margin"]) if zoom else onnx
     return predictor_for(load_any_model(spec, image_size=image_size, device=device))
 
 
