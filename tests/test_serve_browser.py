@@ -32,8 +32,7 @@ from PIL import Image
 
 from uniultra.data.phantom import make_phantom
 from uniultra.evaluation.metrics import dice_score
-from uniultra.inference.loading import bundled_default_path, load_model
-from uniultra.inference.predictor import Predictor
+from uniultra.inference.loading import bundled_default_path, load_model, predictor_for
 from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -188,7 +187,7 @@ def test_browser_box_and_taps_give_the_predictors_masks(page, phantom, checkpoin
     truth_phantom, image_path = phantom
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        predictor = Predictor(load_model(checkpoint))
+        predictor = predictor_for(load_model(checkpoint))  # zoomed, as the server runs the default
     predictor.set_image(truth_phantom.image)
 
     # Open the image through the file picker (the upload API).

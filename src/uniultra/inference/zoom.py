@@ -48,7 +48,7 @@ class ZoomPredictor(ImageSession):
 
     def __getattr__(self, name: str):
         # Everything but set_image/predict (model, modality, mask_threshold, ...) is the wrapped predictor's.
-        if name == "predictor":
+        if name in ("predictor", "predict_auto"):
             raise AttributeError(name)
         return getattr(self.predictor, name)
 
@@ -75,7 +75,15 @@ class ZoomPredictor(ImageSession):
         self._encode_whole_image()
         return self.predictor.predict_without_prompt(return_logits)
 
-    def predict_auto(self, modality: str | None = None, return_logits: bool = False):
+    @property
+    def predict_auto(self):
+        """The wrapped predictor's automatic head on the whole image; absent (AttributeError) when it
+        has none, so that callers can tell, as with any predictor."""
+        if not callable(getattr(self.predictor, "predict_auto", None)):
+            raise AttributeError("predict_auto: the wrapped predictor has no automatic head")
+        return self._predict_auto
+
+    def _predict_auto(self, modality: str | None = None, return_logits: bool = False):
         self._encode_whole_image()
         return self.predictor.predict_auto(modality, return_logits)
 
