@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dataset_factory import write_pair
+from uniultra.atomic import file_sha256
 from uniultra.cli import main
 from uniultra.config_io import ConfigError
 from uniultra.data.dataset import SegmentationDataset
@@ -26,7 +27,7 @@ from uniultra.distill.coreset import (
     select_indices,
 )
 from uniultra.engine.config import DataEntry, TrainConfig
-from uniultra.models.checkpoint import file_sha256, save_model
+from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
 
 SIZE = 64

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from uniultra import __version__
+from uniultra.atomic import file_sha256
 from uniultra.cli import main
 from uniultra.data.phantom import make_phantom
 from uniultra.export import OnnxPredictor, onnx_export
@@ -201,7 +202,7 @@ def test_metadata_describes_the_export(exported):
     assert meta["model"]["config"] == json.loads(json.dumps(model.config.to_dict()))
     assert set(meta["files"]) == {"encoder", "decoder", "encoder_int8"}
     for entry in meta["files"].values():
-        assert md.file_sha256(out / entry["path"]) == entry["sha256"]
+        assert file_sha256(out / entry["path"]) == entry["sha256"]
     assert max(meta["export_check_max_abs"].values()) < 0.5
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [md.ENCODER_FILE, md.DECODER_FILE, md.ENCODER_INT8_FILE, md.METADATA_FILE])

@@ -158,7 +158,7 @@ def run_coreset(args: argparse.Namespace) -> int:
 def _teacher_identity(args: argparse.Namespace) -> dict:
     if args.teacher is None:
         return {"path": None, "sha256": None, "size": None}
-    from uniultra.models.checkpoint import file_sha256
+    from uniultra.atomic import file_sha256
 
     if not Path(args.teacher).is_file():
         raise FileNotFoundError(f"teacher checkpoint {args.teacher} does not exist")

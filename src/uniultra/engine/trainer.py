@@ -41,6 +41,7 @@ from torch import nn
 
 from uniultra.config_io import ConfigError, from_dict, merge_dicts
 from uniultra.engine import data as D
+from uniultra.engine import zoom_data as Z
 from uniultra.engine.checkpointing import (
     check_config_unchanged,
     check_world_size,
@@ -58,8 +59,11 @@ from uniultra.engine.losses import segmentation_loss
 from uniultra.engine.optimisation import Optimisation
 from uniultra.engine.rng import seed_all
 from uniultra.engine.weights_hash import write_weights_hash
+from uniultra.evaluation.evaluate import ModelMethod, evaluate_dataset
 from uniultra.inference.loading import load_base_model
+from uniultra.inference.predictor import Predictor
 from uniultra.inference.transforms import upsample_logits
+from uniultra.inference.zoom import ZoomPredictor
 from uniultra.models.checkpoint import CONTROLLER_META, INFERENCE_META, WEIGHTS_FULL, WEIGHTS_TRAINED, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
@@ -283,8 +287,6 @@ class Trainer(EpochLoop):
             self._say("WARNING: no validation split: best.pt will hold the last epoch's weights")
 
     def _setup_zoom_data(self) -> None:
-        from uniultra.engine import zoom_data as Z
-
         cfg = self.config
         if self._set_modalities([]) is not None:
             raise ValueError("zoomed training does not support a modality controller yet")
@@ -440,9 +442,6 @@ class Trainer(EpochLoop):
     @torch.no_grad()
     def _validate_zoom(self) -> dict[str, Any] | None:
         """The val splits through the zoomed predictor and the evaluation loop: what users get."""
-        from uniultra.evaluation.evaluate import ModelMethod, evaluate_dataset
-        from uniultra.inference.predictor import Predictor
-        from uniultra.inference.zoom import ZoomPredictor
         from uniultra.peft.apply import set_train_mode
 
         if not self.val_datasets:

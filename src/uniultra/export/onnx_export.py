@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from uniultra import __version__
-from uniultra.atomic import atomic_write, atomic_write_text
+from uniultra.atomic import atomic_write, atomic_write_text, file_sha256
 from uniultra.inference import onnx_format as md
 from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.models.image_model import PIXEL_MEAN, PIXEL_STD, SAM2ImageModel
@@ -482,7 +482,7 @@ def build_metadata(
         "files": {
             key: {
                 "path": path.name,
-                "sha256": md.file_sha256(path),
+                "sha256": file_sha256(path),
                 "bytes": path.stat().st_size,
                 **_io_spec(key, model),
             }

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from uniultra.atomic import file_sha256
 from uniultra.inference.auto_predictor import AutoPredictor
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.zoom import ZoomPredictor
@@ -29,7 +30,6 @@ from uniultra.models.checkpoint import (
     WEIGHTS_TRAINED,
     CheckpointError,
     LoadReport,
-    file_sha256,
     load_official,
     load_state_into,
     read_checkpoint,

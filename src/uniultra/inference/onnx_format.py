@@ -8,11 +8,12 @@ the sha256 of every file so a mismatched or half-replaced directory is detected 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from uniultra.atomic import file_sha256
 
 FORMAT_NAME = "uniultra-onnx"
 FORMAT_VERSION = 1
@@ -47,12 +48,6 @@ class ExportFormatError(ValueError):
     """An export directory that cannot be used; the message names the file and the problem."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_metadata(export_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:

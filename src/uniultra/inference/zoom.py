@@ -54,6 +54,7 @@ class ZoomPredictor(ImageSession):
 
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
         image = self.load_image(image)
+        # Nothing is encoded yet: each object's crop is, in predict; the session keeps the image itself.
         self._remember(image, image)
         self._whole_image_set = False
 

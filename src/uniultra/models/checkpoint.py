@@ -20,7 +20,6 @@ A UniUltra file's `meta` may describe how it was trained (written by `uniultra t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -169,13 +168,6 @@ def without_auto_head(
     return {k: v for k, v in state.items() if not k.startswith(AUTO_HEAD_PREFIX)}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Identity of a base checkpoint, recorded in adapter-only checkpoints."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
