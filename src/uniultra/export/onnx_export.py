@@ -37,6 +37,7 @@ from uniultra import __version__
 from uniultra.atomic import atomic_write, atomic_write_text, file_sha256
 from uniultra.inference import onnx_format as md
 from uniultra.inference.prompts import LOGIT_CLAMP
+from uniultra.models.box_prior import box_ellipse_logits
 from uniultra.models.image_model import PIXEL_MEAN, PIXEL_STD, SAM2ImageModel
 from uniultra.models.prompt_labels import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
 
@@ -159,6 +160,10 @@ class DecoderGraph(nn.Module):
         n = sparse.shape[0]
         h, w = prompt_encoder.image_embedding_size
         no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        if self.model.config.decoder.box_prior:
+            prior, has_box = box_ellipse_logits(point_coords, point_labels, prompt_encoder.mask_input_size,
+                                                self.model.config.image_size)
+            no_mask = prompt_encoder.masks_where(prior, has_box)
         dense = torch.where(has_mask_input.reshape(1, 1, 1, 1) > 0.5, prompt_encoder._embed_masks(mask_input), no_mask)
         masks, iou, _, obj = decoder.predict_masks(
             image_embed.expand(n, -1, -1, -1),

@@ -61,6 +61,9 @@ class DecoderConfig:
     # lattice in the logits that shows as pin-holes where the model is unsure
     # (benchmarks/probe_lattice.py). 1 is nearly neutral on a model trained without it; 2 needs training.
     upscale_blur: int = 0
+    # The box's inscribed ellipse as the dense mask prompt of every box prompt given no mask
+    # (uniultra.models.box_prior). No weights either; off by default (SAM2's behaviour).
+    box_prior: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from uniultra.models.box_prior import box_ellipse_logits
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_encoder import ImageEncoder
 from uniultra.models.mask_decoder import MaskDecoder
@@ -123,6 +124,10 @@ class SAM2ImageModel(nn.Module):
         """
         points = merge_boxes_into_points(points, boxes)
         sparse, dense = self.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
+        if mask_input is None and points is not None and self.config.decoder.box_prior:
+            encoder = self.sam_prompt_encoder
+            prior, has_box = box_ellipse_logits(*points, encoder.mask_input_size, self.config.image_size)
+            dense = encoder.masks_where(prior, has_box)
         n_prompts = sparse.shape[0]
         n_images = features.image_embed.shape[0]
         if n_images not in (1, n_prompts):

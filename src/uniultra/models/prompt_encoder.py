@@ -145,6 +145,11 @@ class PromptEncoder(nn.Module):
             )
         return self.mask_downscaling(masks)
 
+    def masks_where(self, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Dense embedding of `masks` (N, 1, 4h, 4w) where `present` (N,) is true, else "no mask"."""
+        no_mask = self.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return torch.where(present.reshape(-1, 1, 1, 1), self._embed_masks(masks), no_mask)
+
     def forward(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None,
