@@ -93,7 +93,7 @@ def main() -> None:
     methods = {"model": make_method(args.model)}
     if not args.no_ellipse and not args.rows:
         methods["ellipse"] = make_method("baseline:ellipse")
-    rows: dict[str, dict] = json.loads(out.read_text())["rows"] if args.rows else {}
+    rows: dict[str, dict] = json.loads(out.read_text())["rows"] if args.rows and out.is_file() else {}
     for label, method in methods.items():
         for row, mode, jitter in ROWS:
             if (label == "ellipse" and mode != "box") or (args.rows and row not in args.rows):

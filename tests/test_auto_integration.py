@@ -244,7 +244,8 @@ def serve_client():
         from fastapi.testclient import TestClient
     from uniultra.serve.app import create_app
 
-    return lambda model: TestClient(create_app(model, cache_size=4))
+    # The app answers only to local host names (its Host allow-list); TestClient says "testserver".
+    return lambda model: TestClient(create_app(model, cache_size=4), base_url="http://localhost")
 
 
 def _upload(client, image) -> str:

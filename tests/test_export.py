@@ -309,18 +309,27 @@ def test_bench_speed_smoke(tmp_path, capsys):
 
     md_file = tmp_path / "BENCHMARKS.md"
     md_file.write_text("# Benchmarks\n\n## Someone else's section\n\nkeep me\n")
+    # Every runtime but the OpenVINO INT8 encoder (its NNCF calibration is tested in test_openvino.py).
     argv = ["bench", "speed", "--models", "mini", "--size", "64", "--repeats", "1", "--warmup", "0",
-            "--image-size", "90x120", "--out-dir", str(tmp_path / "results"), "--markdown", str(md_file)]
+            "--image-size", "90x120", "--out-dir", str(tmp_path / "results"), "--markdown", str(md_file),
+            "--runtime", "torch,torch-bf16,onnx,onnx-int8,openvino,openvino-bf16", "--peak-size", "128"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| mini | PyTorch eager |" in table and "| mini | onnxruntime int8 enc. |" in table
     (result_file,) = (tmp_path / "results").glob("speed-*.json")
     results = json.loads(result_file.read_text())
-    assert results["machine"]["cpu"] and results["machine"]["onnxruntime"]
+    machine = results["machine"]
+    assert machine["cpu"] and machine["onnxruntime"] and "avx512_bf16" in machine["isa"]
+    assert machine["matmul_peak_gflop_per_s"]["fp32"] > 0 and machine["matmul_peak_gflop_per_s"]["bf16"] > 0
     mini = results["models"]["mini"]
-    for runtime in ("torch", "ort-fp32", "ort-int8"):
+    measured = [r for r in ("torch", "torch-bf16", "ort-fp32", "ort-int8", "openvino", "openvino-bf16")
+                if r not in results["skipped_runtimes"]]
+    assert {"torch", "ort-fp32", "ort-int8"} <= set(measured) and "openvino-int8" not in mini["latency_ms"]
+    for runtime in measured:
         assert set(mini["latency_ms"][runtime]) == {"preprocess", "encoder", "decoder", "end_to_end"}
         assert mini["peak_rss_mb"][runtime]["peak"] > 0
+        assert mini["efficiency"][runtime]["fraction_of_fp32_peak"] > 0
+    assert "fp32 FLOP bound" in table and "matmul peak" in table
     assert mini["params"]["encoder"] > 0 and mini["gflops"]["encoder"] > 0
     text = md_file.read_text()
     assert "keep me" in text and "<!-- bench:speed:start -->" in text and "| mini |" in text

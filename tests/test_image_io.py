@@ -8,6 +8,7 @@ from PIL import Image
 
 from uniultra.data.image_io import (
     ImageReadError,
+    normalize_intensity,
     read_image,
     read_mask,
     resize_image,
@@ -16,8 +17,10 @@ from uniultra.data.image_io import (
 )
 
 
-def write_dicom(path, frames: np.ndarray, bits_stored: int | None = None, photometric: str = "MONOCHROME2"):
-    """Minimal uncompressed DICOM; `frames` is HxW, HxWx3 or FxHxW."""
+def write_dicom(path, frames: np.ndarray, bits_stored: int | None = None, photometric: str = "MONOCHROME2",
+                **elements):
+    """Minimal uncompressed DICOM; `frames` is HxW, HxWx3 or FxHxW; `elements` are set on the dataset
+    (e.g. WindowCenter=..., PixelSpacing=[...])."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -40,6 +43,8 @@ def write_dicom(path, frames: np.ndarray, bits_stored: int | None = None, photom
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -59,12 +64,36 @@ def test_gray8_png_round_trip_and_float(tmp_path, gray8):
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
-def test_gray16_keeps_uint16_and_divides_by_65535(tmp_path, suffix):
-    values = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)
+def test_gray16_keeps_uint16_and_divides_by_its_bit_depth(tmp_path, suffix):
+    values = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)  # max 59950: 16 bits
     Image.fromarray(values).save(tmp_path / f"a{suffix}")
     image = read_image(tmp_path / f"a{suffix}")
     assert image.dtype == np.uint16 and np.array_equal(image, values)
     assert np.allclose(to_rgb_float(image)[..., 0], values / 65535.0)
+
+
+def test_12_bit_data_in_16_bits_maps_like_its_8_bit_original(tmp_path, gray8):
+    gray8 = gray8.copy()
+    gray8[0, 0] = 255
+    for wide in (gray8.astype(np.uint16) * 16, np.rint(gray8 * (4095 / 255)).astype(np.uint16)):
+        Image.fromarray(wide).save(tmp_path / "w.png")
+        image = read_image(tmp_path / "w.png")
+        assert image.dtype == np.uint16
+        assert np.allclose(to_rgb_float(image), to_rgb_float(gray8), atol=16 / 4095)
+
+
+def test_normalize_intensity_rules():
+    gray8 = np.array([[0, 200]], np.uint8)
+    assert normalize_intensity(gray8) is gray8  # 8-bit data keeps its values (existing models unchanged)
+    floats = np.array([[0.2, 0.4]], np.float32)
+    assert normalize_intensity(floats) is floats
+    ten_bit = np.array([[0, 1023, 512]], np.uint16)
+    assert np.allclose(normalize_intensity(ten_bit), [[0, 1, 512 / 1023]])
+    assert np.allclose(normalize_intensity(np.array([[0, 200]], np.uint16)), [[0, 200 / 255]])  # at least 8 bits
+    signed = np.array([[-1000, 0, 1000]], np.int16)
+    assert np.allclose(normalize_intensity(signed), [[0, 0.5, 1]])
+    once = normalize_intensity(ten_bit)
+    assert np.array_equal(normalize_intensity(once), once)  # idempotent
 
 
 def test_rgb_and_rgba(tmp_path):
@@ -91,6 +120,28 @@ def test_dicom_single_frame_and_bits_stored(tmp_path):
     # 12 stored bits are stretched to the uint16 range: 4095 -> 65535, 0 -> 0, 1000 -> 16004.
     assert image[0, 1] == 65535 and image[0, 0] == 0 and image[25, 0] == round(1000 * 65535 / 4095)
     assert np.allclose(to_rgb_float(image)[..., 0], values / 4095.0, atol=1e-4)
+
+
+def test_dicom_window_centre_width_is_applied(tmp_path):
+    values = np.array([[0, 1000, 1500, 2000, 4095]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "w.dcm", values, bits_stored=12, WindowCenter=1500, WindowWidth=1001)
+    image = read_image(path)
+    # DICOM LINEAR window (PS3.3 C.11.2.1.2): 999.5 and below -> black, above 1999.5 -> white.
+    assert image.dtype == np.float32
+    assert np.allclose(image, [[0, 0.0005, 0.5, 1, 1]], atol=1e-3)
+    inverted = read_image(write_dicom(tmp_path / "m1.dcm", values, bits_stored=12, photometric="MONOCHROME1",
+                                      WindowCenter=1500, WindowWidth=1001))
+    assert np.allclose(inverted, 1 - image)
+
+
+def test_dicom_window_with_rescale_and_8_bit_untouched(tmp_path):
+    values = np.array([[0, 100, 200]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "r.dcm", values, bits_stored=12, RescaleSlope=2, RescaleIntercept=-100,
+                       WindowCenter=100, WindowWidth=201)  # in rescaled units: the values are -100, 100, 300
+    assert np.allclose(read_image(path), [[0, 0.5, 1]], atol=0.01)
+    gray8 = np.array([[0, 100, 255]], dtype=np.uint8)
+    path8 = write_dicom(tmp_path / "8.dcm", gray8, WindowCenter=50, WindowWidth=20)
+    assert np.array_equal(read_image(path8), gray8)
 
 
 def test_dicom_rgb(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import re
 import threading
 import time
 import warnings
@@ -56,12 +57,17 @@ def model() -> SAM2ImageModel:
 
 @pytest.fixture(scope="module")
 def client(model) -> TestClient:
-    return TestClient(create_app(model, max_upload_mb=MAX_UPLOAD_MB, cache_size=64))
+    return local_client(create_app(model, max_upload_mb=MAX_UPLOAD_MB, cache_size=64))
 
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
     return make_phantom(5, (H, W)).image
+
+
+def local_client(app) -> TestClient:
+    """A client that names an allowed host (TestClient's default Host, testserver, is refused)."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -158,10 +164,10 @@ def test_jpeg_and_16bit_dicom_uploads(client, image, tmp_path):
     assert np.abs(shown.astype(int) - image).max() <= 1
 
 
-def test_multiframe_dicom_needs_a_frame(client, image, tmp_path, image_id):
+def test_multiframe_dicom_is_a_cine_loop_or_one_chosen_frame(client, image, tmp_path, image_id):
     path = write_dicom(tmp_path / "cine.dcm", np.stack([image, image[::-1]]))
-    refused = upload(client, path.read_bytes(), "cine.dcm", "application/dicom")
-    assert refused.status_code == 400 and "frame" in refused.json()["detail"]
+    loop = upload(client, path.read_bytes(), "cine.dcm", "application/dicom")
+    assert loop.status_code == 200 and loop.json()["frames"] == 2  # tests/test_serve_cine_seg.py: the rest
     chosen = client.post("/api/images?frame=1", files={"file": ("cine.dcm", path.read_bytes(), "application/dicom")})
     assert chosen.status_code == 200 and chosen.json()["height"] == H
     assert_still_serving(client, image_id)
@@ -203,7 +209,7 @@ def test_upload_errors(client, image_id, name, data, ctype, status, message):
 
 
 def test_file_just_over_the_limit_is_413_even_with_small_framing(model, image):
-    client = TestClient(create_app(model, max_upload_mb=0.01))
+    client = local_client(create_app(model, max_upload_mb=0.01))
     big = encode(np.random.default_rng(0).integers(0, 255, (H, W), dtype=np.uint8))
     assert len(big) > 0.01 * 2**20
     response = upload(client, big)
@@ -223,7 +229,7 @@ def test_chunked_oversized_upload_is_cut_off(client, image_id):
 
 
 def test_image_over_the_pixel_limit_is_413(model, image):
-    client = TestClient(create_app(model, max_pixels=10_000))
+    client = local_client(create_app(model, max_pixels=10_000))
     response = upload(client, encode(image))
     assert response.status_code == 413 and f"{W} x {H}" in response.json()["detail"]
 
@@ -272,7 +278,7 @@ def test_mask_before_any_prompt_is_404(client, image):
 
 
 def test_cache_is_lru_and_bounded(model, image):
-    client = TestClient(create_app(model, cache_size=2))
+    client = local_client(create_app(model, cache_size=2))
     a, b = (upload(client, encode(image)).json()["id"] for _ in range(2))
     assert client.post(f"/api/images/{a}/predict", json={"box": BOX}).status_code == 200  # a is now recent
     c = upload(client, encode(image)).json()["id"]
@@ -307,7 +313,7 @@ def test_model_calls_are_serialised():
             self._enter()
             return np.zeros((1, *self.hw), bool), np.array([0.5], np.float32), None
 
-    client = TestClient(create_app(SlowPredictor, serve_static=False))
+    client = local_client(create_app(SlowPredictor, serve_static=False))
     png = encode(np.zeros((40, 50), np.uint8))
     ids = [upload(client, png).json()["id"] for _ in range(2)]
     state["max_active"] = 0
@@ -341,6 +347,9 @@ def test_openapi_documents_the_endpoints(client):
 
 
 def test_page_and_its_files_are_served(client):
+    # A browser of its own: the page sets a session cookie, which would move the shared client
+    # (a cookie-less API client until now) into another session than its uploads.
+    client = local_client(client.app)
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     for label in ("Open image", "Box mode", "Point mode", "Positive point", "Negative point", "Undo", "Clear",
@@ -381,11 +390,120 @@ def test_serve_command_warns_loudly_off_loopback(monkeypatch, capsys):
             warnings.simplefilter("ignore")  # random weights
             return args.func(args)
 
-    assert serve("--host", "0.0.0.0", "--port", "9") == 0
+    monkeypatch.delenv("UNIULTRA_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="refusing to start without an access token"):
+        serve("--host", "0.0.0.0", "--port", "9")
+    assert calls == []
+    assert serve("--host", "0.0.0.0", "--port", "9", "--token", "s3cret") == 0
     assert calls == [{"host": "0.0.0.0", "port": 9, "log_level": "info"}]
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "0.0.0.0:9" in err and "no authentication" in err.replace("\n", " ")
+    captured = capsys.readouterr()
+    assert "WARNING" in captured.err and "0.0.0.0:9" in captured.err
+    assert "no encryption" in captured.err.replace("\n", " ")
+    assert "/?token=s3cret" in captured.out
+    monkeypatch.setenv("UNIULTRA_TOKEN", "from-env")
+    assert serve("--host", "192.168.1.5") == 0 and "/?token=from-env" in capsys.readouterr().out
+    monkeypatch.delenv("UNIULTRA_TOKEN")
     assert serve() == 0
     assert calls[-1]["host"] == "127.0.0.1" and "WARNING" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="cache-size"):
         serve("--cache-size", "0")
+
+
+# --- hardening: body limits, Host allow-list, token, sessions, decodes, offline docs ----------------
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("post", "/api/images/{id}/predict"), ("post", "/api/images/{id}/auto"), ("delete", "/api/images/{id}"),
+    ("get", "/api/health")])
+def test_every_endpoint_limits_its_body(client, image_id, method, path):
+    body = b'{"box": [' + b"1, " * 40_000 + b"2]}"  # 120 KB of JSON
+    response = client.request(method.upper(), path.format(id=image_id), content=body,
+                              headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "exceeds the limit of 64 KB" in response.json()["detail"]
+    assert_still_serving(client, image_id)
+
+
+def test_requests_for_other_host_names_are_refused(model):
+    app = create_app(model, serve_static=False, allowed_hosts=["localhost", "127.0.0.1", "::1", "scanner.local"])
+    client = TestClient(app)  # Host: testserver
+    response = client.get("/api/health")
+    assert response.status_code == 400
+    assert "host 'testserver' is not allowed" in response.json()["detail"]
+    assert "--allow-host testserver" in response.json()["detail"]
+    assert client.get("/api/health", headers={"Host": "evil.example:8000"}).status_code == 400
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "Scanner.Local"):
+        assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
+    assert TestClient(create_app(model, serve_static=False, allowed_hosts=["*"])).get("/api/health").status_code == 200
+
+
+def test_token_is_required_on_every_endpoint(model, image):
+    client = local_client(create_app(model, token="s3cret"))
+    for method, path in [("get", "/api/health"), ("post", "/api/images"), ("get", "/api/images/x/mask.png"),
+                         ("post", "/api/images/x/predict"), ("delete", "/api/images/x"), ("get", "/docs"),
+                         ("get", "/openapi.json"), ("get", "/"), ("get", "/app.js"), ("get", "/?token=wrong")]:
+        response = client.request(method.upper(), path)
+        assert response.status_code == 401, (method, path)
+        assert "access token" in response.json()["detail"]
+        assert response.headers["www-authenticate"] == "Bearer"
+    bearer = {"Authorization": "Bearer s3cret"}
+    assert client.get("/api/health", headers=bearer).status_code == 200
+    assert client.get("/api/health", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+    uploaded = client.post("/api/images", files={"file": ("a.png", encode(image), "image/png")}, headers=bearer)
+    assert uploaded.status_code == 200
+    # The page's login: the token from the printed address moves into an HttpOnly cookie.
+    login = client.get("/?token=s3cret", follow_redirects=False)
+    assert login.status_code == 303 and login.headers["location"] == "/"
+    assert "httponly" in login.headers["set-cookie"].lower()
+    assert client.get("/").status_code == 200 and client.get("/api/health").status_code == 200
+
+
+def test_each_client_has_its_own_bounded_cache(model, image):
+    app = create_app(model, cache_size=2, total_cache_size=3)
+    alice, bob = local_client(app), local_client(app)
+    for browser in (alice, bob):
+        assert browser.get("/").status_code == 200  # the page gives each browser its session cookie
+    assert alice.cookies["uniultra_session"] != bob.cookies["uniultra_session"]
+    a1 = upload(alice, encode(image)).json()["id"]
+    assert bob.post(f"/api/images/{a1}/predict", json={"box": BOX}).status_code == 404
+    assert bob.get(f"/api/images/{a1}/image.png").status_code == 404
+    assert bob.delete(f"/api/images/{a1}").status_code == 404
+    b1, b2 = (upload(bob, encode(image)).json()["id"] for _ in range(2))
+    assert alice.post(f"/api/images/{a1}/predict", json={"box": BOX}).status_code == 200  # bob evicted nothing of hers
+    health = alice.get("/api/health").json()
+    assert (health["cached_images"], health["cached_images_total"], health["total_cache_size"]) == (1, 3, 3)
+    a2 = upload(alice, encode(image)).json()["id"]  # 4 > 3 for the server: the least recent image (b1) goes
+    assert bob.get(f"/api/images/{b1}/image.png").status_code == 404
+    assert bob.get(f"/api/images/{b2}/image.png").status_code == 200
+    for kept in (a1, a2):
+        assert alice.get(f"/api/images/{kept}/image.png").status_code == 200
+
+
+def test_concurrent_decodes_are_bounded():
+    class SlowPredictor:
+        def set_image(self, image):
+            time.sleep(0.4)
+
+    app = create_app(SlowPredictor, serve_static=False, max_decodes=1, decode_wait_s=0.05)
+    client = local_client(app)
+    png = encode(np.zeros((20, 30), np.uint8))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        responses = list(pool.map(lambda _: upload(client, png), range(2)))
+    assert sorted(r.status_code for r in responses) == [200, 503]
+    busy = next(r for r in responses if r.status_code == 503)
+    assert "busy" in busy.json()["detail"] and busy.headers["retry-after"]
+    assert upload(client, png).status_code == 200  # the slot is free again
+
+
+def test_docs_page_works_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    html = page.text
+    for text in ("/api/images/{image_id}/predict", "PredictRequest", "mask_png_base64", "413"):
+        assert text in html
+    assert "http://" not in html and "https://" not in html and "//" not in html.replace("<!doctype", "")
+    assert "<script" not in html and "style=" not in html  # nothing the Content-Security-Policy would block
+    links = re.findall(r'(?:href|src)="([^"]*)"', html)
+    assert links and all(link.startswith(("/", "#")) for link in links)
+    style = client.get("/docs.css")
+    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
+    assert client.get("/redoc").status_code == 404

@@ -14,6 +14,7 @@ the `playwright` package comes from the [test] extra; `playwright install` is ne
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -314,3 +315,212 @@ def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_p
     predictor = AutoPredictor(load_auto_model(path))
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("ddti")[0])
+
+
+# --- issue #14: window/level, several objects, outline, zoom, downloads, cine loops, /docs --------
+# The tests below reuse the module's server (the previous test pointed the page elsewhere).
+
+
+def _canvas_rgba(page) -> np.ndarray:
+    pixels = page.evaluate(
+        """() => { const c = document.getElementById('view');
+                   return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+    canvas = page.locator("#view")
+    height, width = int(canvas.get_attribute("height")), int(canvas.get_attribute("width"))
+    return np.asarray(pixels, dtype=np.uint8).reshape(height, width, 4).astype(int)
+
+
+def _set_range(page, selector: str, value: float) -> None:
+    page.eval_on_selector(selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input')); }",
+                          value)
+
+
+def _drag_box(page, box: list[int]) -> dict:
+    """Drag `box` (image pixels) on the canvas as it is shown now (zoomed or not); the /predict answer."""
+    rect = page.locator("#view").bounding_box()
+    view = page.locator("#view")
+    width, height = int(view.get_attribute("width")), int(view.get_attribute("height"))
+
+    def client(x: float, y: float) -> tuple[float, float]:
+        return rect["x"] + x * rect["width"] / width, rect["y"] + y * rect["height"] / height
+
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as response:
+        page.mouse.move(*client(box[0], box[1]))
+        page.mouse.down()
+        page.mouse.move(*client((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), steps=3)
+        page.mouse.move(*client(box[2], box[3]), steps=3)
+        page.mouse.up()
+    assert response.value.status == 200, response.value.text()
+    _wait_ready(page)
+    return response.value.json()
+
+
+def _open(page, server, path: Path, ready: str = "ready") -> None:
+    from playwright.sync_api import expect
+
+    if not page.url.startswith(server):
+        page.goto(server)
+    page.get_by_label("Open image").first.set_input_files(str(path))
+    expect(page.locator("#status")).to_contain_text(ready)
+
+
+def _served_mask(result: dict) -> np.ndarray:
+    import base64
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask_png_base64"])))) > 0
+
+
+def test_window_level_changes_the_display_only(page, server, phantom):
+    _, image_path = phantom
+    _open(page, server, image_path)
+    before = _canvas_rgba(page)
+    _set_range(page, "#wl-width", 64)  # a narrow window: more contrast around the level
+    narrow = _canvas_rgba(page)
+    assert np.abs(narrow - before).mean() > 10
+    assert narrow[..., :3].std() > before[..., :3].std()
+    page.get_by_role("button", name="Reset window").click()
+    np.testing.assert_array_equal(_canvas_rgba(page), before)  # the defaults are the identity
+
+
+def test_two_labelled_objects_measurements_outline_zoom_and_downloads(page, server, tmp_path):
+    import json
+
+    from playwright.sync_api import expect
+
+    from uniultra.data.prompts import component_boxes
+
+    two = make_phantom(2, (H, W), n_lesions=2, geometry="linear")
+    path = tmp_path / "two lesions.png"
+    Image.fromarray(two.image).save(path)
+    _open(page, server, path)
+    page.get_by_label("Pixel spacing in mm per pixel").fill("0.1")
+    page.get_by_label("Pixel spacing in mm per pixel").press("Tab")  # `change` fires on leaving the field
+    boxes = [[int(v) for v in b[:2]] + [int(b[2]) + 4, int(b[3]) + 4] for b in component_boxes(two.mask)]
+    boxes = [[max(b[0] - 3, 0), max(b[1] - 3, 0), min(b[2], W), min(b[3], H)] for b in boxes]
+
+    first = _drag_box(page, boxes[0])
+    page.get_by_role("button", name="Add object").click()
+    page.get_by_label("Name of object 2").fill("second lesion")
+    # Zoomed in, the box is still sent in image pixels.
+    unzoomed = page.locator("#view").bounding_box()["width"]
+    page.get_by_role("button", name="Zoom in").click()
+    assert page.locator("#view").bounding_box()["width"] == pytest.approx(1.5 * unzoomed, rel=0.01)
+    page.get_by_role("button", name="Reset zoom").click()
+    rect = page.locator("#view").bounding_box()
+    scale = rect["width"] / W
+    x0, y0, x1, y1 = boxes[1]
+    page.mouse.move(rect["x"] + scale * (x0 + x1) / 2, rect["y"] + scale * (y0 + y1) / 2)
+    page.mouse.wheel(0, -300)  # zooms about the pointer: the box stays in view
+    expect(page.locator("#view")).not_to_have_attribute("style", re.compile(r"scale\(1\)"))
+    second = _drag_box(page, boxes[1])
+    assert first["box"] == boxes[0] and second["box"] == boxes[1]
+    page.get_by_role("button", name="Reset zoom").click()
+
+    rows = page.locator("#objects li")
+    expect(rows).to_have_count(2)
+    for index, result in enumerate((first, second)):
+        assert result["pixel_spacing_mm"] == [0.1, 0.1] and result["measurements"]
+        area = sum(m["area_mm2"] for m in result["measurements"])
+        assert area == pytest.approx(result["foreground_pixels"] * 0.01)
+        expect(rows.nth(index).locator(".measure")).to_contain_text(f"{result['measurements'][0]['area_mm2']:.1f} mm²")
+
+    masks = [_served_mask(first), _served_mask(second)]
+    _check_outline_toggle(page, masks)
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download mask").click()
+    assert download.value.suggested_filename == "two lesions_mask.png"
+    label_map = np.asarray(Image.open(download.value.path()))
+    expected = np.where(masks[1], 2, np.where(masks[0], 1, 0))
+    assert label_map.dtype == np.uint8 and label_map.ndim == 2
+    np.testing.assert_array_equal(label_map, expected)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download labels JSON").click()
+    assert download.value.suggested_filename == "two lesions_mask.json"
+    labels = json.loads(Path(download.value.path()).read_text())
+    assert [o["name"] for o in labels["objects"]] == ["object 1", "second lesion"]
+    assert [o["value"] for o in labels["objects"]] == [1, 2] and labels["pixel_spacing_mm"] == [0.1, 0.1]
+    assert labels["objects"][1]["measurements"] == second["measurements"]
+
+
+def _check_outline_toggle(page, masks: list[np.ndarray]) -> None:
+    """Turning the outline off changes only pixels on the masks' borders."""
+    from scipy import ndimage
+
+    with_outline = _canvas_rgba(page)
+    page.get_by_label("Outline").uncheck()
+    without = _canvas_rgba(page)
+    page.get_by_label("Outline").check()
+    changed = np.abs(with_outline - without).sum(axis=2) > 0
+    border = np.zeros_like(changed)
+    for mask in masks:
+        border |= mask & ~ndimage.binary_erosion(mask, border_value=0)
+    assert changed.any() and not (changed & ~border).any()
+
+
+def test_cine_dicom_frame_slider_and_propagate(page, server, tmp_path):
+    from playwright.sync_api import expect
+
+    from test_image_io import write_dicom
+
+    base = make_phantom(4, (H, W), geometry="linear")
+    frames = np.stack([np.roll(base.image, 4 * i, axis=1) for i in range(3)])  # the lesion drifts right
+    path = write_dicom(tmp_path / "loop.dcm", frames)
+    _open(page, server, path, ready="3 frames, ready")
+    expect(page.get_by_label("Frame", exact=True)).to_be_visible()
+    box = _truth_box(base.mask)
+    _drag_box(page, box)
+    with page.expect_response(lambda r: r.url.endswith("/propagate")) as response:
+        page.get_by_role("button", name="Propagate through the loop").click()
+    assert response.value.status == 200, response.value.text()
+    expect(page.locator("#status")).to_contain_text("Propagated object 1 through 3 frames")
+    result = response.value.json()
+    _set_range(page, "#frame", 2)
+    expect(page.locator("#status")).to_contain_text("Frame 3 of 3")
+    expect(page.locator("#frame-label")).to_have_text("3 / 3")
+    rgba = _canvas_rgba(page)
+    np.testing.assert_array_equal(rgba[..., 0][~_served_mask(result["frames"][2])], frames[2][~_served_mask(
+        result["frames"][2])])  # the frame's own pixels outside the mask
+    tinted = (rgba[..., 2] - rgba[..., 0]) > 20
+    assert (tinted == _served_mask(result["frames"][2])).mean() > 0.999
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download mask").click()
+    assert download.value.suggested_filename == "loop_frame2_mask.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(download.value.path())) > 0,
+                                  _served_mask(result["frames"][2]))
+
+
+def test_dicom_seg_download_reads_back(page, server, tmp_path):
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    from test_image_io import write_dicom
+
+    base = make_phantom(5, (H, W), geometry="linear")
+    path = write_dicom(tmp_path / "neck.dcm", base.image, PixelSpacing=[0.2, 0.2])
+    _open(page, server, path)
+    result = _drag_box(page, _truth_box(base.mask))
+    assert result["pixel_spacing_mm"] == [0.2, 0.2]  # the DICOM's, the spacing field being empty
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download DICOM SEG").click()
+    assert download.value.suggested_filename == "neck_seg.dcm"
+    seg = hd.seg.segread(download.value.path())
+    source_uid = pydicom.dcmread(path).SOPInstanceUID
+    back = seg.get_pixels_by_source_instance([source_uid], combine_segments=True)
+    np.testing.assert_array_equal(back[0] > 0, _served_mask(result))
+    assert seg.get_segment_description(1).segment_label == "object 1"
+
+
+def test_docs_render_offline(page, server):
+    from playwright.sync_api import expect
+
+    failed, foreign = [], []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.on("request", lambda r: None if r.url.startswith(server) else foreign.append(r.url))
+    page.goto(f"{server}/docs")
+    expect(page.get_by_text("/api/images/{image_id}/propagate").first).to_be_visible()
+    expect(page.get_by_text("/api/images/{image_id}/predict").first).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    assert failed == [] and foreign == []
+    page.goto(server)

@@ -1,6 +1,6 @@
 """Work run in a fresh process by `measure_peak_rss`: load a model, segment one image, exit.
 
-This module imports numpy only, so the ONNX Runtime worker's peak memory is that of a
+This module imports numpy only, so the ONNX Runtime and OpenVINO workers' peak memory is that of a
 torch-free deployment; torch is imported inside the PyTorch worker (and counted there).
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def torch_predict_once(preset_name: str, image_size: int, threads: int, image: np.ndarray, box: list[float]) -> None:
+def torch_predict_once(preset_name: str, image_size: int, threads: int, image: np.ndarray, box: list[float],
+                       bf16: bool = False) -> None:
     import torch
 
     from uniultra.inference.predictor import Predictor
@@ -17,7 +18,7 @@ def torch_predict_once(preset_name: str, image_size: int, threads: int, image: n
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    predictor = Predictor(SAM2ImageModel.from_preset(preset_name, image_size))
+    predictor = Predictor(SAM2ImageModel.from_preset(preset_name, image_size), cpu_bf16=bf16)
     predictor.set_image(image)
     predictor.predict(box=box)
 
@@ -26,5 +27,14 @@ def onnx_predict_once(export_dir: str, int8: bool, threads: int, image: np.ndarr
     from uniultra.inference.onnx_predictor import OnnxPredictor
 
     predictor = OnnxPredictor(export_dir, int8=int8, threads=threads, verify=False)
+    predictor.set_image(image)
+    predictor.predict(box=box)
+
+
+def openvino_predict_once(export_dir: str, precision: str, int8: bool, threads: int, image: np.ndarray,
+                          box: list[float]) -> None:
+    from uniultra.inference.openvino_predictor import OpenVinoPredictor
+
+    predictor = OpenVinoPredictor(export_dir, precision=precision, int8=int8, threads=threads, verify=False)
     predictor.set_image(image)
     predictor.predict(box=box)

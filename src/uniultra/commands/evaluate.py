@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from uniultra.commands.runtime_option import add_runtime_arg, model_spec
+
 
 def register(subparsers) -> None:
     from uniultra.data.prompts import PROMPT_MODES
@@ -20,7 +22,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", required=True,
                         help="checkpoint path, 'default', baseline:box, baseline:ellipse, "
-                        "or an ONNX export as onnx:DIR / onnx-int8:DIR")
+                        "or an ONNX export as onnx:DIR / onnx-int8:DIR / openvino:DIR / openvino-bf16:DIR "
+                        "(or see --runtime)")
     parser.add_argument("--data", action="append", required=True, metavar="DIR",
                         help="dataset folder (images/, masks/); repeat for several datasets")
     parser.add_argument("--split", default=None,
@@ -44,9 +47,13 @@ def register(subparsers) -> None:
                         help="model input size (model methods only; default: the checkpoint's own)")
     parser.add_argument("--seed", type=int, default=0, help="prompt seed (same prompts for every method)")
     parser.add_argument("--device", default="cpu")
+    add_runtime_arg(parser)
     parser.add_argument("--postprocess", action="store_true",
                         help="model methods: clip each object's mask to its box + 10 px (at 1024 scale), keep its "
                         "largest component, fill holes")
+    parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                        help="pixel size in mm, ROW_MM COL_MM (or one value for square pixels): HD and HD95 "
+                        "are then reported in mm (default: in pixels)")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here (atomic)")
     parser.add_argument("--overlays", type=Path, default=None, metavar="DIR",
                         help="write DIR/<dataset>/<stem>.png: truth outline green, prediction red")
@@ -55,11 +62,14 @@ def register(subparsers) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from uniultra.data.spacing import check_spacing
     from uniultra.evaluation.evaluate import check_method_prompt, evaluate, load_datasets, make_method
     from uniultra.evaluation.report import format_table, results_document, write_overlay
 
+    spacing = check_spacing(args.spacing) if args.spacing else None
     datasets = load_datasets(args.data, args.split, args.splits)
-    method = make_method(args.model, image_size=args.size, device=args.device, postprocess=args.postprocess,
+    spec = args.model if args.model.startswith("baseline:") else model_spec(args, automatic=args.prompt == "none")
+    method = make_method(spec, image_size=args.size, device=args.device, postprocess=args.postprocess,
                          modality=args.modality)
     check_method_prompt(method, args.prompt)
 
@@ -69,7 +79,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     results = evaluate(method, datasets, prompt_mode=args.prompt, jitter=args.jitter, seed=args.seed,
-                       on_image=save_overlay if args.overlays else None, progress=args.progress)
+                       on_image=save_overlay if args.overlays else None, progress=args.progress,
+                       spacing=spacing)
     seconds = time.perf_counter() - start
     print(f"{method.name}, prompt {args.prompt}, jitter {args.jitter:g}, seed {args.seed}"
           + (f", split {args.split}" if args.split else ", all images"))
@@ -100,8 +111,12 @@ def canonical_command(args: argparse.Namespace) -> str:
         words += ["--modality", args.modality]
     if args.size is not None:
         words += ["--size", str(args.size)]
+    if args.runtime:
+        words += ["--runtime", args.runtime]
     if args.postprocess:
         words.append("--postprocess")
+    if args.spacing:
+        words += ["--spacing", *(str(value) for value in args.spacing)]
     if args.out:
         words += ["--out", str(args.out)]
     if args.overlays:

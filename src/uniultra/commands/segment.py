@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from uniultra.atomic import atomic_write_bytes
+from uniultra.commands.runtime_option import add_runtime_arg, model_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,11 +41,21 @@ def _register_predict(subparsers) -> None:
                    "model knows it, else the model's only channel, or the controller's shared network)")
     p.add_argument("--out", help="output mask PNG (0/255) for --image")
     p.add_argument("--overlay", help="also write an overlay PNG for --image")
+    p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                   help="pixel size in mm, ROW_MM COL_MM (or one value for square pixels): each object's area, "
+                   "longest and orthogonal diameters and perimeter in mm (default: a DICOM's PixelSpacing or "
+                   "ultrasound regions; none for other files)")
+    p.add_argument("--json", metavar="FILE",
+                   help="with --image: write the measurements as JSON (folder mode writes OUTPUT/measurements.json "
+                   "whenever a spacing is known)")
     p.add_argument("--input", help="folder: DATASET layout (images/ + masks/) or plain images with --boxes")
     p.add_argument("--output", help="output folder for --input (masks/ and overlays/)")
     p.add_argument("--boxes", help='JSON {"<stem>": [[x0, y0, x1, y1], ...]} for --input')
     p.add_argument("--jitter", type=float, default=0.0, help="box jitter (px at 1024 scale) when boxes come from masks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="with --input: skip images whose mask and overlay are already in --output (a rerun after "
+                   "Ctrl-C or failures does only what is missing)")
     p.set_defaults(func=run_predict)
 
 
@@ -70,6 +82,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="checkpoint path or 'default' (bundled UniUltra-mini)")
     p.add_argument("--size", type=int, default=None, help="model input size (default: the model's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_runtime_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--postprocess", action="store_true",
                    help="clip each object's mask to its box + margin, keep its largest component, fill holes")
@@ -78,7 +91,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _predictor(args: argparse.Namespace):
     from uniultra.inference.loading import load_predictor
 
-    return load_predictor(args.model, image_size=args.size, device=args.device)
+    spec = model_spec(args, automatic=getattr(args, "prompt", None) == "none")
+    return load_predictor(spec, image_size=args.size, device=args.device)
 
 
 def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
@@ -111,6 +125,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.image and args.input:
         raise ValueError("give either --image (one file) or --input (a folder), not both")
     _check_prompt_options(args)
+    _given_spacing(args)  # a bad --spacing fails before any work
+    if args.json and args.input:
+        raise ValueError("--json is for --image; folder mode writes OUTPUT/measurements.json")
+    if args.resume and not args.input:
+        raise ValueError("--resume applies to folders: give it with --input DIR --output DIR")
     if args.input:
         if not args.output:
             raise ValueError("--input needs --output DIR")
@@ -127,7 +146,7 @@ def _predict_one(args: argparse.Namespace) -> int:
     from uniultra.segment.folder import image_png_bytes, mask_png_bytes, refuse_overwriting_inputs, segment_image
 
     prompt = Prompt("none") if args.prompt == "none" else Prompt("cli", **_prompt_from_args(args))
-    refuse_overwriting_inputs([Path(args.image)], [Path(p) for p in (args.out, args.overlay) if p])
+    refuse_overwriting_inputs([Path(args.image)], [Path(p) for p in (args.out, args.overlay, args.json) if p])
     image = read_image(args.image)
     predictor = _predict_predictor(args)
     mask = segment_image(predictor, image, prompt, args.postprocess)
@@ -136,7 +155,43 @@ def _predict_one(args: argparse.Namespace) -> int:
         picture = overlay_image(image, np.zeros_like(mask), mask, prompt)
         atomic_write_bytes(args.overlay, image_png_bytes(picture))
     print(f"wrote {args.out}: {int(mask.sum())} foreground pixels of {mask.size}")
+    _report_one(args, mask)
     return 0
+
+
+def _given_spacing(args: argparse.Namespace):
+    from uniultra.data.spacing import check_spacing
+
+    return check_spacing(args.spacing) if args.spacing else None
+
+
+def _report_one(args: argparse.Namespace, mask: np.ndarray) -> None:
+    from uniultra.segment.measurements import describe, measurement_record
+
+    record = measurement_record(args.image, mask, _given_spacing(args))
+    print(describe(record))
+    if args.json:
+        _write_json(args.json, record)
+
+
+def _report_folder(args: argparse.Namespace, jobs: list, run) -> None:
+    """OUTPUT/measurements.json for the segmented images, when some image has a spacing."""
+    from uniultra.segment.measurements import folder_records
+
+    image_of = {job.stem: job.image_path for job in jobs}
+    records = folder_records([(image_of[r.stem], r.mask_path) for r in run.results], _given_spacing(args))
+    measured = sum(record["objects"] is not None for record in records)
+    if measured:
+        path = _write_json(Path(args.output) / "measurements.json", {"images": records})
+        print(f"measurements of {measured} of {len(records)} images in {path}")
+
+
+def _write_json(path, document: dict) -> Path:
+    import json
+
+    from uniultra.atomic import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(document, indent=1) + "\n")
 
 
 def _prompt_from_args(args: argparse.Namespace) -> dict:
@@ -156,16 +211,50 @@ def _prompt_from_args(args: argparse.Namespace) -> dict:
 
 
 def _predict_folder(args: argparse.Namespace) -> int:
-    from uniultra.segment.folder import segment_folder
+    """Every good file segmented, every bad one listed at the end (exit 1); Ctrl-C exits 130."""
+    from uniultra.segment.folder import FolderRun, run_jobs
+    from uniultra.segment.plan import plan_folder
 
-    predictor = _predict_predictor(args, dataset=Path(args.input).resolve().name)
-    results = segment_folder(predictor, args.input, args.output, args.boxes, args.jitter, args.seed,
-                             progress=not args.no_progress, postprocess=args.postprocess,
-                             prompt_mode=args.prompt or "box")
+    # The inputs are checked before the model is loaded, so bad files show up at once.
+    plan = plan_folder(args.input, args.boxes, args.jitter, args.seed, args.prompt or "box")
+    if plan.failures:
+        print(f"{len(plan.failures)} of the inputs cannot be segmented (listed again at the end):\n"
+              + _listed(plan.failures), file=sys.stderr, flush=True)
+    run = FolderRun(failures=list(plan.failures), skipped=list(plan.skipped))
+    try:
+        # Nothing left to segment: no model to load.
+        predictor = _predict_predictor(args, dataset=Path(args.input).resolve().name) if plan.jobs else None
+        for outcome in run_jobs(predictor, plan.jobs, args.input, args.output, args.postprocess, args.resume,
+                                progress=not args.no_progress):
+            run.add(outcome)
+    except KeyboardInterrupt:
+        # One line, no traceback: every output written so far is complete (atomic, in pairs).
+        fresh_line = "" if args.no_progress else "\n"  # off the progress bar's line
+        print(f"{fresh_line}uniultra predict: interrupted after {len(run.results)} of {len(plan.jobs)} images; "
+              "rerun with --resume to finish", file=sys.stderr)
+        return 130
+    _print_folder_summary(run, args.output)
+    _report_folder(args, plan.jobs, run)
+    return 1 if run.failures else 0
+
+
+def _print_folder_summary(run, output: str) -> None:
+    results = run.results
     scored = [r.dice for r in results if r.dice is not None]
     summary = f", mean Dice {100 * np.mean(scored):.2f}" if scored else ""
-    print(f"segmented {len(results)} images into {args.output}{summary}")
-    return 0
+    resumed = sum(r.resumed for r in results)
+    kept = f" ({resumed} already done, kept)" if resumed else ""
+    print(f"segmented {len(results)} images into {output}{kept}{summary}")
+    if run.skipped:
+        print(f"{len(run.skipped)} images not segmented (nothing to segment):\n" + _listed(run.skipped, limit=10))
+    if run.failures:
+        print(f"{len(run.failures)} FAILED:\n" + _listed(run.failures), file=sys.stderr)
+
+
+def _listed(items: list, limit: int | None = None) -> str:
+    shown = items if limit is None else items[:limit]
+    more = [f"  ... and {len(items) - len(shown)} more"] if len(shown) < len(items) else []
+    return "\n".join([f"  {item}" for item in shown] + more)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -176,12 +265,15 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictor = _predictor(args)
     source = Path(args.input) if args.input else write_phantom_dataset(output / "phantoms", args.n, seed=args.seed)
-    results = segment_folder(predictor, source, output, jitter=args.jitter, seed=args.seed,
-                             progress=not args.no_progress, postprocess=args.postprocess)
+    run = segment_folder(predictor, source, output, jitter=args.jitter, seed=args.seed,
+                         progress=not args.no_progress, postprocess=args.postprocess)
+    results = run.results
+    if run.failures:
+        print(f"{len(run.failures)} FAILED:\n" + _listed(run.failures), file=sys.stderr)
     print(f"{len(results)} images from {source}, box prompts from the masks, jitter {args.jitter:g} px at 1024 scale")
     print(_demo_table(results, args.model))
     print(f"overlays in {output / 'overlays'}, masks in {output / 'masks'} ({time.perf_counter() - start:.1f} s)")
-    return 0
+    return 1 if run.failures else 0
 
 
 def _demo_table(results: list, model: str) -> str:

@@ -1,7 +1,8 @@
 """Reading ultrasound images and masks from disk, and turning them into model input.
 
 `read_image` keeps the file's own dtype and values (uint8, uint16, float32, bool); only
-`to_rgb_float` decides how they map to [0, 1], so every caller sees the same conversion.
+`normalize_intensity` (called by `to_rgb_float`) decides how they map to [0, 1], so training,
+evaluation, prediction, serving and the ONNX predictor all see the same conversion.
 
 Conventions (documented in docs/data.md):
 
@@ -11,8 +12,14 @@ Conventions (documented in docs/data.md):
   given; frames are taken along pydicom's first axis (frames, rows, cols[, samples]), never
   along rows or columns (the axis-order bug of MONAI #8265).
 - DICOM samples stored in fewer bits than their container (e.g. BitsStored 12 in uint16) are
-  rescaled to the container's full range, so 4095 becomes 65535 and `to_rgb_float` gives full
-  contrast without needing the header. MONOCHROME1 (0 = white) is inverted to MONOCHROME2.
+  rescaled to the container's full range, so 4095 becomes 65535. MONOCHROME1 (0 = white) is
+  inverted to MONOCHROME2.
+- Intensity (docs/data.md): 8-bit, bool and float images keep their values (uint8 / 255, float
+  as [0, 1]). Integer images wider than 8 bits (16-bit PNG/TIFF, DICOM) are mapped to [0, 1]:
+  a grayscale DICOM with a VOI LUT or WindowCenter/WindowWidth by that window (pydicom's
+  `apply_modality_lut` + `apply_voi_lut`; `read_image` then returns float32), anything else by
+  the bit depth its values use (max 4095 -> / 4095), so 12-bit data in a 16-bit file is not
+  shown almost black and gives the model the same input as the same picture in 8 bits.
 """
 
 from __future__ import annotations
@@ -74,17 +81,43 @@ def read_mask(path: str | Path) -> np.ndarray:
 def to_rgb_float(image: np.ndarray) -> np.ndarray:
     """Convert any image `read_image` returns to float32 HxWx3 in [0, 1].
 
-    Gray is replicated to three channels, alpha is dropped. Scaling by dtype: bool as 0/1,
-    unsigned and signed integers by their full range (uint8 /255, uint16 /65535), floats are
-    taken as already in [0, 1] (clipped; far outside that range is an error).
+    Gray is replicated to three channels, alpha is dropped. Scaling: integers wider than 8 bits
+    by `normalize_intensity`; bool as 0/1, 8-bit integers by their full range (uint8 / 255),
+    floats are taken as already in [0, 1] (clipped; far outside that range is an error).
     """
     image = np.asarray(image)
     channels = _check_layout(image)
-    scaled = _scale_to_unit(image)
+    scaled = _scale_to_unit(normalize_intensity(image))
     if channels == 1:
         gray = scaled if scaled.ndim == 2 else scaled[..., 0]
         return np.repeat(gray[..., None], 3, axis=2)
     return np.ascontiguousarray(scaled[..., :3])
+
+
+def normalize_intensity(image: np.ndarray) -> np.ndarray:
+    """Integer images wider than 8 bits -> float32 in [0, 1]; any other image is returned as is.
+
+    Unsigned data is divided by the full range of the bit depth its maximum needs (at least 8:
+    max 4095 -> / 4095, max 200 -> / 255), signed data with negative values is stretched between
+    its minimum and maximum. Not by percentiles: a contrast stretch changes the brightness an
+    8-bit-trained model relies on (Dice 0.97 instead of 1.0 between a phantom's 8-bit and 12-bit
+    copies). A stray pixel above the data's bit depth darkens the image: use a DICOM window then.
+
+    Idempotent. Call it on the whole image before cropping (as the zoomed predictor and its
+    training data do): a signed crop's own range would give it a different contrast.
+    """
+    image = np.asarray(image)
+    if image.dtype.kind not in "ui" or image.dtype.itemsize == 1 or image.size == 0:
+        return image
+    low, high = _intensity_range(image)
+    return np.clip((image.astype(np.float32) - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def _intensity_range(image: np.ndarray) -> tuple[float, float]:
+    low, high = int(image.min()), int(image.max())
+    if low < 0:  # signed data has no natural black
+        return float(low), float(max(high, low + 1))
+    return 0.0, float(2 ** max(8, high.bit_length()) - 1)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -172,10 +205,47 @@ def _read_dicom(path: Path, frame: int | None) -> np.ndarray:
         raise ImageReadError(path, "DICOM file has no pixel data")
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     array = _dicom_frame(path, ds, n_frames, frame)
-    array = _rescale_bits_stored(array, ds)
+    array = _apply_window(path, ds, array) if _has_voi_window(ds, array) else _rescale_bits_stored(array, ds)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         array = _invert(array)
     return np.ascontiguousarray(array)
+
+
+def _has_voi_window(ds, array: np.ndarray) -> bool:
+    # 8-bit data keeps its values (the contract of every existing model); the window is for wider
+    # grayscale data, where the stored range says nothing about what to show.
+    if array.ndim != 2 or array.dtype.itemsize == 1:
+        return False
+    if str(getattr(ds, "PhotometricInterpretation", "")) not in ("MONOCHROME1", "MONOCHROME2"):
+        return False
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or bool(ds.get("VOILUTSequence"))
+
+
+def _apply_window(path: Path, ds, array: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 in [0, 1] through the modality LUT and the first VOI LUT / window."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        windowed = apply_voi_lut(apply_modality_lut(array, ds), ds).astype(np.float64)
+        low, high = _voi_output_range(ds)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise ImageReadError(path, f"invalid DICOM window / VOI LUT ({type(exc).__name__}: {exc})") from exc
+    return np.clip((windowed - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def _voi_output_range(ds) -> tuple[float, float]:
+    """The range pydicom's VOI output spans (it depends on BitsStored, rescale and LUT descriptors)."""
+    from pydicom.pixels import apply_voi_lut
+
+    descriptor = ds.VOILUTSequence[0].get("LUTDescriptor") if ds.get("VOILUTSequence") else None
+    if descriptor is not None:
+        return 0.0, float(2 ** int(descriptor[2]) - 1)
+    # A window maps everything far below / above it onto its output's ends: ask pydicom for them.
+    with np.errstate(over="ignore"):  # a SIGMOID window's exp() overflows to its exact end
+        ends = apply_voi_lut(np.array([-1e12, 1e12]), ds)
+    if not ends[1] > ends[0]:
+        raise ValueError(f"window output range [{ends[0]}, {ends[1]}] is empty")
+    return float(ends[0]), float(ends[1])
 
 
 def _dicom_frame(path: Path, ds, n_frames: int, frame: int | None) -> np.ndarray:
@@ -208,6 +278,8 @@ def _rescale_bits_stored(array: np.ndarray, ds) -> np.ndarray:
 
 
 def _invert(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind == "f":  # a windowed image, in [0, 1]
+        return 1.0 - array
     if array.dtype.kind == "u":
         return np.iinfo(array.dtype).max - array
     return array.max() - array

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from uniultra.data.dataset import SegmentationDataset, load_sample
-from uniultra.data.image_io import read_image, resize_mask
+from uniultra.data.image_io import normalize_intensity, read_image, resize_mask
 from uniultra.data.prompts import (
     farthest_interior_points,
     jitter_boxes,
@@ -47,7 +47,7 @@ class NativeSet:
 
     name: str
     stems: list[str]
-    images: list[np.ndarray]  # (H, W) or (H, W, C) as read
+    images: list[np.ndarray]  # (H, W) or (H, W, C), wider than 8 bits normalised (crops share its contrast)
     masks: list[np.ndarray] | None  # (H, W) bool; None for a `targets: regions` entry
     regions: list[np.ndarray] | None  # (L, h, w) uint8 label maps; None for a labels entry
     weight: float = 1.0
@@ -85,11 +85,12 @@ def build_native_set(entry: DataEntry, dataset: SegmentationDataset, zoom: ZoomC
         if missing:
             raise ValueError(f"{regions_cache_path(zoom.regions_dir, key)}: no region maps for {missing[:3]}; "
                              "delete the file to recompute it")
-        images = [read_image(s.image_path) for s in _bar(samples, progress, entry.label)]
+        images = [normalize_intensity(read_image(s.image_path)) for s in _bar(samples, progress, entry.label)]
         return NativeSet(entry.label, stems, images, None, [cache[stem] for stem in stems], entry.weight)
     items = [load_sample(s) for s in _bar(samples, progress, entry.label)]
-    return NativeSet(entry.label, stems, [it["image"] for it in items], [it["mask"] for it in items], None,
-                     entry.weight)
+    # Mapped on the whole image, as ZoomPredictor does, before any crop is cut from it.
+    images = [normalize_intensity(it["image"]) for it in items]
+    return NativeSet(entry.label, stems, images, [it["mask"] for it in items], None, entry.weight)
 
 
 def _bar(samples: list, enabled: bool, name: str):

@@ -94,7 +94,8 @@ class AutoMethod(ModelMethod):
 
 def make_method(spec: str, image_size: int | None = None, device: str = "cpu", postprocess: bool = False,
                 modality: str | None = None) -> Method:
-    """`baseline:box`, `baseline:ellipse`, `default`, a checkpoint path, `onnx:DIR` or `onnx-int8:DIR`.
+    """`baseline:box`, `baseline:ellipse`, `default`, a checkpoint path (`torch-bf16:PATH`: encoder in bf16),
+    or an export run by onnxruntime or OpenVINO: `onnx:DIR`, `openvino:DIR`, ... (loading.EXPORT_PREFIXES).
 
     `modality` fixes the decoding channel of an automatic-mode checkpoint (see `AutoMethod`), or
     the modality of a model with a modality controller (see `ModelMethod`).
@@ -109,10 +110,10 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
         return BaselineMethod(kind)
     # Imported here: the model code is heavy and evaluating a baseline must not need it.
     from uniultra.inference.auto_predictor import AutoPredictor, check_modality_option
-    from uniultra.inference.loading import ONNX_INT8_PREFIX, ONNX_PREFIX, load_predictor
+    from uniultra.inference.loading import EXPORT_PREFIXES, load_predictor
 
     predictor = load_predictor(spec, image_size=image_size, device=device)
-    if spec.startswith((ONNX_PREFIX, ONNX_INT8_PREFIX)):
+    if spec.startswith(EXPORT_PREFIXES):
         return ModelMethod(spec, predictor, postprocess)
     # Whatever the prompt mode: refused only where no mode could use it (check_method_prompt knows the mode).
     check_modality_option(predictor, spec, modality, automatic=True)
@@ -144,6 +145,11 @@ class DatasetResult:
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     modality: str | None = None  # the automatic head's channel or the controller's modality, when one was used
+    spacing: tuple[float, float] | None = None  # (row_mm, col_mm): HD and HD95 in mm; None: in pixels
+
+    @property
+    def distance_unit(self) -> str:
+        return "px" if self.spacing is None else "mm"
 
     def summary(self) -> dict:
         summary = summarize_images(self.metrics)
@@ -167,10 +173,12 @@ def evaluate_dataset(
     seed: int,
     on_image: Callable[[dict, Prompt, np.ndarray], None] | None = None,
     progress: bool = True,
+    spacing: tuple[float, float] | None = None,
 ) -> DatasetResult:
     """Predict and score every image of one dataset; images without an object are skipped
-    (and listed) in prompted modes, never silently dropped, and scored in mode `none`."""
-    result = DatasetResult(dataset.name, str(dataset.root), dataset.split)
+    (and listed) in prompted modes, never silently dropped, and scored in mode `none`.
+    `spacing` (row_mm, col_mm) gives HD and HD95 in mm."""
+    result = DatasetResult(dataset.name, str(dataset.root), dataset.split, spacing=spacing)
     start = time.perf_counter()
     for sample in _progress(dataset.samples, progress, dataset.name):
         item = load_sample(sample)
@@ -181,7 +189,7 @@ def evaluate_dataset(
         predict_start = time.perf_counter()
         prediction = method.predict(item["image"], prompt)
         predict_seconds = time.perf_counter() - predict_start
-        metrics = _score(item, prediction)
+        metrics = _score(item, prediction, spacing)
         result.metrics.append(metrics)
         height, width = prediction.shape
         result.rows.append({"stem": sample.stem, "height": height, "width": width,
@@ -202,6 +210,7 @@ def evaluate(
     seed: int,
     on_image: Callable[[dict, Prompt, np.ndarray], None] | None = None,
     progress: bool = True,
+    spacing: tuple[float, float] | None = None,
 ) -> list[DatasetResult]:
     check_method_prompt(method, prompt_mode)
     modalities = _modalities(method, datasets, prompt_mode)  # all checked before the first prediction
@@ -211,7 +220,7 @@ def evaluate(
         if selects:  # None too: a dataset the controller does not know runs the shared network
             method.predictor.modality = modality
         result = evaluate_dataset(method, dataset, prompt_mode=prompt_mode, jitter=jitter, seed=seed,
-                                  on_image=on_image, progress=progress)
+                                  on_image=on_image, progress=progress, spacing=spacing)
         result.modality = modality
         results.append(result)
     return results
@@ -229,11 +238,11 @@ def _selects_modality(method: Method, prompt_mode: str) -> bool:
     return isinstance(method, ModelMethod) and method.selects_modality(prompt_mode)
 
 
-def _score(item: dict, prediction: np.ndarray) -> ImageMetrics:
+def _score(item: dict, prediction: np.ndarray, spacing: tuple[float, float] | None = None) -> ImageMetrics:
     if prediction.shape != item["mask"].shape:
         raise ValueError(f"{item['dataset']}/{item['stem']}: prediction {prediction.shape} "
                          f"does not match the truth {item['mask'].shape}")
-    return image_metrics(prediction, item["mask"])
+    return image_metrics(prediction, item["mask"], spacing)
 
 
 def _progress(samples: list, enabled: bool, name: str):

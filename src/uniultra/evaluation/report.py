@@ -21,8 +21,10 @@ _TABLE_COLUMNS = ("dataset", "n", "skipped", "empty_pred", "Dice%", "+-95%CI", "
 _EMPTY_TRUTH_COLUMNS = ("empty_truth", "Dice% truth>0", "Dice% empty")
 
 
-def format_table(results: Sequence[DatasetResult], unit: str = "px") -> str:
+def format_table(results: Sequence[DatasetResult], unit: str | None = None) -> str:
+    """The table; HD columns in the results' unit (px, or mm with a spacing) unless `unit` is given."""
     summaries = [result.summary() for result in results]
+    unit = unit or _distance_unit(results)
     rows = [_table_row(result.name, summary) for result, summary in zip(results, summaries, strict=True)]
     header = [*_TABLE_COLUMNS[:-2], f"HD {unit}", f"HD95 {unit}"]
     if any(summary["n_empty_truth"] for summary in summaries):
@@ -33,6 +35,13 @@ def format_table(results: Sequence[DatasetResult], unit: str = "px") -> str:
         rows = [row + [result.modality or "-"] for row, result in zip(rows, results, strict=True)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     return "\n".join(_aligned(cells, widths) for cells in [header, *rows])
+
+
+def _distance_unit(results: Sequence[DatasetResult]) -> str:
+    units = {result.distance_unit for result in results}
+    if len(units) > 1:
+        raise ValueError("datasets scored in pixels and in mm cannot share one table")
+    return units.pop() if units else "px"
 
 
 def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
@@ -71,7 +80,8 @@ def results_document(results: Sequence[DatasetResult], *, command: str, config: 
         "seconds": seconds,
         "definitions": {
             "dice_iou": "fractions in [0, 1], per image then averaged per dataset",
-            "hd_hd95": "pixels of the native image grid, MONAI definitions (surface pixels, euclidean)",
+            "hd_hd95": "MONAI definitions (surface pixels, euclidean) on the native image grid, in the dataset's "
+                       "hd_unit: px, or mm with its pixel_spacing_mm (row_mm, col_mm)",
             "empty_prediction": "Dice 0, HD = HD95 = image diagonal; counted in n_empty_pred",
             "both_empty": "Dice 1, IoU 1, HD 0",
             "skipped": "images whose mask is empty have no box/point prompt (prompted modes only)",
@@ -79,7 +89,8 @@ def results_document(results: Sequence[DatasetResult], *, command: str, config: 
                            "dice_truth_nonempty / dice_truth_empty summarise the two kinds apart",
             "modality": "the automatic head's decoding channel used for the dataset (prompt none)",
         },
-        "datasets": {r.name: {"root": r.root, "split": r.split, "modality": r.modality, **r.summary()}
+        "datasets": {r.name: {"root": r.root, "split": r.split, "modality": r.modality, "hd_unit": r.distance_unit,
+                              "pixel_spacing_mm": list(r.spacing) if r.spacing else None, **r.summary()}
                      for r in results},
         "images": {r.name: r.rows for r in results},
         "skipped": {r.name: r.skipped for r in results},

@@ -459,8 +459,10 @@ def build_metadata(
         # (uniultra.inference.zoom wraps the ONNX predictor the same way).
         "inference": dict(getattr(model, "inference", None) or {}),
         "preprocessing": {
-            "input": "RGB float32 in [0, 1]: uint8 / 255, uint16 / 65535, gray replicated to 3 channels, "
-            "alpha dropped",
+            "input": "RGB float32 in [0, 1]: uint8 / 255; wider integers (16-bit) by the DICOM window when "
+            "present, else / (2^bits - 1) for the bit depth of their maximum "
+            "(uniultra.data.image_io.normalize_intensity); "
+            "gray replicated to 3 channels, alpha dropped",
             "resize": f"bilinear with antialiasing (torch antialias=True / PIL BILINEAR), align_corners=False, "
             f"to {s} x {s} (aspect ratio not kept)",
             "pixel_mean": list(PIXEL_MEAN),

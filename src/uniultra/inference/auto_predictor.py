@@ -20,8 +20,8 @@ from uniultra.models.auto_segmenter import AutoSegmenter
 
 class AutoPredictor(Predictor):
     def __init__(self, model: AutoSegmenter, mask_threshold: float = 0.0, autocast: bool = True,
-                 modality: str | None = None) -> None:
-        super().__init__(model.base, mask_threshold, autocast)
+                 modality: str | None = None, cpu_bf16: bool = False) -> None:
+        super().__init__(model.base, mask_threshold, autocast, cpu_bf16=cpu_bf16)
         self.auto = model.eval()
         # `modality` is also the channel used when `predict_auto` is given none (None: the only one).
         self.modality = modality

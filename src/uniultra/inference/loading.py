@@ -43,6 +43,12 @@ from uniultra.peft.controller import attach_from_config, controller_config
 
 # An exported model directory (`uniultra export onnx`), run on onnxruntime, fp32 or INT8 encoder.
 ONNX_PREFIX, ONNX_INT8_PREFIX = "onnx:", "onnx-int8:"
+# The same directory run on OpenVINO: encoder in fp32, bf16 or NNCF-INT8 (see openvino_predictor).
+OPENVINO_PREFIXES = {"openvino:": {"precision": "fp32"}, "openvino-bf16:": {"precision": "bf16"},
+                     "openvino-int8:": {"int8": True}}
+EXPORT_PREFIXES = (ONNX_PREFIX, ONNX_INT8_PREFIX, *OPENVINO_PREFIXES)
+# Any checkpoint spec run by PyTorch with its encoder under bf16 autocast (CPU; Predictor(cpu_bf16=True)).
+TORCH_BF16_PREFIX = "torch-bf16:"
 
 
 def load_uniultra(
@@ -289,26 +295,66 @@ def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
 
 
 def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
-                   device: str | torch.device = "cpu", **onnx_options: Any):
+                   device: str | torch.device = "cpu", **export_options: Any):
     """The predictor for any model spec: `onnx:DIR` / `onnx-int8:DIR` an `OnnxPredictor` (onnxruntime,
-    fp32 or INT8 encoder; `onnx_options` go to it); an automatic-mode checkpoint an `AutoPredictor`;
-    any other spec (path, `default`, `preset:NAME`) a `Predictor`. Wrapped in a `ZoomPredictor` when
-    the checkpoint says it runs zoomed (`model.inference["zoom"]`)."""
+    fp32 or INT8 encoder), `openvino:DIR` / `openvino-bf16:DIR` / `openvino-int8:DIR` an
+    `OpenVinoPredictor` (`export_options`, e.g. threads, go to either); an automatic-mode checkpoint an
+    `AutoPredictor`; any other spec (path, `default`, `preset:NAME`) a `Predictor`, with its encoder
+    under CPU bf16 autocast for `torch-bf16:SPEC`. Wrapped in a `ZoomPredictor` when the checkpoint
+    says it runs zoomed (`model.inference["zoom"]`)."""
     spec_str = str(spec)
-    for prefix, int8 in ((ONNX_PREFIX, False), (ONNX_INT8_PREFIX, True)):
-        if spec_str.startswith(prefix):
-            # Imported here: onnxruntime is an optional dependency (the `export` extra).
-            from uniultra.inference.onnx_predictor import OnnxPredictor
-
-            onnx = OnnxPredictor(spec_str[len(prefix):], int8=int8, **onnx_options)
-            zoom = (onnx.metadata.get("inference") or {}).get("zoom")
-            return ZoomPredictor(onnx, zoom["margin"]) if zoom else onnx
+    if spec_str.startswith(EXPORT_PREFIXES):
+        exported = _exported_predictor(spec_str, export_options)
+        zoom = (exported.metadata.get("inference") or {}).get("zoom")
+        return ZoomPredictor(exported, zoom["margin"]) if zoom else exported
+    if spec_str.startswith(TORCH_BF16_PREFIX):
+        model = load_any_model(spec_str[len(TORCH_BF16_PREFIX):], image_size=image_size, device=device)
+        return predictor_for(model, cpu_bf16=True)
     return predictor_for(load_any_model(spec, image_size=image_size, device=device))
 
 
-def predictor_for(model: SAM2ImageModel | AutoSegmenter):
+def _exported_predictor(spec: str, options: dict[str, Any]):
+    # Imported here: onnxruntime and openvino are optional dependencies (the `export` and `openvino` extras).
+    prefix, export_dir = spec.split(":", 1)[0] + ":", spec.split(":", 1)[1]
+    if prefix in OPENVINO_PREFIXES:
+        from uniultra.inference.openvino_predictor import OpenVinoPredictor
+
+        return OpenVinoPredictor(export_dir, **OPENVINO_PREFIXES[prefix], **options)
+    from uniultra.inference.onnx_predictor import OnnxPredictor
+
+    return OnnxPredictor(export_dir, int8=prefix == ONNX_INT8_PREFIX, **options)
+
+
+def predictor_for(model: SAM2ImageModel | AutoSegmenter, cpu_bf16: bool = False):
     """The predictor a loaded model is meant to be run with: `AutoPredictor` for an automatic-mode
-    model, else `Predictor`, wrapped in a `ZoomPredictor` when the model runs zoomed."""
-    predictor = AutoPredictor(model) if isinstance(model, AutoSegmenter) else Predictor(model)
+    model, else `Predictor`, wrapped in a `ZoomPredictor` when the model runs zoomed. `cpu_bf16`:
+    encode under bf16 autocast on CPU (see `Predictor`)."""
+    kind = AutoPredictor if isinstance(model, AutoSegmenter) else Predictor
+    predictor = kind(model, cpu_bf16=cpu_bf16)
     zoom = (getattr(predictor.model, "inference", None) or {}).get("zoom")
     return ZoomPredictor(predictor, zoom["margin"]) if zoom else predictor
+
+
+def load_for_serving(spec: str, image_size: int | None = None,
+                     device: str | torch.device = "cpu") -> tuple[Any, str]:
+    """What the web app (`serve.app.create_app`) takes for `spec`, and a one-line description: the model
+    itself for a checkpoint on PyTorch fp32, else a factory of fresh predictors sharing one model."""
+    if spec.startswith(EXPORT_PREFIXES):
+        predictor = load_predictor(spec)
+        meta = predictor.metadata
+        described = f"{meta['model'].get('preset', '?')}, {meta['image_size']} px, {spec.split(':', 1)[0]}"
+        return (lambda: fresh_predictor(predictor)), described
+    bf16 = spec.startswith(TORCH_BF16_PREFIX)
+    model = load_any_model(spec.removeprefix(TORCH_BF16_PREFIX), image_size=image_size, device=device)
+    base = getattr(model, "base", model)  # an automatic-mode model wraps a box-promptable base
+    auto = "" if base is model else f", automatic mode for {', '.join(model.config.modalities)}"
+    described = f"{base.config.name}, {base.config.image_size} px{auto}{', encoder bf16' if bf16 else ''}"
+    return ((lambda: predictor_for(model, cpu_bf16=True)) if bf16 else model), described
+
+
+def fresh_predictor(predictor: Any):
+    """A twin of an export-backed predictor with no image set, sharing its compiled graphs (zoom kept):
+    one per image where several images stay encoded at once (the web app's cache)."""
+    if isinstance(predictor, ZoomPredictor):
+        return ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales)
+    return predictor.fork()

@@ -3,11 +3,14 @@
 Same API, prompts and return shapes as `uniultra.inference.predictor.Predictor`; runs an export directory
 written by `uniultra export onnx`. Pre-processing (RGB in [0, 1], antialiased bilinear resize,
 ImageNet normalisation) and post-processing (bilinear upsampling of the low-res logits to the
-original size) are the numpy twins in uniultra.inference.transforms_numpy.
+original size) are the numpy twins in uniultra.inference.transforms_numpy. `ExportedPredictor` holds
+all of that; `OnnxPredictor` and `uniultra.inference.openvino_predictor.OpenVinoPredictor` only run
+the graphs.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,52 +25,40 @@ from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms_numpy import image_to_model, upsample_logits
 
 
-class OnnxPredictor(ImageSession):
-    """Interactive segmentation with an exported model.
+class ExportedPredictor(ImageSession):
+    """What every runtime of an export directory shares: its metadata, the numpy pre- and
+    post-processing, prompt encoding and `predict`. A subclass runs the two graphs (`_encode`,
+    `_decode`); `OnnxPredictor` on onnxruntime, `OpenVinoPredictor` on OpenVINO."""
 
-    Args:
-        export_dir: directory written by `uniultra export onnx` (holds uniultra-onnx.json).
-        int8: use the dynamically quantised encoder (encoder.int8.onnx; export with --int8).
-        threads: intra-op threads of both sessions (None: onnxruntime's default, all cores).
-        mask_threshold: logit above which a pixel is foreground.
-        spinning: let idle onnxruntime threads busy-wait (see `session_options`).
-        verify: check each file's sha256 against the metadata (detects mixed or partial exports).
-        providers: onnxruntime execution providers (default CPU).
-    """
-
-    def __init__(
-        self,
-        export_dir: str | os.PathLike,
-        *,
-        int8: bool = False,
-        threads: int | None = None,
-        mask_threshold: float = 0.0,
-        spinning: bool = False,
-        verify: bool = True,
-        providers: Sequence[str] | None = None,
-    ) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, export_dir: str | os.PathLike, *, mask_threshold: float = 0.0, verify: bool = True) -> None:
         super().__init__()
         self.export_dir = Path(export_dir)
         self.metadata = md.read_metadata(self.export_dir, verify=verify)
-        files = self.metadata["files"]
-        encoder_key = "encoder_int8" if int8 else "encoder"
-        if encoder_key not in files:
-            raise FileNotFoundError(f"{self.export_dir}: no INT8 encoder in this export (export it with --int8)")
         self.image_size = int(self.metadata["image_size"])
         self.low_res_size = int(self.metadata["low_res_size"])
         pre = self.metadata["preprocessing"]
         self.pixel_mean = np.asarray(pre["pixel_mean"], dtype=np.float32).reshape(3, 1, 1)
         self.pixel_std = np.asarray(pre["pixel_std"], dtype=np.float32).reshape(3, 1, 1)
         self.mask_threshold = mask_threshold
-        self.int8 = int8
-        options = session_options(threads, spinning=spinning)
-        providers = list(providers or ["CPUExecutionProvider"])
-        self.encoder = ort.InferenceSession(str(self.export_dir / files[encoder_key]["path"]), options,
-                                            providers=providers)
-        self.decoder = ort.InferenceSession(str(self.export_dir / files["decoder"]["path"]), options,
-                                            providers=providers)
+
+    def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """(1, 3, S, S) model input -> the encoder's outputs by name."""
+        raise NotImplementedError
+
+    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The decoder's `wanted` outputs for `feeds`."""
+        raise NotImplementedError
+
+    def selects_modality(self, automatic: bool = False) -> bool:
+        """Never: an export holds one network (no modality controller, no automatic head)."""
+        return False
+
+    def fork(self) -> ExportedPredictor:
+        """A predictor sharing this one's compiled graphs but with no image set: one per image
+        (the web app keeps one per cached image). Calls must not overlap (the graphs are shared)."""
+        twin = copy.copy(self)
+        twin.reset_image()
+        return twin
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """Any accepted image -> normalised (1, 3, S, S) float32 model input."""
@@ -80,9 +71,7 @@ class OnnxPredictor(ImageSession):
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
         image = self.load_image(image)
-        x = self.preprocess(image)
-        names = [o.name for o in self.encoder.get_outputs()]
-        self._remember(dict(zip(names, self.encoder.run(None, {"image": x}), strict=True)), image)
+        self._remember(self._encode(self.preprocess(image)), image)
 
     def predict(
         self,
@@ -113,7 +102,7 @@ class OnnxPredictor(ImageSession):
             "has_mask_input": has_mask,
         }
         wanted = ["multimask_masks", "multimask_iou_scores"] if multimask else ["masks", "iou_scores"]
-        logits, scores = self.decoder.run(wanted, feeds)
+        logits, scores = self._decode(wanted, feeds)
         masks = upsample_logits(logits, self.orig_hw)
         if not return_logits:
             masks = masks > self.mask_threshold
@@ -137,6 +126,53 @@ class OnnxPredictor(ImageSession):
         if mask.ndim != 4 or mask.shape[1:] != (1, low, low) or mask.shape[0] not in (1, n):
             raise ValueError(f"mask_input must be (1 or {n}, 1, {low}, {low}) low-res logits, got {mask.shape}")
         return np.ascontiguousarray(np.broadcast_to(mask, (n, 1, low, low))), np.ones(1, np.float32)
+
+
+class OnnxPredictor(ExportedPredictor):
+    """Interactive segmentation with an exported model on onnxruntime.
+
+    Args:
+        export_dir: directory written by `uniultra export onnx` (holds uniultra-onnx.json).
+        int8: use the dynamically quantised encoder (encoder.int8.onnx; export with --int8).
+        threads: intra-op threads of both sessions (None: onnxruntime's default, all cores).
+        mask_threshold: logit above which a pixel is foreground.
+        spinning: let idle onnxruntime threads busy-wait (see `session_options`).
+        verify: check each file's sha256 against the metadata (detects mixed or partial exports).
+        providers: onnxruntime execution providers (default CPU).
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        *,
+        int8: bool = False,
+        threads: int | None = None,
+        mask_threshold: float = 0.0,
+        spinning: bool = False,
+        verify: bool = True,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(export_dir, mask_threshold=mask_threshold, verify=verify)
+        files = self.metadata["files"]
+        encoder_key = "encoder_int8" if int8 else "encoder"
+        if encoder_key not in files:
+            raise FileNotFoundError(f"{self.export_dir}: no INT8 encoder in this export (export it with --int8)")
+        self.int8 = int8
+        options = session_options(threads, spinning=spinning)
+        providers = list(providers or ["CPUExecutionProvider"])
+        self.encoder = ort.InferenceSession(str(self.export_dir / files[encoder_key]["path"]), options,
+                                            providers=providers)
+        self.decoder = ort.InferenceSession(str(self.export_dir / files["decoder"]["path"]), options,
+                                            providers=providers)
+        self._encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+
+    def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self._encoder_outputs, self.encoder.run(None, {"image": x}), strict=True))
+
+    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.decoder.run(wanted, feeds)
 
 
 def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = False) -> Any:

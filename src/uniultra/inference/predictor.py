@@ -3,12 +3,16 @@
 Prompts are given in pixel coordinates of the ORIGINAL image, and masks come back at its size.
 A model with a modality controller (uniultra.peft.controller, e.g. an MDKD student) encodes each
 image under `modality` (None: the shared network); other models ignore it.
+With `cpu_bf16` the encoder runs under bf16 autocast on CPU (fast only where the CPU has bf16 units,
+see uniultra.inference.cpu); its features are widened back to fp32 and the decoder runs fp32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,13 +27,15 @@ from uniultra.peft.controller import modality_ids, modality_names, use_modality
 
 class Predictor(ImageSession):
     def __init__(self, model: SAM2ImageModel, mask_threshold: float = 0.0, autocast: bool = True,
-                 modality: str | None = None) -> None:
+                 modality: str | None = None, cpu_bf16: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.mask_threshold = mask_threshold
         self.device = next(model.parameters()).device
-        # bf16 autocast only where it pays off (CUDA); on CPU fp32 is both faster and exact.
+        # bf16 autocast by default only on CUDA; on CPU fp32 is exact, and faster without bf16 units.
         self._use_autocast = autocast and self.device.type == "cuda"
+        # Asked for (`--runtime torch-bf16`): on CPU only the encoder, where the matrix work is.
+        self.cpu_bf16 = cpu_bf16 and self.device.type == "cpu"
         self.modality = modality
 
     @property
@@ -69,8 +75,9 @@ class Predictor(ImageSession):
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
         image = self.load_image(image)
         x = self.preprocess(image)
-        with self._autocast(), use_modality(self.model, self._controller_modality()):
-            self._remember(self._encode(x), image)
+        with self._encoder_autocast(), use_modality(self.model, self._controller_modality()):
+            features = self._encode(x)
+        self._remember(_float32(features) if self.cpu_bf16 else features, image)
 
     def _controller_modality(self) -> str | None:
         """The modality the encoder's controller runs: `modality` if the controller knows it
@@ -132,10 +139,27 @@ class Predictor(ImageSession):
             masks = masks > self.mask_threshold
         return masks.cpu().numpy(), logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).cpu().numpy()
 
+    def _encoder_autocast(self):
+        if self.cpu_bf16:
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return self._autocast()
+
     def _autocast(self):
         if self._use_autocast:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+
+def _float32(value: Any) -> Any:
+    """Features computed under bf16 autocast, widened to fp32 (tensors inside dataclasses and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, list | tuple):
+        return type(value)(_float32(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _float32(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    return value
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from uniultra.data.image_io import read_image
+from uniultra.data.image_io import normalize_intensity, read_image
 
 
 class ImageSession:
@@ -30,13 +30,17 @@ class ImageSession:
 
     @staticmethod
     def load_image(image: np.ndarray | str | os.PathLike) -> np.ndarray:
-        """A path is read (errors name the file); an array is checked for a usable shape."""
+        """A path is read (errors name the file); an array is checked for a usable shape.
+
+        Images wider than 8 bits come back as float32 in [0, 1] (`normalize_intensity`), mapped
+        once on the whole image so that the crops a zoomed predictor cuts share its contrast.
+        """
         if isinstance(image, str | os.PathLike):
             image = read_image(image)
         if not isinstance(image, np.ndarray):
             raise TypeError(f"set_image expects a numpy array or a path, got {type(image).__name__}")
         require_pixels(image)
-        return image
+        return normalize_intensity(image)
 
     def _remember(self, features: Any, image: np.ndarray) -> None:
         self._features = features

@@ -3,27 +3,28 @@
 Folder mode takes either a dataset folder (`images/` + `masks/`: boxes come from the masks and Dice
 is reported) or a plain folder of images with a JSON file of boxes per stem. In prompt mode `none`
 (automatic mode) every image is segmented without prompts, and scored when masks/ exists.
+A bad file never stops a folder run: it is reported as a `Failure` and the others go on.
 """
 
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from uniultra.atomic import atomic_write_bytes
-from uniultra.data.dataset import SegmentationDataset
-from uniultra.data.image_io import IMAGE_EXTENSIONS, read_image, read_mask
-from uniultra.data.prompts import Prompt, make_prompt
+from uniultra.data.image_io import ImageReadError, read_image, read_mask
+from uniultra.data.prompts import Prompt
 from uniultra.evaluation.baselines import fill_ellipses
 from uniultra.evaluation.metrics import dice_score
 from uniultra.evaluation.report import overlay_image
 from uniultra.inference.objects import segment_objects
 from uniultra.inference.predictor import Predictor
+from uniultra.segment.plan import Failure, Job, header_size, plan_folder, relative_name
 
 
 @dataclass
@@ -34,6 +35,20 @@ class SegmentedImage:
     n_objects: int
     dice: float | None  # None when no ground truth was given
     ellipse_dice: float | None  # the inscribed-ellipse baseline under the same boxes (None without boxes)
+    resumed: bool = False  # True when --resume found its outputs from an earlier run
+
+
+@dataclass
+class FolderRun:
+    """What a folder run did: the segmented images, the files that failed (with the reason) and
+    the images with nothing to segment."""
+
+    results: list[SegmentedImage] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    skipped: list[Failure] = field(default_factory=list)
+
+    def add(self, outcome: SegmentedImage | Failure) -> None:
+        (self.failures if isinstance(outcome, Failure) else self.results).append(outcome)
 
 
 def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, postprocess: bool = False) -> np.ndarray:
@@ -70,79 +85,100 @@ def segment_folder(
     progress: bool = True,
     postprocess: bool = False,
     prompt_mode: str = "box",
-) -> list[SegmentedImage]:
-    """Write `<output>/masks/<stem>.png` and `<output>/overlays/<stem>.png` for every image.
+    resume: bool = False,
+) -> FolderRun:
+    """Write `<output>/masks/<stem>.png` and `<output>/overlays/<stem>.png` for every image that
+    can be segmented; the others are in the run's `failures` (see `uniultra.segment.plan`).
 
     prompt_mode: `box` (from the masks or `boxes_file`) or `none` (the predictor's answer without prompts).
     """
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    jobs = _unprompted_jobs(input_dir) if prompt_mode == "none" else _folder_jobs(input_dir, boxes_file, jitter, seed)
-    outputs = [output_dir / sub / f"{stem}.png" for stem, *_ in jobs for sub in ("masks", "overlays")]
-    refuse_overwriting_inputs([path for _, path, _, _ in jobs], outputs)
-    results = []
+    plan = plan_folder(input_dir, boxes_file, jitter, seed, prompt_mode)
+    run = FolderRun(failures=list(plan.failures), skipped=list(plan.skipped))
+    for outcome in run_jobs(predictor, plan.jobs, input_dir, output_dir, postprocess, resume, progress):
+        run.add(outcome)
+    return run
+
+
+def output_paths(output_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """(mask, overlay) of one image: named like DATASET/masks/<stem>.png, so the output folder
+    pairs with the input images as a dataset."""
+    output_dir = Path(output_dir)
+    return output_dir / "masks" / f"{stem}.png", output_dir / "overlays" / f"{stem}.png"
+
+
+def run_jobs(predictor: Predictor, jobs: list[Job], input_dir: str | Path, output_dir: str | Path,
+             postprocess: bool = False, resume: bool = False,
+             progress: bool = True) -> Iterator[SegmentedImage | Failure]:
+    """Segment the jobs one by one, yielding each result or `Failure`: a bad file never stops the
+    batch. A Ctrl-C (KeyboardInterrupt) propagates, leaving only complete outputs behind."""
     from tqdm import tqdm
 
-    for stem, image_path, prompt, truth in tqdm(jobs, desc="segment", unit="img", disable=not progress):
-        image = read_image(image_path)
-        mask = segment_image(predictor, image, prompt, postprocess)
-        truth_for_overlay = truth if truth is not None else np.zeros_like(mask)
-        mask_path = atomic_write_bytes(output_dir / "masks" / f"{stem}.png", mask_png_bytes(mask))
-        overlay = overlay_image(image, truth_for_overlay, mask, prompt)
-        overlay_path = atomic_write_bytes(output_dir / "overlays" / f"{stem}.png", image_png_bytes(overlay))
-        dice = ellipse = None
-        if truth is not None:
-            dice = dice_score(mask, truth)
-        if truth is not None and prompt.boxes is not None:
-            ellipse = dice_score(fill_ellipses(prompt.boxes, truth.shape), truth)
-        results.append(SegmentedImage(stem, mask_path, overlay_path, prompt.n_objects, dice, ellipse))
-    return results
+    refuse_overwriting_inputs([job.image_path for job in jobs],
+                              [path for job in jobs for path in output_paths(output_dir, job.stem)])
+    for job in tqdm(jobs, desc="segment", unit="img", disable=not progress):
+        try:
+            done = _finished(job, output_dir) if resume else None
+            outcome = done if done is not None else segment_job(predictor, job, output_dir, postprocess)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not end the batch; it is reported
+            outcome = Failure(relative_name(job.image_path, Path(input_dir)), _describe(exc))
+        yield outcome
 
 
-def _folder_jobs(input_dir: Path, boxes_file, jitter: float, seed: int) -> list[tuple]:
-    """(stem, image path, prompt, truth mask or None) for every image that has a prompt."""
-    if boxes_file is not None:
-        return _jobs_from_boxes(input_dir, Path(boxes_file))
-    if not (input_dir / "masks").is_dir():
-        raise ValueError(f"{input_dir}: no masks/ folder to take boxes from; pass --boxes FILE.json "
-                         '({"<stem>": [[x0, y0, x1, y1], ...]})')
-    jobs = []
-    for sample in SegmentationDataset(input_dir).samples:
-        truth = read_mask(sample.mask_path)
-        prompt = make_prompt(truth, "box", stem=sample.stem, seed=seed, jitter=jitter)
-        if prompt is not None:  # an empty mask has no object to prompt
-            jobs.append((sample.stem, sample.image_path, prompt, truth))
-    return jobs
+def segment_job(predictor: Predictor, job: Job, output_dir: str | Path, postprocess: bool) -> SegmentedImage:
+    """Segment one image and write its mask and overlay (each atomically; on any error or Ctrl-C
+    the pair is removed, so an image has both outputs or none)."""
+    image = read_image(job.image_path)
+    if image.shape[:2] != job.size:
+        raise ValueError(f"decoded size {image.shape[1]} x {image.shape[0]} differs from the header's "
+                         f"{job.size[1]} x {job.size[0]}")
+    mask = segment_image(predictor, image, job.prompt, postprocess)
+    truth_for_overlay = job.truth if job.truth is not None else np.zeros_like(mask)
+    overlay = image_png_bytes(overlay_image(image, truth_for_overlay, mask, job.prompt))
+    mask_path, overlay_path = output_paths(output_dir, job.stem)
+    _write_pair([(overlay_path, overlay), (mask_path, mask_png_bytes(mask))])
+    return _scored(job, mask, mask_path, overlay_path)
 
 
-def _unprompted_jobs(input_dir: Path) -> list[tuple]:
-    """Every image, with its truth when the folder has the dataset layout (empty masks included)."""
-    if (input_dir / "masks").is_dir():
-        return [(s.stem, s.image_path, Prompt("none"), read_mask(s.mask_path))
-                for s in SegmentationDataset(input_dir).samples]
-    _, by_stem = _images_by_stem(input_dir)
-    if not by_stem:
-        raise ValueError(f"{input_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) to segment")
-    return [(stem, path, Prompt("none"), None) for stem, path in by_stem.items()]
-
-
-def _images_by_stem(input_dir: Path) -> tuple[Path, dict[str, Path]]:
-    """(the folder holding the images: DIR/images or DIR itself, {stem: image path})."""
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"input folder {input_dir} does not exist")
-    image_dir = input_dir / "images" if (input_dir / "images").is_dir() else input_dir
-    return image_dir, {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-
-
-def _jobs_from_boxes(input_dir: Path, boxes_file: Path) -> list[tuple]:
+def _write_pair(files: list[tuple[Path, bytes]]) -> None:
+    written: list[Path] = []
     try:
-        table = json.loads(boxes_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{boxes_file}: cannot read boxes JSON ({exc})") from exc
-    image_dir, by_stem = _images_by_stem(input_dir)
-    jobs = []
-    for stem, boxes in table.items():
-        if stem not in by_stem:
-            raise ValueError(f"{boxes_file}: no image '{stem}' in {image_dir}")
-        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        jobs.append((stem, by_stem[stem], Prompt("box", boxes=arr), None))
-    return jobs
+        for path, data in files:
+            written.append(atomic_write_bytes(path, data))
+    except BaseException:  # Ctrl-C included: never one output of an image without the other
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _scored(job: Job, mask: np.ndarray, mask_path: Path, overlay_path: Path, resumed: bool = False) -> SegmentedImage:
+    dice = ellipse = None
+    if job.truth is not None:
+        dice = dice_score(mask, job.truth)
+    if job.truth is not None and job.prompt.boxes is not None:
+        ellipse = dice_score(fill_ellipses(job.prompt.boxes, job.truth.shape), job.truth)
+    return SegmentedImage(job.stem, mask_path, overlay_path, job.prompt.n_objects, dice, ellipse, resumed)
+
+
+def _finished(job: Job, output_dir: str | Path) -> SegmentedImage | None:
+    """The image's result from an earlier run when both its outputs exist at the image's size
+    (outputs are written atomically, so an existing file is a whole file), else None."""
+    mask_path, overlay_path = output_paths(output_dir, job.stem)
+    if not (mask_path.is_file() and overlay_path.is_file()):
+        return None
+    try:
+        if header_size(overlay_path) != job.size:
+            return None
+        mask = read_mask(mask_path)
+    except ValueError:  # not a mask we wrote: segment again
+        return None
+    if mask.shape != job.size:
+        return None
+    return _scored(job, mask, mask_path, overlay_path, resumed=True)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ImageReadError):
+        return exc.problem
+    if isinstance(exc, (ValueError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -4,47 +4,60 @@ Each uploaded image is encoded ONCE; its embedding lives in a bounded LRU cache 
 every prompt on it runs only the mask decoder (as does the automatic mode, when the model has that
 head). The predictor is not re-entrant, so every model
 call (encode or decode) holds one lock; the cache has its own lock so that health checks and
-cache look-ups never wait for an encoding.
+cache look-ups never wait for an encoding. Every request first passes `guard.Guard` (Host
+allow-list, optional token, body limits, the client's session: each client has its own cache).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
-import secrets
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from uniultra import __version__
-from uniultra.serve.uploads import UploadError, decode_upload, display_png, mask_png
+from uniultra.data.spacing import check_spacing
+from uniultra.inference.measurements import measurements_table
+from uniultra.inference.propagation import Propagation, propagate
+from uniultra.serve.apidocs import DOCS_CSS, DOCS_CSS_PATH, reference_html
+from uniultra.serve.dicom_seg import SegError, write_seg
+from uniultra.serve.guard import DEFAULT_ALLOWED_HOSTS, DecodeSlots, Guard
+from uniultra.serve.sessions import SessionCache
+from uniultra.serve.uploads import UploadError, decode_label_map, decode_upload, display_png, mask_png, upload_stem
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_CACHE_SIZE = 8
+DEFAULT_CACHE_SIZE = 8  # per client
+DEFAULT_TOTAL_CACHE_SIZE = 32  # all clients together (embeddings take MBs each)
+DEFAULT_MAX_DECODES = 2
+DEFAULT_DECODE_WAIT_S = 10.0
 DEFAULT_MAX_PIXELS = 40_000_000
 # Multipart framing around the file (boundaries, part headers) on top of the file's own bytes.
 _MULTIPART_SLACK = 64 * 1024
 UPLOAD_PATH = "/api/images"
 MAX_POINTS = 256
+SEG_SUFFIX = "/seg.dcm"
 
 ERRORS = {
     400: "the bytes cannot be decoded as an image",
+    401: "missing or wrong access token (when the server has one)",
     404: "unknown image id (never uploaded, deleted, or evicted from the cache)",
-    409: "the model has no automatic (no-prompt) head",
+    409: "the model has no automatic (no-prompt) head, or the image is not a DICOM (SEG export)",
     413: "upload or image too large",
     415: "unsupported file type",
     422: "invalid prompt (outside the image, degenerate box, labels not matching points, ...)",
+    503: "the server is busy decoding other uploads; try again (see Retry-After)",
 }
 
 
@@ -59,8 +72,13 @@ class ImageInfo(BaseModel):
     width: int = Field(description="Image width in pixels (x runs from 0 to width)")
     height: int = Field(description="Image height in pixels (y runs from 0 to height)")
     format: str = Field(description="Format the upload was decoded as: png, jpeg or dicom")
+    frames: int = Field(default=1, description="Frames of the image: more than 1 for a cine loop (a multi-frame "
+                                               "DICOM uploaded without `frame=`); pick one with `frame` in requests")
     encode_ms: float = Field(description="Time spent computing the image embedding, in milliseconds")
     image_url: str = Field(description="8-bit PNG rendering of the image for display (DICOM and 16-bit included)")
+    pixel_spacing_mm: list[float] | None = Field(
+        default=None, description="[row_mm, col_mm] from the DICOM header (PixelSpacing or ultrasound regions); "
+                                  "null when the file does not say")
 
 
 class PredictRequest(BaseModel):
@@ -83,6 +101,19 @@ class PredictRequest(BaseModel):
     multimask: bool = Field(
         default=False, description="Let the decoder propose 3 masks and return the best-scoring one",
     )
+    spacing: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        default=None, min_length=1, max_length=2,
+        description="Pixel size in mm, [row_mm, col_mm] or [mm] for square pixels (overrides a DICOM's); with a "
+                    "spacing the response lists each object's measurements",
+        examples=[[0.1, 0.1]],
+    )
+    frame: int | None = Field(
+        default=None, ge=0, description="Frame of a cine loop to segment (0-based; default: the last one used, "
+                                        "at first 0); switching frames re-encodes that frame")
+
+
+class PropagateRequest(PredictRequest):
+    """Prompts on `frame`; every other frame of the loop is prompted with the previous frame's mask box."""
 
 
 class AutoRequest(BaseModel):
@@ -92,6 +123,23 @@ class AutoRequest(BaseModel):
                     "null when the model has a single channel",
         examples=["busi"],
     )
+    spacing: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        default=None, min_length=1, max_length=2,
+        description="Pixel size in mm, [row_mm, col_mm] or [mm] for square pixels (overrides a DICOM's); with a "
+                    "spacing the response lists each object's measurements",
+        examples=[[0.1, 0.1]],
+    )
+    frame: int | None = Field(default=None, ge=0, description="Frame of a cine loop, as in /predict")
+
+
+class ObjectMeasurement(BaseModel):
+    index: int = Field(description="1-based object number (8-connected components in raster order)")
+    pixels: int = Field(description="Pixels of the object")
+    centroid_xy: list[float] = Field(description="Centre [x, y] in image pixels")
+    area_mm2: float = Field(description="Area in mm^2")
+    longest_diameter_mm: float = Field(description="Longest diameter (max Feret) in mm")
+    orthogonal_diameter_mm: float = Field(description="Extent perpendicular to the longest diameter, in mm")
+    perimeter_mm: float = Field(description="Length of the outline (holes included) in mm")
 
 
 class PredictResponse(BaseModel):
@@ -108,6 +156,28 @@ class PredictResponse(BaseModel):
     points: list[list[float]] = Field(description="The points that were used, in image pixels")
     labels: list[int] = Field(description="The labels of the points")
     decode_ms: float = Field(description="Time spent in the decoder and mask post-processing, in milliseconds")
+    pixel_spacing_mm: list[float] | None = Field(
+        default=None, description="[row_mm, col_mm] used for the measurements (the request's, else the DICOM's)")
+    measurements: list[ObjectMeasurement] | None = Field(
+        default=None, description="Per object of the mask: area, diameters and perimeter in mm; null without "
+                                  "a pixel spacing")
+
+
+class FrameMask(BaseModel):
+    frame: int = Field(description="Frame index (0-based)")
+    score: float = Field(description="Predicted IoU of the mask")
+    foreground_pixels: int = Field(description="Number of mask pixels")
+    mask_png_base64: str = Field(description="The mask as a base64 8-bit gray PNG, 0 = background, 255 = object")
+    box: list[float] | None = Field(description="The box this frame was prompted with (the user's on the "
+                                                "prompted frame, else the previous mask's box, enlarged)")
+    measurements: list[ObjectMeasurement] | None = Field(default=None, description="As in /predict")
+
+
+class PropagateResponse(BaseModel):
+    id: str = Field(description="Image id")
+    frames: list[FrameMask] = Field(description="One mask per frame, in frame order")
+    pixel_spacing_mm: list[float] | None = Field(default=None, description="As in /predict")
+    decode_ms: float = Field(description="Time spent encoding and decoding every frame, in milliseconds")
 
 
 class Health(BaseModel):
@@ -115,8 +185,10 @@ class Health(BaseModel):
     version: str = Field(description="UniUltra version")
     model: str = Field(description="Model preset name")
     image_size: int = Field(description="Model input size in pixels")
-    cached_images: int = Field(description="Images whose embedding is cached now")
-    cache_size: int = Field(description="Most embeddings kept; the least recently used is dropped first")
+    cached_images: int = Field(description="Images of this client whose embedding is cached now")
+    cache_size: int = Field(description="Most embeddings kept per client; its least recently used is dropped first")
+    cached_images_total: int = Field(description="Embeddings cached now for all clients together")
+    total_cache_size: int = Field(description="Most embeddings kept for all clients together")
     max_upload_bytes: int = Field(description="Largest accepted upload in bytes")
     auto: bool = Field(description="Whether the model segments without prompts (POST /api/images/{id}/auto)")
     modalities: list[str] = Field(description="Modality channels of the automatic head to choose from "
@@ -132,43 +204,21 @@ class _Entry:
     height: int
     display_png: bytes
     mask_png: bytes | None = None
+    spacing: tuple[float, float] | None = None  # (row_mm, col_mm) from the DICOM header
+    name: str = "image"  # the upload's file name without extension, for download names
+    frames: list[np.ndarray] | None = None  # every frame of a cine loop; the predictor holds `frame`
+    frame: int = 0
+    dicom: bytes | None = None  # the uploaded DICOM file: the source a SEG export references
 
-
-class ImageCache:
-    """Bounded LRU of encoded images, keyed by random ids."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"cache size must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self._items: OrderedDict[str, _Entry] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    def add(self, entry: _Entry) -> str:
-        image_id = secrets.token_urlsafe(12)
-        with self._lock:
-            self._items[image_id] = entry
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return image_id
-
-    def get(self, image_id: str) -> _Entry:
-        with self._lock:
-            entry = self._items.get(image_id)
-            if entry is None:
-                raise HTTPException(404, f"unknown image id {image_id!r}: upload the image again "
-                                         f"(the server keeps the last {self.capacity} images)")
-            self._items.move_to_end(image_id)
-            return entry
-
-    def remove(self, image_id: str) -> None:
-        with self._lock:
-            if self._items.pop(image_id, None) is None:
-                raise HTTPException(404, f"unknown image id {image_id!r}")
+    def use_frame(self, frame: int | None) -> None:
+        """Encode `frame` if the predictor holds another one (call with the model lock held)."""
+        if frame is None or frame == self.frame:
+            return
+        count = len(self.frames) if self.frames else 1
+        if not 0 <= frame < count:
+            raise HTTPException(422, f"frame {frame} out of range: the image has {count} frame(s)")
+        self.predictor.set_image(self.frames[frame])
+        self.frame = frame
 
 
 # --- app ------------------------------------------------------------------------------------------
@@ -180,19 +230,29 @@ def create_app(
     cache_size: int = DEFAULT_CACHE_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     serve_static: bool = True,
+    total_cache_size: int = DEFAULT_TOTAL_CACHE_SIZE,
+    allowed_hosts: Iterable[str] = DEFAULT_ALLOWED_HOSTS,
+    token: str | None = None,
+    max_decodes: int = DEFAULT_MAX_DECODES,
+    decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
 ) -> FastAPI:
     """The web app for a `SAM2ImageModel`, an `AutoSegmenter` (adds the automatic mode), or a factory
     returning a fresh `Predictor`-like object (automatic mode when it has `predict_auto`).
 
     A factory is called once per uploaded image (the predictor then holds that image's embedding);
     all predictors made by it must be safe to use one at a time, which the app's lock guarantees.
+
+    `cache_size` images are kept per client, `total_cache_size` for all; requests must name one of
+    `allowed_hosts` ("*": any) and, with a `token`, carry it; at most `max_decodes` uploads are
+    decoded at once, another waits up to `decode_wait_s` seconds, then gets 503.
     """
     if max_upload_mb <= 0:
         raise ValueError(f"max upload size must be positive, got {max_upload_mb} MB")
     factory = _predictor_factory(model_or_factory)
     model_info = _model_info(factory())
     max_bytes = int(max_upload_mb * 2**20)
-    cache = ImageCache(cache_size)
+    cache = SessionCache(cache_size, max(total_cache_size, cache_size))
+    decode_slots = DecodeSlots(max_decodes, decode_wait_s)
     model_lock = threading.Lock()
 
     app = FastAPI(
@@ -201,11 +261,14 @@ def create_app(
         description="Interactive ultrasound segmentation. Upload an image once (its embedding is computed and "
                     "cached), then send box / point prompts, or none at all with a model that has an automatic "
                     "head: each runs only the mask decoder. Coordinates are image pixels, x = column, y = row.",
+        docs_url=None, redoc_url=None,  # Swagger UI and ReDoc load from a CDN: our own /docs works offline
     )
     app.state.cache = cache
     app.state.model_lock = model_lock
     app.state.max_upload_bytes = max_bytes
-    app.add_middleware(_BodyLimit, path=UPLOAD_PATH, limit=max_bytes + _MULTIPART_SLACK)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, token=token, upload_path=UPLOAD_PATH,
+                       upload_limit=max_bytes + _MULTIPART_SLACK, upload_limit_text=f"{max_upload_mb:g} MB",
+                       file_suffix=SEG_SUFFIX)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -229,31 +292,38 @@ def create_app(
     @app.get("/api/health", response_model=Health, summary="Server and model status")
     def health() -> Health:
         return Health(status="ok", version=__version__, model=model_info["name"], image_size=model_info["size"],
-                      cached_images=len(cache), cache_size=cache.capacity, max_upload_bytes=max_bytes,
+                      cached_images=len(cache), cache_size=cache.capacity, cached_images_total=cache.total(),
+                      total_cache_size=cache.total_capacity, max_upload_bytes=max_bytes,
                       auto=model_info["auto"], modalities=model_info["modalities"])
 
     @app.post(
         UPLOAD_PATH, response_model=ImageInfo, summary="Upload an image and compute its embedding once",
-        responses=error_responses(400, 413, 415),
+        responses=error_responses(400, 413, 415, 503),
     )
     def upload_image(
-        file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (one frame)")],
-        frame: Annotated[int | None, Query(ge=0, description="Frame of a multi-frame DICOM")] = None,
+        file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (a multi-frame DICOM: a cine loop)")],
+        frame: Annotated[int | None, Query(ge=0, description="Only this frame of a multi-frame DICOM (without it "
+                                                             "every frame is kept, as a cine loop)")] = None,
     ) -> ImageInfo:
-        data = file.file.read(max_bytes + 1)
-        try:
-            decoded = decode_upload(data, file.content_type, file.filename, max_bytes=max_bytes,
-                                    max_pixels=max_pixels, frame=frame)
-        except UploadError as exc:
-            raise HTTPException(exc.status, str(exc)) from exc
-        predictor = factory()
-        start = time.perf_counter()
-        with model_lock:
-            predictor.set_image(decoded.image)
-        encode_ms = 1000 * (time.perf_counter() - start)
-        image_id = cache.add(_Entry(predictor, decoded.width, decoded.height, display_png(decoded.image)))
+        with decode_slots.hold():  # decoded pixels and embeddings take memory: a bounded number at once
+            data = file.file.read(max_bytes + 1)
+            try:
+                decoded = decode_upload(data, file.content_type, file.filename, max_bytes=max_bytes,
+                                        max_pixels=max_pixels, frame=frame, all_frames=True)
+            except UploadError as exc:
+                raise HTTPException(exc.status, str(exc)) from exc
+            predictor = factory()
+            start = time.perf_counter()
+            with model_lock:
+                predictor.set_image(decoded.image)
+            encode_ms = 1000 * (time.perf_counter() - start)
+            image_id = cache.add(_Entry(predictor, decoded.width, decoded.height, display_png(decoded.image),
+                                        spacing=decoded.spacing, name=upload_stem(file.filename),
+                                        frames=decoded.frames, dicom=data if decoded.kind == "dicom" else None))
         return ImageInfo(id=image_id, width=decoded.width, height=decoded.height, format=decoded.kind,
-                         encode_ms=round(encode_ms, 1), image_url=f"{UPLOAD_PATH}/{image_id}/image.png")
+                         frames=len(decoded.frames) if decoded.frames else 1,
+                         encode_ms=round(encode_ms, 1), image_url=f"{UPLOAD_PATH}/{image_id}/image.png",
+                         pixel_spacing_mm=list(decoded.spacing) if decoded.spacing else None)
 
     @app.post(
         UPLOAD_PATH + "/{image_id}/predict", response_model=PredictResponse,
@@ -261,22 +331,17 @@ def create_app(
     )
     def predict(image_id: str, request: PredictRequest) -> PredictResponse:
         entry = cache.get(image_id)
-        box = np.asarray(request.box, dtype=np.float64) if request.box is not None else None
-        points = np.asarray(request.points, dtype=np.float64).reshape(-1, 2) if request.points else None
-        labels = np.asarray(request.labels, dtype=np.int64) if request.labels else None
-        if labels is not None and points is None:
-            raise HTTPException(422, f"{len(request.labels)} labels but no points: give one label per point")
-        if labels is not None and not np.isin(labels, (0, 1)).all():
-            raise HTTPException(422, f"point labels must be 1 (foreground) or 0 (background), got {request.labels}")
+        box, points, labels = _prompt_arrays(request)
         start = time.perf_counter()
         try:
             with model_lock:
+                entry.use_frame(request.frame)
                 masks, scores, _ = entry.predictor.predict(box=box, points=points, labels=labels,
                                                            multimask=request.multimask)
         except ValueError as exc:  # the predictor's prompt validation
             raise HTTPException(422, _plain_numbers(str(exc))) from exc
         best = int(np.argmax(scores))
-        return _mask_response(image_id, entry, masks[best], [float(s) for s in scores], start,
+        return _mask_response(image_id, entry, masks[best], [float(s) for s in scores], start, request.spacing,
                               box=request.box, points=[list(p) for p in request.points], labels=request.labels)
 
     @app.post(
@@ -292,10 +357,70 @@ def create_app(
         start = time.perf_counter()
         try:
             with model_lock:
+                entry.use_frame(request.frame)
                 mask, score, _ = entry.predictor.predict_auto(request.modality)
         except ValueError as exc:  # unknown modality: the model lists the ones it knows
             raise HTTPException(422, str(exc)) from exc
-        return _mask_response(image_id, entry, mask, [score], start, box=None, points=[], labels=[])
+        return _mask_response(image_id, entry, mask, [score], start, request.spacing, box=None, points=[],
+                              labels=[])
+
+    @app.post(
+        UPLOAD_PATH + "/{image_id}/propagate", response_model=PropagateResponse,
+        summary="Segment every frame of a cine loop from prompts on one frame",
+        description="The prompted frame is segmented with the prompts; each following frame (then each earlier "
+                    "one, going back) with the box of its neighbour's mask, enlarged by 10 % (+2 px) per side. "
+                    "Encodes every frame: about one encoding time per frame.",
+        responses=error_responses(404, 422),
+    )
+    def propagate_loop(image_id: str, request: PropagateRequest) -> PropagateResponse:
+        entry = cache.get(image_id)
+        box, points, labels = _prompt_arrays(request)
+        count = len(entry.frames) if entry.frames else 1
+        start_frame = entry.frame if request.frame is None else request.frame
+        if not 0 <= start_frame < count:
+            raise HTTPException(422, f"frame {start_frame} out of range: the image has {count} frame(s)")
+        start = time.perf_counter()
+        try:
+            with model_lock:
+                result = _propagate(entry, start_frame, box, points, labels)
+        except ValueError as exc:
+            raise HTTPException(422, _plain_numbers(str(exc))) from exc
+        spacing = check_spacing(request.spacing) if request.spacing else entry.spacing
+        return PropagateResponse(
+            id=image_id, pixel_spacing_mm=list(spacing) if spacing else None,
+            decode_ms=round(1000 * (time.perf_counter() - start), 1),
+            frames=[FrameMask(frame=i, score=score, foreground_pixels=int(mask.sum()), box=box_i,
+                              mask_png_base64=base64.b64encode(mask_png(mask)).decode("ascii"),
+                              measurements=_measurements(mask, spacing)["measurements"])
+                    for i, (mask, score, box_i) in enumerate(zip(result.masks, result.scores, result.boxes,
+                                                                 strict=True))])
+
+    @app.post(
+        UPLOAD_PATH + "/{image_id}" + SEG_SUFFIX, response_class=Response,
+        summary="Export a label map as DICOM SEG referencing the uploaded DICOM",
+        description="Multipart: `labelmap`, an 8-bit gray PNG of the image's size (0 = background, k = object "
+                    "k), and `labels`, a JSON list of the objects' names. Single-frame DICOM inputs only.",
+        responses={200: {"content": {"application/dicom": {}}, "description": "DICOM SEG file"},
+                   **error_responses(404, 409, 422)},
+    )
+    def export_seg(
+        image_id: str,
+        labelmap: Annotated[UploadFile, File(description="8-bit gray PNG label map, image size")],
+        labels: Annotated[str, Form(description='JSON list of object names, e.g. ["lesion", "node"]')],
+    ) -> Response:
+        entry = cache.get(image_id)
+        if entry.dicom is None:
+            raise HTTPException(409, "DICOM SEG needs a DICOM input: this image was not uploaded as DICOM")
+        try:
+            names = _names(labels)
+            label_map = decode_label_map(labelmap.file.read(max_bytes + 1), (entry.height, entry.width))
+            seg = write_seg(entry.dicom, label_map, names)
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        except SegError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return Response(seg, media_type="application/dicom", headers={
+            "Content-Disposition": f'attachment; filename="{entry.name}_seg.dcm"', "Cache-Control": "no-store"})
 
     png_response = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 
@@ -308,16 +433,23 @@ def create_app(
         if entry.mask_png is None:
             raise HTTPException(404, "no mask yet for this image: send a prompt to /predict first")
         return Response(entry.mask_png, media_type="image/png", headers={
-            "Content-Disposition": f'attachment; filename="uniultra-mask-{image_id}.png"',
+            "Content-Disposition": f'attachment; filename="{entry.name}_mask.png"',
             "Cache-Control": "no-store"})
 
     @app.get(
         UPLOAD_PATH + "/{image_id}/image.png", response_class=Response, summary="The image as an 8-bit PNG",
         responses={**png_response, **error_responses(404)},
     )
-    def image_png(image_id: str) -> Response:
-        return Response(cache.get(image_id).display_png, media_type="image/png",
-                        headers={"Cache-Control": "no-store"})
+    def image_png(
+        image_id: str,
+        frame: Annotated[int | None, Query(ge=0, description="Frame of a cine loop (default 0)")] = None,
+    ) -> Response:
+        entry = cache.get(image_id)
+        frames = entry.frames or []
+        if frame and not frame < len(frames):
+            raise HTTPException(422, f"frame {frame} out of range: the image has {max(len(frames), 1)} frame(s)")
+        png = display_png(frames[frame]) if frame else entry.display_png
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.delete(UPLOAD_PATH + "/{image_id}", status_code=204, response_class=Response,
                 summary="Forget an image and its embedding", responses=error_responses(404))
@@ -325,22 +457,72 @@ def create_app(
         cache.remove(image_id)
         return Response(status_code=204)
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_reference() -> HTMLResponse:
+        return HTMLResponse(reference_html(app.openapi()))
+
+    @app.get(DOCS_CSS_PATH, include_in_schema=False)
+    def api_reference_style() -> Response:
+        return Response(DOCS_CSS, media_type="text/css")
+
     if serve_static:
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 
 
 def _mask_response(image_id: str, entry: _Entry, mask: np.ndarray, scores: list[float], start: float,
-                   **prompts: Any) -> PredictResponse:
+                   spacing: list[float] | None, **prompts: Any) -> PredictResponse:
     """Keep the mask as the image's latest (for download) and describe it; `scores[0]` is the best."""
     png = mask_png(mask)
     entry.mask_png = png
     return PredictResponse(
         id=image_id, width=entry.width, height=entry.height, score=max(scores), scores=scores,
         foreground_pixels=int(mask.sum()), mask_png_base64=base64.b64encode(png).decode("ascii"),
+        **_measurements(mask, check_spacing(spacing) if spacing else entry.spacing),
         mask_url=f"{UPLOAD_PATH}/{image_id}/mask.png", decode_ms=round(1000 * (time.perf_counter() - start), 1),
         **prompts,
     )
+
+
+def _prompt_arrays(request: PredictRequest) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The request's box, points and labels as arrays, labels checked (the predictor checks the rest)."""
+    box = np.asarray(request.box, dtype=np.float64) if request.box is not None else None
+    points = np.asarray(request.points, dtype=np.float64).reshape(-1, 2) if request.points else None
+    labels = np.asarray(request.labels, dtype=np.int64) if request.labels else None
+    if labels is not None and points is None:
+        raise HTTPException(422, f"{len(request.labels)} labels but no points: give one label per point")
+    if labels is not None and not np.isin(labels, (0, 1)).all():
+        raise HTTPException(422, f"point labels must be 1 (foreground) or 0 (background), got {request.labels}")
+    return box, points, labels
+
+
+def _propagate(entry: _Entry, start_frame: int, box, points, labels) -> Propagation:
+    """Propagation over the entry's frames (a single image is a loop of one)."""
+    if entry.frames is None:  # one image: already encoded, decode only
+        masks, scores, _ = entry.predictor.predict(box=box, points=points, labels=labels)
+        best = int(np.argmax(scores))
+        return Propagation([np.asarray(masks[best], bool)], [float(scores[best])],
+                           [list(box) if box is not None else None])
+    result = propagate(entry.predictor, entry.frames, start_frame, box, points, labels)
+    # The loop runs forward to the end, then back to frame 0: the predictor holds the last one seen.
+    entry.frame = 0 if start_frame > 0 else len(entry.frames) - 1
+    return result
+
+
+def _names(text: str) -> list[str]:
+    try:
+        names = json.loads(text)
+    except ValueError as exc:
+        raise HTTPException(422, f"labels must be a JSON list of names: {exc}") from exc
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) > 255:
+        raise HTTPException(422, "labels must be a JSON list of at most 255 names (strings)")
+    return names
+
+
+def _measurements(mask: np.ndarray, spacing: tuple[float, float] | None) -> dict[str, Any]:
+    if spacing is None:
+        return {"pixel_spacing_mm": None, "measurements": None}
+    return {"pixel_spacing_mm": list(spacing), "measurements": measurements_table(mask, spacing)}
 
 
 def _plain_numbers(message: str) -> str:
@@ -366,46 +548,3 @@ def _model_info(predictor: Any) -> dict[str, Any]:
     auto = callable(getattr(predictor, "predict_auto", None))
     return {"name": str(getattr(config, "name", "unknown")), "size": int(getattr(config, "image_size", 0) or 0),
             "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else []}
-
-
-class _BodyLimit:
-    """Refuse request bodies above `limit` bytes on `path` with 413, before any parsing.
-
-    Works for a declared Content-Length (answered at once) and for chunked bodies (counted as
-    they arrive and buffered up to the limit, then replayed to the app).
-    """
-
-    def __init__(self, app, path: str, limit: int) -> None:
-        self.app, self.path, self.limit = app, path, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send, int(declared))
-            return
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._refuse(scope, receive, send, size)
-                return
-            if not message.get("more_body", False):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send, size: int) -> None:
-        limit_mb = (self.limit - _MULTIPART_SLACK) / 2**20
-        response = JSONResponse({"detail": f"upload of {size} bytes or more exceeds the limit of {limit_mb:g} MB"},
-                                status_code=413, headers={"Connection": "close"})
-        await response(scope, receive, send)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from uniultra.data.image_io import ImageReadError, read_image, to_rgb_float
+from uniultra.data.spacing import Spacing, dicom_pixel_spacing
 
 SUPPORTED = ("png", "jpeg", "dicom")
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
@@ -45,6 +46,8 @@ class UploadError(ValueError):
 class DecodedUpload:
     image: np.ndarray
     kind: str  # one of SUPPORTED
+    spacing: Spacing | None = None  # (row_mm, col_mm) from a DICOM header
+    frames: list[np.ndarray] | None = None  # every frame of a cine loop (`image` is frames[0])
 
     @property
     def height(self) -> int:
@@ -87,8 +90,12 @@ def decode_upload(
     max_bytes: int,
     max_pixels: int,
     frame: int | None = None,
+    all_frames: bool = False,
 ) -> DecodedUpload:
-    """Check and decode an uploaded file; raises `UploadError` with the HTTP status to answer."""
+    """Check and decode an uploaded file; raises `UploadError` with the HTTP status to answer.
+
+    With `all_frames` and no `frame`, a multi-frame DICOM gives all its frames (a cine loop; the
+    pixel limit then counts every frame) instead of an error asking for a frame."""
     if len(data) > max_bytes:
         raise UploadError(413, f"upload of {len(data)} bytes exceeds the limit of {max_bytes} bytes "
                                f"({max_bytes / 2**20:g} MB)")
@@ -108,11 +115,14 @@ def decode_upload(
     with tempfile.TemporaryDirectory(prefix="uniultra-upload-") as tmp:
         path = Path(tmp) / f"upload{SUFFIX[kind]}"
         path.write_bytes(data)
+        count = _dicom_frame_count(data) if kind == "dicom" and frame is None and all_frames else 1
         try:
-            image = read_image(path, frame=frame)
+            frames = _read_frames(path, count, max_pixels) if count > 1 else None
+            image = frames[0] if frames else read_image(path, frame=frame)
         except ImageReadError as exc:
             problem = exc.problem.replace(str(path), repr(filename or "upload"))  # no server paths
             raise UploadError(400, f"cannot decode the upload as {kind.upper()}: {problem}") from exc
+        spacing = dicom_pixel_spacing(path)
     if image.ndim < 2 or min(image.shape[:2]) < 1:
         raise UploadError(400, f"the decoded image has no pixels (shape {image.shape})")
     if image.shape[0] * image.shape[1] > max_pixels:  # headers that under-report their size
@@ -121,7 +131,56 @@ def decode_upload(
         to_rgb_float(image[:1, :1])  # layout and dtype are accepted by the model's conversion
     except ValueError as exc:
         raise UploadError(400, f"unsupported image layout: {exc}") from exc
-    return DecodedUpload(image, kind)
+    return DecodedUpload(image, kind, spacing, frames)
+
+
+def upload_stem(filename: str | None) -> str:
+    """The file name without folders and extension, kept to safe characters (a download name)."""
+    stem = Path((filename or "").replace("\\", "/")).stem
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip("._")
+    return safe[:100] or "image"
+
+
+def decode_label_map(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """An 8-bit gray PNG label map of the given HxW shape -> uint8 array; raises `UploadError` (422)."""
+    from PIL import Image
+
+    if sniff(data) != "png":
+        raise UploadError(422, "the label map must be a PNG file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size[0] * img.size[1] != shape[0] * shape[1]:
+                raise UploadError(422, f"label map of {img.size[0]} x {img.size[1]} pixels does not match the "
+                                       f"image ({shape[1]} x {shape[0]})")
+            labels = np.asarray(img.convert("L") if img.mode not in ("L", "P") else img)
+    except UploadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any undecodable PNG
+        raise UploadError(422, f"cannot decode the label map PNG: {exc}") from exc
+    if labels.shape != tuple(shape):
+        raise UploadError(422, f"label map of shape {labels.shape} does not match the image {tuple(shape)}")
+    return labels.astype(np.uint8)
+
+
+def _dicom_frame_count(data: bytes) -> int:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return max(int(getattr(ds, "NumberOfFrames", 1) or 1), 1)
+    except Exception:  # noqa: BLE001 - read_image reports an undecodable file with a clear message
+        return 1
+
+
+def _read_frames(path: Path, count: int, max_pixels: int) -> list[np.ndarray]:
+    """Every frame of a cine loop; all frames together stay within the pixel limit."""
+    frames = [read_image(path, frame=0)]
+    total = count * frames[0].shape[0] * frames[0].shape[1]
+    if total > max_pixels:
+        raise UploadError(413, f"cine loop of {count} frames x {frames[0].shape[1]} x {frames[0].shape[0]} = "
+                               f"{total} pixels exceeds the limit of {max_pixels} pixels")
+    frames += [read_image(path, frame=i) for i in range(1, count)]
+    return frames
 
 
 def display_png(image: np.ndarray) -> bytes:
