@@ -25,7 +25,7 @@ from uniultra.data.image_io import read_image, read_mask
 from uniultra.evaluation.metrics import dice_score
 from uniultra.evaluation.report import machine_info
 from uniultra.inference.loading import load_predictor
-from uniultra.inference.propagation import DEFAULT_MARGIN, mask_box, propagate
+from uniultra.inference.propagation import DEFAULT_MARGIN, mask_edges, propagate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,10 +47,10 @@ def run_loop(predictor, root: Path, run: list[str]) -> dict:
     per_frame: dict[int, np.ndarray] = {}
 
     def true_box_mask(i: int) -> None:  # the predictor holds frame i right now: decode only
-        box = mask_box(truths[i])
+        box = mask_edges(truths[i])
         per_frame[i] = np.zeros_like(truths[i]) if box is None else predictor.predict(box=np.asarray(box))[0][0]
 
-    result = propagate(predictor, frames, 0, box=mask_box(truths[0]), on_frame=true_box_mask)
+    result = propagate(predictor, frames, 0, box=mask_edges(truths[0]), on_frame=true_box_mask)
     return {"stems": run,
             "propagate": [float(dice_score(m, t)) for m, t in zip(result.masks, truths, strict=True)],
             "per_frame_box": [float(dice_score(per_frame[i], t)) for i, t in enumerate(truths)]}

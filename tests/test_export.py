@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from no_torch import run_without_torch
 from uniultra import __version__
 from uniultra.atomic import file_sha256
 from uniultra.cli import main
@@ -162,26 +160,16 @@ def test_predictor_imports_and_runs_without_torch(exported, predictors, tmp_path
     torch_pred, _ = predictors
     image = make_phantom(7, size=(150, 170)).image
     np.save(tmp_path / "image.npy", image)
-    script = textwrap.dedent(f"""
-        import importlib.abc, json, sys
+    done = run_without_torch(f"""
+        import json
         import numpy as np
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this process")
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
         from uniultra.export import OnnxPredictor
         pred = OnnxPredictor({str(out)!r}, threads=1)
         pred.set_image(np.load({str(tmp_path / "image.npy")!r}))
         logits, scores, _ = pred.predict(box=[20, 25, 120, 130], return_logits=True)
         np.save({str(tmp_path / "logits.npy")!r}, logits)
-        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
         print(json.dumps({{"scores": scores.tolist()}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     torch_pred.set_image(image)
     expected, scores, _ = torch_pred.predict(box=[20, 25, 120, 130], return_logits=True)

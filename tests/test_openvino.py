@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from no_torch import run_without_torch
 from uniultra.cli import main
 from uniultra.data.phantom import make_phantom
 from uniultra.export import runtime as rt
@@ -229,31 +230,16 @@ def test_evaluate_and_serve_see_openvino_as_an_export(exported):
     assert "openvino" in described and factory() is not factory()
 
 
-def test_openvino_predictor_needs_no_torch(exported, tmp_path):
-    import subprocess
-    import sys
-    import textwrap
-
+def test_openvino_predictor_needs_no_torch(exported):
     _, out, _ = exported
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
+    done = run_without_torch(f"""
         import numpy as np
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this process")
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
         from uniultra.inference.openvino_predictor import OpenVinoPredictor
         pred = OpenVinoPredictor({str(out)!r}, threads=1)
         pred.set_image(np.zeros((60, 80), np.uint8))
         masks, _, _ = pred.predict(box=[10, 10, 50, 40])
         assert masks.shape == (1, 60, 80)
-        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
 

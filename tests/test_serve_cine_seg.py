@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2, rai
 from test_image_io import write_dicom  # noqa: E402
 from uniultra.data.phantom import make_phantom  # noqa: E402
 from uniultra.inference.predictor import Predictor  # noqa: E402
-from uniultra.inference.propagation import enlarge_box, mask_box, propagate  # noqa: E402
+from uniultra.inference.propagation import enlarge_box, mask_edges, propagate  # noqa: E402
 from uniultra.models.image_model import SAM2ImageModel  # noqa: E402
 from uniultra.serve.app import create_app  # noqa: E402
 
@@ -86,8 +86,8 @@ def test_cine_frames_predict_and_propagate_match_the_predictor(client, model, fr
 def test_propagation_boxes_follow_the_previous_mask():
     mask = np.zeros((H, W), bool)
     mask[10:20, 30:50] = True
-    assert mask_box(mask) == [30.0, 10.0, 50.0, 20.0] and mask_box(~np.ones_like(mask)) is None
-    x0, y0, x1, y1 = enlarge_box(mask_box(mask), (H, W))
+    assert mask_edges(mask) == [30.0, 10.0, 50.0, 20.0] and mask_edges(~np.ones_like(mask)) is None
+    x0, y0, x1, y1 = enlarge_box(mask_edges(mask), (H, W))
     assert (x0, y0, x1, y1) == pytest.approx((26.0, 7.0, 54.0, 23.0))
     assert enlarge_box([0, 0, W, H], (H, W)) == [0.0, 0.0, float(W), float(H)]
 

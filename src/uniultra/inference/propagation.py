@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from uniultra.inference.roi import mask_box
+
 # Each side of the previous mask's box is pushed out by this fraction of the box size, plus a few
 # pixels so that a tiny object can still move.
 DEFAULT_MARGIN = 0.1
@@ -27,12 +29,11 @@ class Propagation:
     boxes: list[list[float] | None]  # the box each frame was prompted with (pixel edges x0, y0, x1, y1)
 
 
-def mask_box(mask: np.ndarray) -> list[float] | None:
-    """Bounding box of a mask in pixel edges [x0, y0, x1, y1] (x1 = last column + 1); None if empty."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return None
-    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+def mask_edges(mask: np.ndarray) -> list[float] | None:
+    """A mask's box in pixel edges [x0, y0, x1, y1] (x1 = last column + 1), the convention of box
+    prompts; None if empty."""
+    box = mask_box(mask)
+    return None if box is None else [float(v) for v in box + np.array([0.0, 0.0, 1.0, 1.0])]
 
 
 def enlarge_box(box: Sequence[float], shape: tuple[int, int], margin: float = DEFAULT_MARGIN) -> list[float]:
@@ -66,10 +67,10 @@ def propagate(
     if on_frame:
         on_frame(start)
     for order in (range(start + 1, n), range(start - 1, -1, -1)):
-        last_box = mask_box(masks[start]) or boxes[start]
+        last_box = mask_edges(masks[start]) or boxes[start]
         previous = masks[start]
         for i in order:
-            found = mask_box(previous)
+            found = mask_edges(previous)
             last_box = found or last_box
             predictor.set_image(frames[i])
             if last_box is None:  # points only and nothing found: keep the points
