@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from uniultra.inference.loading import load_auto_model, load_model
 from uniultra.models.auto_checkpoint import is_auto_checkpoint, save_auto_model
-from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoHeadConfig, AutoSegmenter, presence
 from uniultra.models.checkpoint import CheckpointError, save_model
 from uniultra.models.image_model import SAM2ImageModel
 from uniultra.models.patch_prompt import patch_targets
@@ -188,3 +188,73 @@ def test_head_keys_without_their_config_are_a_clear_error(tmp_path):
     torch.save(data, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match=r"broken\.pt.*auto_head"):
         load_model(tmp_path / "broken.pt")
+
+
+# --- presence head and own decoder (the head shipped inside the default) -------------------------
+
+def make_shipped_kind(seed=0) -> AutoSegmenter:
+    torch.manual_seed(seed)
+    base = SAM2ImageModel.from_preset("mini", SIZE)
+    return AutoSegmenter(base, AutoHeadConfig(MODALITIES, presence_head=True, own_decoder=True)).eval()
+
+
+def test_presence_head_gives_one_logit_per_image_of_its_channel():
+    model = make_shipped_kind()
+    with torch.no_grad():
+        model.presence_head.classify.bias.copy_(torch.tensor([-3.0, 0.0, 3.0]))
+        out = model.decode_auto(features_of(model, 3), torch.tensor([0, 1, 2]))
+    assert out.presence_logits.shape == (3,)
+    # Same weights per channel except the bias: the channel's bias orders the three images' logits.
+    assert out.presence_logits[0] < out.presence_logits[1] < out.presence_logits[2]
+    assert torch.allclose(presence(out), torch.sigmoid(out.presence_logits))
+
+
+def test_presence_gate_uses_the_presence_head():
+    model = make_shipped_kind()
+    features = features_of(model, 2)
+    with torch.no_grad():
+        model.presence_head.classify.bias.copy_(torch.tensor([-9.0, 9.0, 0.0]))
+        model.config = AutoHeadConfig(MODALITIES, presence_head=True, own_decoder=True, presence_threshold=0.5)
+        out = model.decode_auto(features, torch.tensor([0, 1]))
+    assert (out.low_res_logits[0] == ABSENT_LOGIT).all()  # channel 0 says "absent"
+    assert not (out.low_res_logits[1] == ABSENT_LOGIT).all()
+
+
+def test_training_the_own_decoder_leaves_the_base_decoder_untouched():
+    model = make_shipped_kind()
+    before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    model.train()
+    out = model.decode_auto(features_of(model, 2), torch.tensor([0, 1]))
+    (out.low_res_logits.mean() + out.presence_logits.mean()).backward()
+    decoder_grads = [p.grad for p in model.decoder.transformer.parameters() if p.grad is not None]
+    assert decoder_grads and all(p.grad is None for p in model.base.sam_mask_decoder.parameters())
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(0.1)
+    assert all(torch.equal(before[k], v) for k, v in model.base.state_dict().items())
+
+
+def test_presence_head_and_own_decoder_round_trip_and_pack(tmp_path):
+    from uniultra.inference.loading import pack_model
+
+    model = make_shipped_kind()
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.base.inference = {"zoom": {"margin": 1.4}}
+    path = tmp_path / "auto.pt"
+    save_auto_model(model, path, meta={"presence_calibration": {"threshold": 0.3}})
+    packed = pack_model(path, tmp_path / "packed.safetensors", half=True)
+    features = features_of(model, 2)
+    for file, tolerance in ((path, 0.0), (packed, 5e-2)):
+        loaded = load_auto_model(file)
+        assert loaded.config.presence_head and loaded.config.own_decoder
+        assert loaded.base.inference == {"zoom": {"margin": 1.4}}
+        with torch.no_grad():
+            a = model.decode_auto(features, torch.tensor([0, 2]))
+            b = loaded.decode_auto(features, torch.tensor([0, 2]))
+        assert torch.allclose(a.low_res_logits, b.low_res_logits, atol=tolerance)
+        assert torch.allclose(a.presence_logits, b.presence_logits, atol=tolerance)
+    from uniultra.models.checkpoint import read_checkpoint
+
+    assert read_checkpoint(packed)["meta"]["presence_calibration"] == {"threshold": 0.3}

@@ -25,7 +25,8 @@ def default_model():
 def test_encoder_is_under_a_million_parameters(default_model):
     assert count_parameters(default_model.image_encoder) <= 900_000
     assert default_model.image_size == 256
-    assert bundled_default_path().stat().st_size < 12e6
+    # fp16: the base (10.1 MB) and the automatic head with its own decoder copy (10.3 MB).
+    assert bundled_default_path().stat().st_size < 22e6
 
 
 def test_runs_zoomed_and_without_the_lattice(default_model):

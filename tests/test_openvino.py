@@ -228,6 +228,12 @@ def test_evaluate_and_serve_see_openvino_as_an_export(exported):
     assert type(make_method(f"openvino:{out}")) is ModelMethod
     factory, described = load_for_serving(f"openvino:{out}")
     assert "openvino" in described and factory() is not factory()
+    from fastapi.testclient import TestClient
+
+    from uniultra.serve.app import create_app
+
+    health = TestClient(create_app(factory), base_url="http://localhost").get("/api/health").json()
+    assert (health["model"], health["image_size"], health["auto"]) == ("mini", SIZE, False)
 
 
 def test_openvino_predictor_needs_no_torch(exported):
@@ -250,3 +256,25 @@ def test_runtime_choices_and_cpu_report():
     report = isa_report()
     assert {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16_units"} <= set(report)
     assert report["bf16_units"] == has_bf16_units()
+
+
+@pytest.mark.parametrize(("spec", "package", "extra"), [("openvino:{}", "openvino", "openvino"),
+                                                         ("onnx-int8:{}", "onnxruntime", "export")])
+def test_an_export_spec_without_its_runtime_installed_says_what_to_install(exported, monkeypatch, capsys, tmp_path,
+                                                                           spec, package, extra):
+    import importlib.util
+
+    from PIL import Image
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    model = spec.format(exported[1])
+    hint = rf"needs {package}, which is not installed: pip install 'uniultra\[{extra}\]'"
+    with pytest.raises(ValueError, match=hint):
+        load_predictor(model)
+    # The command line turns it into one error line, no traceback.
+    image = tmp_path / "scan.png"
+    Image.fromarray(make_phantom(1, size=(64, 64)).image).save(image)
+    code = main(["predict", "--model", model, "--image", str(image), "--box", "1", "1", "20", "20",
+                 "--out", str(tmp_path / "m.png")])
+    assert code != 0 and "not installed" in capsys.readouterr().err

@@ -512,3 +512,21 @@ def test_record_taps(base_model: SAM2ImageModel) -> None:
         trunk(images)
         assert torch.equal(seen[0], taps[0].adapter)
     handle.remove()
+
+
+def test_edge_only_adapter_has_no_context_branch_and_starts_as_a_no_op():
+    from uniultra.peft.config import PeftConfig, PeftConfigError
+
+    adapter = CHAdapter.from_config(8, PeftConfig(method="ch_adapter", context_branch=False))
+    assert adapter.context is None and adapter.edge is not None
+    assert not any(k.startswith("context.") for k in adapter.state_dict())
+    tokens = torch.randn(2, 5, 5, 8)
+    assert torch.equal(adapter(tokens), torch.zeros_like(tokens))  # zero-initialised output layer
+    with torch.no_grad():
+        adapter.edge.channel_mixer.weight.normal_()
+    edge_alone = adapter.scale * adapter.edge(tokens)
+    assert torch.allclose(adapter(tokens), edge_alone)
+    for bad in ({"method": "adapter", "context_branch": False},
+                {"method": "ch_adapter", "edge_operator": "none", "context_branch": False}):
+        with pytest.raises(PeftConfigError, match="context_branch"):
+            PeftConfig(**bad)

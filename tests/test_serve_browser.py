@@ -33,7 +33,8 @@ from PIL import Image
 
 from uniultra.data.phantom import make_phantom
 from uniultra.evaluation.metrics import dice_score
-from uniultra.inference.loading import bundled_default_path, load_model, predictor_for
+from uniultra.inference.loading import bundled_default_path, load_model, load_predictor, predictor_for
+from uniultra.models.auto_checkpoint import is_auto_checkpoint
 from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -196,7 +197,10 @@ def test_browser_box_and_taps_give_the_predictors_masks(page, phantom, checkpoin
         page.get_by_label("Open image").first.set_input_files(str(image_path))
     assert up.value.status == 200
     expect(page.locator("#status")).to_contain_text("ready")
-    expect(page.locator("#auto")).to_be_hidden()  # this model has no automatic head
+    if is_auto_checkpoint(checkpoint):  # the bundled default carries an automatic head
+        expect(page.locator("#auto")).to_be_visible()
+    else:
+        expect(page.locator("#auto")).to_be_hidden()
 
     canvas = page.locator("#view")
     rect = canvas.bounding_box()
@@ -315,6 +319,32 @@ def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_p
     predictor = AutoPredictor(load_auto_model(path))
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("ddti")[0])
+
+
+def test_serve_default_offers_auto_with_every_dataset_channel(page, phantom, tmp_path_factory):
+    """`uniultra serve --model default`: Auto and the modality menu (one channel per training set) are
+    offered, and the served mask is what `load_predictor("default")` answers without a prompt."""
+    from playwright.sync_api import expect
+
+    if not is_auto_checkpoint(bundled_default_path()):
+        pytest.skip("the bundled default of this installation has no automatic head")
+    truth_phantom, image_path = phantom
+    log_dir = tmp_path_factory.mktemp("default-auto")
+    with _running_server("default", log_dir) as url:
+        page.goto(url)
+        page.get_by_label("Open image").first.set_input_files(str(image_path))
+        expect(page.locator("#status")).to_contain_text("or press Auto")
+        options = page.get_by_label("Modality").locator("option").all_inner_texts()
+        assert {"busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel"} <= set(options), options
+        page.get_by_label("Modality").select_option("busi")
+        with page.expect_response(lambda r: r.url.endswith("/auto")) as response:
+            page.get_by_role("button", name="Automatic segmentation").click()
+        assert response.value.status == 200, response.value.text()
+        expect(page.locator("#status")).to_contain_text("Automatic mask (busi)")
+        served = _download_mask(page) > 0
+    predictor = load_predictor("default")
+    predictor.set_image(truth_phantom.image)
+    np.testing.assert_array_equal(served, predictor.predict_auto("busi")[0])
 
 
 # --- issue #14: window/level, several objects, outline, zoom, downloads, cine loops, /docs --------

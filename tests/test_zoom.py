@@ -18,7 +18,7 @@ from uniultra.inference.loading import load_model, load_predictor, pack_model
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.inference.roi import MAX_ASPECT, Roi, crop, full_roi, mask_box, paste, roi_around_box
-from uniultra.inference.zoom import ZoomPredictor, _points_in_roi
+from uniultra.inference.zoom import ZoomPredictor, _points_in_roi, main_parts_box
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -117,6 +117,43 @@ def test_a_tap_runs_a_whole_image_pass_then_a_crop(base):
     assert len(counting.shapes) == 2 + len(zoom.tap_scales)
     with pytest.raises(ValueError, match="mask_input"):
         zoom.predict(box=[1, 1, 20, 20], mask_input=np.zeros((1, 16, 16)))
+
+
+def test_main_parts_box_leaves_out_small_fragments_and_loosens_the_box():
+    mask = np.zeros((H, W), bool)
+    mask[40:60, 50:90] = True  # the object: 40 x 20
+    mask[45:55, 100:108] = True  # a second part, 80 px = 10 % of the first: left out
+    mask[5:7, 5:7] = True  # a stray fragment: left out
+    x0, y0, x1, y1 = main_parts_box(mask)
+    # Pixel edges of the object (50, 40, 90, 60) pushed out by 10 % of its size + 2 px per side.
+    np.testing.assert_allclose([x0, y0, x1, y1], [44.0, 36.0, 96.0, 64.0])
+    mask[45:55, 100:120] = True  # now 200 px = 25 % of the first: kept
+    assert main_parts_box(mask)[2] > 120
+    assert main_parts_box(np.zeros((H, W), bool)) is None
+
+
+def test_automatic_mode_refines_the_heads_mask_as_a_box():
+    from uniultra.inference.auto_predictor import AutoPredictor
+    from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+
+    torch.manual_seed(0)
+    auto = AutoPredictor(AutoSegmenter(SAM2ImageModel.from_preset("mini", 64), AutoHeadConfig(("a", "b"))),
+                         mask_threshold=-0.5)  # a random head: a low threshold makes its mask non-empty
+    zoom = ZoomPredictor(auto)
+    image = speckle()
+    zoom.set_image(image)
+    zoom.modality = "b"
+    assert auto.modality == "b"  # set through to the wrapped predictor
+    zoom.refine_auto = False
+    head_mask, score, _ = zoom.predict_without_prompt()
+    auto.set_image(image)
+    np.testing.assert_array_equal(head_mask, auto.predict_auto("b")[0])
+    box = main_parts_box(head_mask)
+    assert box is not None
+    zoom.refine_auto = True
+    refined, refined_score, _ = zoom.predict_without_prompt()
+    assert refined_score == score  # the presence of the head, not the box answer's IoU
+    np.testing.assert_array_equal(refined, zoom.predict(box=box)[0][0])
 
 
 def test_zoom_checkpoints_load_as_zoomed_predictors_and_pack_keeps_it(tmp_path):

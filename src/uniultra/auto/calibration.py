@@ -1,7 +1,8 @@
 """Presence-gate calibration: when should the automatic head answer "nothing here"?
 
 The mask decoder rarely outputs an all-background mask by itself, yet many ultrasound images
-(BUSI's normal scans) contain no lesion. The prompt generator's highest patch probability is a
+(BUSI's normal scans) contain no lesion. The presence probability (the presence head's, or the
+prompt generator's highest patch probability for a head without one) is a
 direct "is it there" score, so after training one threshold on it is chosen on the VALIDATION
 split (never the test split): below it the image gets an empty mask. The threshold maximises the
 same number that selects the checkpoint: the mean over datasets of the per-image Dice, where an
@@ -20,7 +21,7 @@ import numpy as np
 class ImageOutcome:
     """One validation image under the ungated head."""
 
-    presence: float  # highest patch probability
+    presence: float  # presence probability (uniultra.models.auto_segmenter.presence)
     dice: float  # Dice of the ungated mask
     truth_empty: bool
 

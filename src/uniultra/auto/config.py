@@ -26,7 +26,12 @@ class AutoModelSection:
     - `freeze_encoder`: the image encoder (with the decoder's high-res projections, which belong to
       the per-image features) stays fixed and its features are computed once per image and cached.
     - `train_decoder`: also train the base decoder's transformer, upscaling path and IoU / object
-      tokens (the head's queries, hypernetworks and prompt generator always train).
+      tokens (the head's queries, hypernetworks and prompt generator always train). Keep it false
+      for a head meant to ship WITH its base: the trained parts are shared with box prompts.
+    - `own_decoder`: the automatic path runs a copy of the base's mask decoder; `train_decoder` then
+      trains the copy, and the base answers box prompts exactly as before.
+    - `presence_head`: add the image-level presence head (uniultra.models.presence_head), trained
+      with `loss.presence` x BCE against "the mask is not empty".
     """
 
     base: str = "default"
@@ -35,20 +40,24 @@ class AutoModelSection:
     patch_size: int = 32
     freeze_encoder: bool = True
     train_decoder: bool = True
+    presence_head: bool = False
+    own_decoder: bool = False
 
 
 @dataclass(frozen=True)
 class AutoLossConfig:
-    """Focal + dice on the mask (as `uniultra train`), plus BCE on the patch logits."""
+    """Focal + dice on the mask (as `uniultra train`), plus BCE on the patch logits and, with a
+    presence head, BCE on its image-level logit."""
 
     focal: float = 0.2
     dice: float = 0.8
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     patch: float = 1.0  # weight of the prompt generator's patch BCE
+    presence: float = 1.0  # weight of the presence head's BCE (ignored without the head)
 
     def __post_init__(self) -> None:
-        if min(self.focal, self.dice, self.patch) < 0 or self.focal + self.dice <= 0:
+        if min(self.focal, self.dice, self.patch, self.presence) < 0 or self.focal + self.dice <= 0:
             raise ValueError("loss weights must be >= 0, with focal + dice > 0")
 
 

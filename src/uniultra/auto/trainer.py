@@ -57,7 +57,7 @@ from uniultra.engine.trainer import TrainHooks, TrainState
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_auto_model
 from uniultra.inference.transforms import upsample_logits
-from uniultra.models.auto_checkpoint import save_auto_model
+from uniultra.models.auto_checkpoint import CALIBRATION_META, save_auto_model
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoOutput, AutoSegmenter, presence
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
@@ -69,7 +69,8 @@ FEATURE_CACHE_VERSION = 1
 # Config keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("optim.epochs", "out_dir", "log_every", "checkpoint_every", "num_workers", "device",
                      "progress", "cache_dir", "val_batch_size", "threads")
-STEP_FIELDS = ("step", "epoch", "batch", "lr", "loss", "focal", "dice", "patch_bce", "grad_norm", "seconds")
+STEP_FIELDS = ("step", "epoch", "batch", "lr", "loss", "focal", "dice", "patch_bce", "presence_bce", "grad_norm",
+               "seconds")
 
 
 @dataclass
@@ -105,7 +106,8 @@ def load_base(config: AutoTrainConfig, source: str = "config") -> tuple[SAM2Imag
 def build_auto_model(config: AutoTrainConfig, source: str = "config") -> tuple[AutoSegmenter, dict[str, Any]]:
     base, identity = load_base(config, source)
     m = config.model
-    head = AutoHeadConfig(modalities=config.modalities, modality_decoder=m.modality_decoder, patch_size=m.patch_size)
+    head = AutoHeadConfig(modalities=config.modalities, modality_decoder=m.modality_decoder, patch_size=m.patch_size,
+                          presence_head=m.presence_head, own_decoder=m.own_decoder)
     torch.manual_seed(config.seed)  # the prompt generator's random init
     return AutoSegmenter(base, head), identity
 
@@ -114,7 +116,9 @@ def mark_trainable(model: AutoSegmenter, config: AutoTrainConfig) -> dict[str, n
     """Set requires_grad as configured; returns the trained parameters by name."""
     model.requires_grad_(False)
     parts: list[nn.Module] = [model.prompt_generator, model.modality_decoder]
-    decoder = model.base.sam_mask_decoder
+    if model.presence_head is not None:
+        parts.append(model.presence_head)
+    decoder = model.auto_decoder
     if config.model.train_decoder:
         # Only what the automatic path uses: the base's mask tokens, hypernetworks, IoU and
         # object-score heads get no loss here, so they stay as they were (box prompts keep them).
@@ -123,8 +127,9 @@ def mark_trainable(model: AutoSegmenter, config: AutoTrainConfig) -> dict[str, n
             parts.append(decoder.obj_score_token)
     if not config.model.freeze_encoder:
         parts.append(model.base.image_encoder)
-        if decoder.use_high_res_features:
-            parts += [decoder.conv_s0, decoder.conv_s1]
+        base_decoder = model.base.sam_mask_decoder  # its high-res projections are part of the encoding
+        if base_decoder.use_high_res_features:
+            parts += [base_decoder.conv_s0, base_decoder.conv_s1]
     for part in parts:
         part.requires_grad_(True)
     if not config.model.freeze_encoder:
@@ -143,7 +148,13 @@ def auto_loss(out: AutoOutput, masks: torch.Tensor, patch_size: int,
     dice = dice_loss(logits, targets).mean()
     patch = F.binary_cross_entropy_with_logits(out.patch_logits.float(), patch_targets(targets, patch_size))
     total = cfg.focal * focal + cfg.dice * dice + cfg.patch * patch
-    return total, {"focal": focal.detach(), "dice": dice.detach(), "patch_bce": patch.detach()}
+    terms = {"focal": focal.detach(), "dice": dice.detach(), "patch_bce": patch.detach()}
+    if out.presence_logits is not None:
+        present = targets.flatten(1).amax(dim=1)
+        bce = F.binary_cross_entropy_with_logits(out.presence_logits.float(), present)
+        total = total + cfg.presence * bce
+        terms["presence_bce"] = bce.detach()
+    return total, terms
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -395,7 +406,7 @@ class AutoTrainer(EpochLoop):
         for start in range(0, n, chunk):
             idx = list(range(start, min(start + chunk, n)))
             out = self._predict(split, idx, model)
-            logits, scores = out.low_res_logits.detach().float(), presence(out.patch_logits.detach())
+            logits, scores = out.low_res_logits.detach().float(), presence(out).detach()
             for j, i in enumerate(idx):
                 up = upsample_logits(logits[j:j + 1], split.images.native_hw[i])
                 pred = (up[0, 0] > 0).cpu().numpy()
@@ -416,7 +427,7 @@ class AutoTrainer(EpochLoop):
         result = choose_threshold(outcomes)
         model.config = dataclasses.replace(model.config, presence_threshold=result.threshold)
         meta = dict(read_checkpoint(path).get("meta") or {})
-        meta["presence_calibration"] = result.as_dict()
+        meta[CALIBRATION_META] = result.as_dict()
         save_auto_model(model, path, meta=meta)
         return result
 
@@ -470,7 +481,8 @@ class AutoTrainer(EpochLoop):
     def _step_line(self, epoch: int, row: dict[str, Any]) -> str:
         return (f"epoch {epoch + 1} step {row['batch']}/{self.steps_per_epoch} (global {row['step']}) "
                 f"loss {row['loss']:.4f} dice {row['dice']:.4f} patch {row['patch_bce']:.4f} "
-                f"lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
+                + (f"presence {row['presence_bce']:.4f} " if "presence_bce" in row else "")
+                + f"lr {row['lr']:.2e} {row['seconds']:.2f} s/step")
 
     def _epoch_row(self, epoch: int, val: dict[str, Any] | None, best: bool,
                    seconds: dict[str, float | None]) -> dict[str, Any]:
@@ -506,7 +518,7 @@ def calibration_text(c: Calibration) -> str:
     if c.threshold is None:
         return f"presence gate: none (it did not raise the val Dice {100 * c.val_dice_ungated:.2f})"
     gated = sum(d["n_gated"] for d in c.per_dataset.values())
-    return (f"presence gate: empty mask below patch probability {c.threshold:.3f} ({gated} val images gated); "
+    return (f"presence gate: empty mask below presence probability {c.threshold:.3f} ({gated} val images gated); "
             f"val Dice {100 * c.val_dice_ungated:.2f} -> {100 * c.val_dice_gated:.2f}")
 
 

@@ -98,11 +98,11 @@ def _predictor(args: argparse.Namespace):
 def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
     """The predictor of `uniultra predict`: an automatic head for --prompt none; its modality (the
     head's channel, or the controller's modality) chosen and checked."""
-    from uniultra.inference.auto_predictor import AutoPredictor, check_modality_option, choose_modality
+    from uniultra.inference.auto_predictor import check_modality_option, choose_modality, has_auto_head
 
     predictor = _predictor(args)
     automatic = args.prompt == "none"
-    if automatic and not isinstance(predictor, AutoPredictor):
+    if automatic and not has_auto_head(predictor):
         raise ValueError(f"{args.model} has no automatic head, so --prompt none cannot segment with it: give "
                          "--box / --point prompts, or a checkpoint from `uniultra auto train`")
     check_modality_option(predictor, args.model, args.modality, automatic)

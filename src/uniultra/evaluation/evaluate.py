@@ -109,7 +109,7 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
                              + ", ".join(BASELINE_PREFIX + b for b in BASELINES))
         return BaselineMethod(kind)
     # Imported here: the model code is heavy and evaluating a baseline must not need it.
-    from uniultra.inference.auto_predictor import AutoPredictor, check_modality_option
+    from uniultra.inference.auto_predictor import check_modality_option, has_auto_head
     from uniultra.inference.loading import EXPORT_PREFIXES, load_predictor
 
     predictor = load_predictor(spec, image_size=image_size, device=device)
@@ -117,7 +117,7 @@ def make_method(spec: str, image_size: int | None = None, device: str = "cpu", p
         return ModelMethod(spec, predictor, postprocess)
     # Whatever the prompt mode: refused only where no mode could use it (check_method_prompt knows the mode).
     check_modality_option(predictor, spec, modality, automatic=True)
-    kind = AutoMethod if isinstance(predictor, AutoPredictor) else ModelMethod
+    kind = AutoMethod if has_auto_head(predictor) else ModelMethod
     return kind(spec, predictor, postprocess, modality)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from uniultra.inference.predictor import Predictor
-from uniultra.models.auto_segmenter import AutoSegmenter
+from uniultra.models.auto_segmenter import AutoSegmenter, presence
 
 
 class AutoPredictor(Predictor):
@@ -47,20 +47,26 @@ class AutoPredictor(Predictor):
         """Mask of the current image without any prompt, decoded through `modality`'s channel.
 
         Returns (mask (H, W) bool at the original size, or float logits with `return_logits`;
-        score = the highest patch probability of the prompt generator, i.e. how sure the model is
-        that the image contains the target at all; low-res logits (S/4, S/4)).
+        score = the presence probability (`uniultra.models.auto_segmenter.presence`), i.e. how sure
+        the model is that the image contains the target at all; low-res logits (S/4, S/4)).
         """
         features = self._require_image()
         channel = self.auto.modality_index(modality if modality is not None else self.modality)
         with self._autocast():
             out = self.auto.decode_auto(features, torch.tensor([channel], device=self.device))
         mask, logits = self._to_image_size(out.low_res_logits, return_logits)
-        score = float(torch.sigmoid(out.patch_logits.float()).max())
+        score = float(presence(out)[0])
         return mask[0, 0], score, logits[0, 0]
 
     def predict_without_prompt(self, return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
         """With no prompt, an automatic-mode model answers through its head (channel `self.modality`)."""
         return self.predict_auto(None, return_logits)
+
+
+def has_auto_head(predictor: object) -> bool:
+    """Whether a predictor (an `AutoPredictor`, or a wrapper of one such as `ZoomPredictor`) segments
+    without prompts through an automatic head."""
+    return callable(getattr(predictor, "predict_auto", None))
 
 
 def choose_modality(predictor: Predictor, requested: str | None, dataset: str | None = None) -> str | None:
@@ -73,7 +79,7 @@ def choose_modality(predictor: Predictor, requested: str | None, dataset: str | 
         return requested
     if dataset in names:
         return dataset
-    if not isinstance(predictor, AutoPredictor):
+    if not has_auto_head(predictor):
         return None  # the controller's shared network: what every modality has in common
     if len(names) <= 1:
         return names[0] if names else None
@@ -87,7 +93,7 @@ def check_modality_option(predictor: object, spec: str, requested: str | None, a
     modality controller, or an automatic head's channel with prompts (`automatic`: --prompt none)."""
     if requested is None or getattr(predictor, "selects_modality", lambda _: False)(automatic):
         return
-    if isinstance(predictor, AutoPredictor):
+    if has_auto_head(predictor):
         raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
     raise ValueError(f"{spec} has no automatic head and no modality controller: --modality applies only to "
                      "checkpoints from `uniultra auto train` and to MDKD students (`uniultra distill` with mdkd)")

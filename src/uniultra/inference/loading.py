@@ -10,6 +10,7 @@ File reading and writing is uniultra.models.checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from uniultra.atomic import file_sha256
 from uniultra.inference.auto_predictor import AutoPredictor
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.zoom import ZoomPredictor
-from uniultra.models.auto_checkpoint import META_KEY, is_auto_data, load_head_state
+from uniultra.models.auto_checkpoint import CALIBRATION_META, META_KEY, auto_state, is_auto_data, load_head_state
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
 from uniultra.models.checkpoint import (
     CONTROLLER_META,
@@ -231,14 +232,20 @@ def pack_model(
     model's fp32 parameters on load. `decoder_blur` sets the decoder's anti-lattice blur
     (DecoderConfig.upscale_blur: 0, 1 or 2; it has no weights), None keeps the source's.
     """
-    model = load_model(source)
+    loaded = load_any_model(source)
+    model = getattr(loaded, "base", loaded)  # an automatic-mode checkpoint keeps its head (auto_state)
     if decoder_blur is not None:
         set_decoder_blur(model, decoder_blur)
-    state = model.state_dict()
+    state = auto_state(loaded) if isinstance(loaded, AutoSegmenter) else model.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     peft = getattr(model, "peft_config", None)
     info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
+    if isinstance(loaded, AutoSegmenter):
+        info[META_KEY] = loaded.config.to_dict()
+        calibration = (read_checkpoint(source).get("meta") or {}).get(CALIBRATION_META)
+        if calibration is not None:
+            info[CALIBRATION_META] = calibration
     if peft is not None:
         info["peft"] = peft.to_dict()
     controller = _controller_config(model)
@@ -281,17 +288,24 @@ def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
                    device: str | torch.device = "cpu") -> SAM2ImageModel | AutoSegmenter:
-    """What `load_model` loads, except that an automatic-mode checkpoint keeps its head."""
-    if not Path(spec).is_file():  # "default", "preset:NAME", or a missing file (load_model says so)
+    """What `load_model` loads, except that an automatic-mode checkpoint keeps its head (the bundled
+    default has one: at another --size it loads without it, box and point prompts only)."""
+    default = str(spec) == "default"
+    path = bundled_default_path() if default else Path(spec)
+    if not path.is_file():  # "preset:NAME", a missing file or bundle (load_model says so)
         return load_model(spec, image_size=image_size, device=device)
-    data = read_checkpoint(spec)  # once: large checkpoints take seconds to read
-    if not is_auto_data(data):
-        return load_model(spec, image_size=image_size, device=device, data=data)
-    model = load_auto_model(spec, device=device, data=data)
+    data = read_checkpoint(path)  # once: large checkpoints take seconds to read
+    if not is_auto_data(data) or (default and image_size not in (None, _config_size(data))):
+        return load_model(path, image_size=image_size, device=device, data=data)
+    model = load_auto_model(path, device=device, data=data)
     if image_size not in (None, model.image_size):
         raise ValueError(f"{spec}: an automatic-mode checkpoint runs at the size it was trained at "
                          f"({model.image_size} px), not --size {image_size}")
     return model
+
+
+def _config_size(data: dict[str, Any]) -> int | None:
+    return (data.get("config") or {}).get("image_size")
 
 
 def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
@@ -316,6 +330,10 @@ def load_predictor(spec: str | os.PathLike, image_size: int | None = None,
 def _exported_predictor(spec: str, options: dict[str, Any]):
     # Imported here: onnxruntime and openvino are optional dependencies (the `export` and `openvino` extras).
     prefix, export_dir = spec.split(":", 1)[0] + ":", spec.split(":", 1)[1]
+    package, extra = ("openvino", "openvino") if prefix in OPENVINO_PREFIXES else ("onnxruntime", "export")
+    if importlib.util.find_spec(package) is None:  # a clear message instead of an ImportError deep inside
+        raise ValueError(f"{spec}: running an export this way needs {package}, which is not installed: "
+                         f"pip install 'uniultra[{extra}]'")
     if prefix in OPENVINO_PREFIXES:
         from uniultra.inference.openvino_predictor import OpenVinoPredictor
 
@@ -356,5 +374,6 @@ def fresh_predictor(predictor: Any):
     """A twin of an export-backed predictor with no image set, sharing its compiled graphs (zoom kept):
     one per image where several images stay encoded at once (the web app's cache)."""
     if isinstance(predictor, ZoomPredictor):
-        return ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales)
+        return ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales,
+                             predictor.refine_auto)
     return predictor.fork()

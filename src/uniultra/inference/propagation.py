@@ -14,34 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from uniultra.inference.roi import mask_box
+from uniultra.inference.roi import DEFAULT_MARGIN, enlarge_box, mask_edges
 
-# Each side of the previous mask's box is pushed out by this fraction of the box size, plus a few
-# pixels so that a tiny object can still move.
-DEFAULT_MARGIN = 0.1
-MIN_MARGIN_PX = 2.0
-
+__all__ = ["DEFAULT_MARGIN", "Propagation", "enlarge_box", "mask_edges", "propagate"]
 
 @dataclass
 class Propagation:
     masks: list[np.ndarray]  # bool HxW per frame
     scores: list[float]  # predicted IoU per frame
     boxes: list[list[float] | None]  # the box each frame was prompted with (pixel edges x0, y0, x1, y1)
-
-
-def mask_edges(mask: np.ndarray) -> list[float] | None:
-    """A mask's box in pixel edges [x0, y0, x1, y1] (x1 = last column + 1), the convention of box
-    prompts; None if empty."""
-    box = mask_box(mask)
-    return None if box is None else [float(v) for v in box + np.array([0.0, 0.0, 1.0, 1.0])]
-
-
-def enlarge_box(box: Sequence[float], shape: tuple[int, int], margin: float = DEFAULT_MARGIN) -> list[float]:
-    """`box` grown on each side by `margin` of its size (+ MIN_MARGIN_PX), clipped to the HxW image."""
-    x0, y0, x1, y1 = box
-    dx, dy = margin * (x1 - x0) + MIN_MARGIN_PX, margin * (y1 - y0) + MIN_MARGIN_PX
-    height, width = shape
-    return [max(x0 - dx, 0.0), max(y0 - dy, 0.0), min(x1 + dx, float(width)), min(y1 + dy, float(height))]
 
 
 def propagate(

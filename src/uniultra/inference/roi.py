@@ -13,6 +13,7 @@ the image border; what lies outside the image is black in the crop.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,3 +88,25 @@ def mask_box(mask: np.ndarray) -> np.ndarray | None:
     if rows.size == 0:
         return None
     return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+
+
+def mask_edges(mask: np.ndarray) -> list[float] | None:
+    """A mask's box in pixel edges [x0, y0, x1, y1] (x1 = last column + 1), the convention of box
+    prompts; None if empty."""
+    box = mask_box(mask)
+    return None if box is None else [float(v) for v in box + np.array([0.0, 0.0, 1.0, 1.0])]
+
+
+# A box made from a predicted mask (the previous cine frame's, the automatic head's) is pushed out on
+# each side by this fraction of its size plus a few pixels: the model was trained with boxes that
+# enclose the object loosely, and a tiny object can still move.
+DEFAULT_MARGIN = 0.1
+MIN_MARGIN_PX = 2.0
+
+
+def enlarge_box(box: Sequence[float], shape: tuple[int, int], margin: float = DEFAULT_MARGIN) -> list[float]:
+    """`box` grown on each side by `margin` of its size (+ MIN_MARGIN_PX), clipped to the HxW image."""
+    x0, y0, x1, y1 = box
+    dx, dy = margin * (x1 - x0) + MIN_MARGIN_PX, margin * (y1 - y0) + MIN_MARGIN_PX
+    height, width = shape
+    return [max(x0 - dx, 0.0), max(y0 - dy, 0.0), min(x1 + dx, float(width)), min(y1 + dy, float(height))]

@@ -15,24 +15,36 @@ from typing import Any
 import torch
 
 from uniultra.models.auto_segmenter import AutoSegmenter
-from uniultra.models.checkpoint import AUTO_HEAD_PREFIX, CheckpointError, read_checkpoint, save_model
+from uniultra.models.checkpoint import AUTO_HEAD_PREFIX, INFERENCE_META, CheckpointError, read_checkpoint, save_model
 
 # meta key holding the head's config; its presence marks an auto checkpoint.
 META_KEY = "auto_head"
+# meta key of the presence-gate calibration (uniultra.auto.calibration) written after training.
+CALIBRATION_META = "presence_calibration"
+# The head's modules, stored under AUTO_HEAD_PREFIX + name (presence_head and decoder only when configured).
+HEAD_MODULES = ("prompt_generator", "modality_decoder", "presence_head", "decoder")
+
+
+def auto_state(model: AutoSegmenter) -> dict[str, torch.Tensor]:
+    """Base weights under their own names, head weights under AUTO_HEAD_PREFIX."""
+    state = dict(model.base.state_dict())
+    for name in HEAD_MODULES:
+        module = getattr(model, name)
+        for key, value in ({} if module is None else module.state_dict()).items():
+            state[f"{AUTO_HEAD_PREFIX}{name}.{key}"] = value
+    return state
 
 
 def save_auto_model(model: AutoSegmenter, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Write base + head weights atomically (`.pt`, or `.safetensors` by suffix)."""
-    state = dict(model.base.state_dict())
-    for name in ("prompt_generator", "modality_decoder"):
-        for key, value in getattr(model, name).state_dict().items():
-            state[f"{AUTO_HEAD_PREFIX}{name}.{key}"] = value
     info = dict(meta or {})
     info[META_KEY] = model.config.to_dict()
     peft = getattr(model.base, "peft_config", None)
     if peft is not None:  # an adapted base needs its PEFT config to be rebuilt
         info.setdefault("peft", peft.to_dict())
-    save_model(model.base, path, meta=info, state=state)
+    if getattr(model.base, "inference", None):  # e.g. a zoomed base keeps running zoomed
+        info.setdefault(INFERENCE_META, model.base.inference)
+    save_model(model.base, path, meta=info, state=auto_state(model))
 
 
 def is_auto_checkpoint(path: str | os.PathLike) -> bool:

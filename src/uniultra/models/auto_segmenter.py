@@ -7,6 +7,7 @@ prompts through `base.decode`; the automatic path is `decode_auto`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,16 +15,21 @@ import torch
 from torch import nn
 
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
+from uniultra.models.mask_decoder import MaskDecoder
 from uniultra.models.modality_decoder import ModalityDecoder
 from uniultra.models.patch_prompt import PatchPromptGenerator
+from uniultra.models.presence_head import PresenceHead
 
 # Mask logit given to every pixel of an image the presence gate calls empty.
 ABSENT_LOGIT = -32.0
 
 
-def presence(patch_logits: torch.Tensor) -> torch.Tensor:
-    """(B,) probability that the target is in the image: the most confident patch decides."""
-    return torch.sigmoid(patch_logits.float().flatten(1).amax(dim=1))
+def presence(out: AutoOutput) -> torch.Tensor:
+    """(B,) probability that the target is in the image: the presence head's when the model has one,
+    else the most confident patch of the prompt generator."""
+    if out.presence_logits is not None:
+        return torch.sigmoid(out.presence_logits.float())
+    return torch.sigmoid(out.patch_logits.float().flatten(1).amax(dim=1))
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,14 @@ class AutoHeadConfig:
     modality_decoder: bool = True  # False: one shared query (a single channel) for every modality
     patch_size: int = 32  # pixels of the model input per prompt-generator patch
     # Presence gate (calibrated on the val split after training, uniultra.auto.calibration): in eval
-    # mode an image whose highest patch probability is below this is answered "nothing here".
+    # mode an image whose presence probability (`presence`) is below this is answered "nothing here".
     presence_threshold: float | None = None
+    # An image-level presence head (uniultra.models.presence_head); without one, the highest patch
+    # probability of the prompt generator is the presence score (checkpoints before the head).
+    presence_head: bool = False
+    # A copy of the base's mask decoder for the automatic path, so that training it leaves the base's
+    # box / point answers exactly as they were (a head shipped inside its base model needs this).
+    own_decoder: bool = False
 
     def __post_init__(self) -> None:
         if not self.modalities or any(not isinstance(m, str) or not m for m in self.modalities):
@@ -56,7 +68,8 @@ class AutoHeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutoHeadConfig:
-        known = {"modalities", "modality_decoder", "patch_size", "presence_threshold"}
+        known = {"modalities", "modality_decoder", "patch_size", "presence_threshold", "presence_head",
+                 "own_decoder"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown auto-head config keys {unknown} (known: {sorted(known)})")
@@ -70,6 +83,7 @@ class AutoHeadConfig:
 class AutoOutput:
     low_res_logits: torch.Tensor  # (B, 1, S/4, S/4)
     patch_logits: torch.Tensor  # (B, 1, S/patch, S/patch)
+    presence_logits: torch.Tensor | None = None  # (B,) with a presence head
 
 
 class AutoSegmenter(nn.Module):
@@ -86,6 +100,13 @@ class AutoSegmenter(nn.Module):
         dim = base.config.neck.d_model
         self.prompt_generator = PatchPromptGenerator(dim, config.patch_size // stride)
         self.modality_decoder = ModalityDecoder(base.sam_mask_decoder, config.channels)
+        self.presence_head = PresenceHead(dim, config.channels) if config.presence_head else None
+        self.decoder = copy.deepcopy(base.sam_mask_decoder) if config.own_decoder else None
+
+    @property
+    def auto_decoder(self) -> MaskDecoder:
+        """The mask decoder the automatic path runs: its own copy, or the base's."""
+        return self.decoder if self.decoder is not None else self.base.sam_mask_decoder
 
     @property
     def image_size(self) -> int:
@@ -119,14 +140,16 @@ class AutoSegmenter(nn.Module):
         # No sparse prompt; the dense prompt is the base's "no mask" embedding plus the patch prompt.
         no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = no_mask + self.prompt_generator.dense_prompt(patch_logits, tuple(embed.shape[-2:]))
-        logits = self.modality_decoder(
-            self.base.sam_mask_decoder, embed, prompt_encoder.get_dense_pe(), dense,
-            features.high_res_feats, modality,
+        logits, image_tokens = self.modality_decoder(
+            self.auto_decoder, embed, prompt_encoder.get_dense_pe(), dense, features.high_res_feats, modality,
         )
+        head = self.presence_head
+        out = AutoOutput(low_res_logits=logits, patch_logits=patch_logits,
+                         presence_logits=None if head is None else head(image_tokens, modality))
         if self.config.presence_threshold is not None and not self.training:
-            absent = presence(patch_logits) < self.config.presence_threshold
-            logits = torch.where(absent.view(-1, 1, 1, 1), torch.full_like(logits, ABSENT_LOGIT), logits)
-        return AutoOutput(low_res_logits=logits, patch_logits=patch_logits)
+            absent = presence(out) < self.config.presence_threshold
+            out.low_res_logits = torch.where(absent.view(-1, 1, 1, 1), torch.full_like(logits, ABSENT_LOGIT), logits)
+        return out
 
     def forward(self, images: torch.Tensor, modality: torch.Tensor) -> AutoOutput:
         """Training entry: normalised (B, 3, S, S) images and their modality ids (B,)."""

@@ -43,16 +43,19 @@ class ModalityDecoder(nn.Module):
         dense_prompt: torch.Tensor,
         high_res_feats: list[torch.Tensor],
         modality: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mask logits (B, 1, 4h, 4w) for image embeddings (B, C, h, w) and modality ids (B,)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (B, 1, 4h, 4w) for image embeddings (B, C, h, w) and modality ids (B,), and
+        the image tokens the two-way transformer returns, as a (B, C, h, w) map (they have attended
+        to the modality's query: what the presence head reads)."""
         b, c, h, w = image_embed.shape
         tokens = torch.cat([self._fixed_tokens(decoder, b), self.queries(modality).unsqueeze(1)], dim=1)
         hs, src = decoder.transformer(image_embed + dense_prompt, image_pe, tokens)
         query_out = hs[:, -1]
+        image_tokens = src.transpose(1, 2).reshape(b, c, h, w)
         # The base decoder's own upscaling, including its high-res skip connections.
-        upscaled = decoder._upscale(src.transpose(1, 2).reshape(b, c, h, w), high_res_feats or None)
+        upscaled = decoder._upscale(image_tokens, high_res_feats or None)
         weights = self._hypernetwork(query_out, modality)  # (B, C/8)
-        return torch.einsum("bc,bchw->bhw", weights, upscaled).unsqueeze(1)
+        return torch.einsum("bc,bchw->bhw", weights, upscaled).unsqueeze(1), image_tokens
 
     @staticmethod
     def _fixed_tokens(decoder: MaskDecoder, batch: int) -> torch.Tensor:

@@ -113,7 +113,8 @@ class EdgeBranch(nn.Module):
 class CHAdapter(nn.Module):
     """forward(u (B, H, W, D)) -> s * (P(u) + F_edge(u)), (B, H, W, D); see the module docstring.
 
-    `edge_operator="none"` gives the plain bottleneck adapter (no `edge` submodule).
+    `edge_operator="none"` gives the plain bottleneck adapter (no `edge` submodule); `context=False`
+    the edge branch alone (no `context` submodule; the paper's "edge only" ablation).
     State-dict keys: context.{0,2}.{weight,bias}, edge.patch_mixer.*, edge.channel_mixer.*.
     """
 
@@ -126,6 +127,7 @@ class CHAdapter(nn.Module):
         edge_operator: str = "sobel",
         edge_activation: str = "gelu",
         scale: float = 0.5,
+        context: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -134,7 +136,10 @@ class CHAdapter(nn.Module):
         hidden = bottleneck_width(dim, ratio)
         self.dim = dim
         self.scale = float(scale)
-        self.context = nn.Sequential(nn.Linear(dim, hidden, **factory), nn.GELU(), nn.Linear(hidden, dim, **factory))
+        self.context: nn.Sequential | None = None
+        if context:
+            self.context = nn.Sequential(nn.Linear(dim, hidden, **factory), nn.GELU(),
+                                         nn.Linear(hidden, dim, **factory))
         self.edge: EdgeBranch | None = None
         if edge_operator != "none":
             kernels = edge_kernels(edge_operator, tuple(directions))
@@ -154,22 +159,22 @@ class CHAdapter(nn.Module):
             edge_operator=config.adapter_edge_operator,
             edge_activation=config.edge_activation,
             scale=config.scale,
+            context=config.context_branch,
             device=device,
             dtype=dtype,
         )
 
     def reset_output_layers(self) -> None:
         """Zero the last layer of each branch: the adapter becomes an exact no-op."""
-        last = [self.context[2]] + ([self.edge.channel_mixer] if self.edge is not None else [])
+        last = ([self.context[2]] if self.context is not None else []) + (
+            [self.edge.channel_mixer] if self.edge is not None else [])
         for layer in last:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.context(tokens)
-        if self.edge is not None:
-            h = h + self.edge(tokens)
-        return self.scale * h
+        branches = [b(tokens) for b in (self.context, self.edge) if b is not None]
+        return self.scale * sum(branches[1:], branches[0])
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, scale={self.scale}"

@@ -53,6 +53,9 @@ class PeftConfig:
     edge_operator: str = "sobel"
     # Nonlinearity between the filtered responses and the channel mixer ("none" = linear branch).
     edge_activation: str = "gelu"
+    # The CH-Adapter's context bottleneck; false = the edge branch alone (the paper's "edge only"
+    # ablation; ch_adapter only: the plain adapter IS the context branch).
+    context_branch: bool = True
     # s in x = x + MLP(u) + s * H.
     scale: float = 0.5
     placement: str = "every_block"
@@ -89,7 +92,11 @@ class PeftConfig:
         _number("lora_alpha", self.lora_alpha, positive=True)
         _integer("edge_channels", self.edge_channels)
         _integer("lora_rank", self.lora_rank)
-        for name in ("train_prompt_encoder", "train_mask_decoder", "train_no_mem_embed"):
+        if not self.context_branch and (self.method != "ch_adapter" or self.edge_operator == "none"):
+            raise PeftConfigError("context_branch: false leaves only the edge branch: it needs method "
+                                  f"'ch_adapter' with an edge operator (got method {self.method!r}, "
+                                  f"edge_operator {self.edge_operator!r})")
+        for name in ("train_prompt_encoder", "train_mask_decoder", "train_no_mem_embed", "context_branch"):
             if not isinstance(getattr(self, name), bool):
                 raise PeftConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

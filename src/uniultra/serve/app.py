@@ -146,8 +146,8 @@ class PredictResponse(BaseModel):
     id: str = Field(description="Image id")
     width: int = Field(description="Mask width in pixels (= image width)")
     height: int = Field(description="Mask height in pixels (= image height)")
-    score: float = Field(description="Predicted IoU of the returned mask; in automatic mode the highest "
-                                     "patch probability (how sure the model is that the target is present)")
+    score: float = Field(description="Predicted IoU of the returned mask; in automatic mode the presence "
+                                     "probability (how sure the model is that the target is present)")
     scores: list[float] = Field(description="Predicted IoU of every candidate (3 with multimask, else 1)")
     foreground_pixels: int = Field(description="Number of mask pixels")
     mask_png_base64: str = Field(description="The mask as a base64 8-bit gray PNG, 0 = background, 255 = object")
@@ -545,6 +545,11 @@ def _predictor_factory(model_or_factory: Any) -> Callable[[], Any]:
 
 def _model_info(predictor: Any) -> dict[str, Any]:
     config = getattr(getattr(predictor, "model", None), "config", None)
+    if config is not None:
+        name, size = config.name, config.image_size
+    else:  # an export (onnxruntime, OpenVINO): its metadata names the model
+        metadata = getattr(predictor, "metadata", None) or {}
+        name, size = (metadata.get("model") or {}).get("preset", "unknown"), metadata.get("image_size", 0)
     auto = callable(getattr(predictor, "predict_auto", None))
-    return {"name": str(getattr(config, "name", "unknown")), "size": int(getattr(config, "image_size", 0) or 0),
+    return {"name": str(name), "size": int(size or 0),
             "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else []}
