@@ -19,9 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "onnx",
         help="image encoder + prompt decoder as two ONNX graphs",
         description="Write encoder.onnx (normalised image -> image embedding + high-res features), decoder.onnx "
-        "(features + points/box, dynamic number of points -> low-res mask logits, IoU), optionally "
-        "encoder.int8.onnx, and uniultra-onnx.json (pre-processing constants, label meanings, config, "
-        "sha256 of each file). Run them with uniultra.export.OnnxPredictor (needs no torch).",
+        "(features + points/box, dynamic number of points -> low-res mask logits, IoU), for a model with an "
+        "automatic head (the default has one) auto_decoder.onnx (features + channel id -> mask logits, "
+        "presence), optionally encoder.int8.onnx, and uniultra-onnx.json (pre-processing constants, label "
+        "meanings, config, sha256 of each file). Run them with uniultra.export.OnnxPredictor (needs no torch).",
     )
     onnx.add_argument("--model", required=True, help="checkpoint path, 'default', or 'preset:NAME' (random weights)")
     onnx.add_argument("--out", required=True, help="output directory (created if missing)")

@@ -35,8 +35,10 @@ from torch import nn
 
 from uniultra import __version__
 from uniultra.atomic import atomic_write, atomic_write_text, file_sha256
+from uniultra.export.auto_graph import AutoGraph, auto_metadata
 from uniultra.inference import onnx_format as md
 from uniultra.inference.prompts import LOGIT_CLAMP
+from uniultra.models.auto_segmenter import AutoSegmenter
 from uniultra.models.box_prior import box_ellipse_logits
 from uniultra.models.image_model import PIXEL_MEAN, PIXEL_STD, SAM2ImageModel
 from uniultra.models.prompt_labels import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
@@ -319,7 +321,7 @@ def _max_abs(a: np.ndarray, b: torch.Tensor) -> float:
 
 
 def export_onnx(
-    model: SAM2ImageModel | str,
+    model: SAM2ImageModel | AutoSegmenter | str,
     out_dir: str | Path,
     *,
     image_size: int | None = None,
@@ -329,9 +331,10 @@ def export_onnx(
     attention: str = "ort",
     model_spec: str | None = None,
 ) -> ExportResult:
-    """Export `model` (a SAM2ImageModel, or a spec for `load_model`: path, `default`, `preset:NAME`).
+    """Export `model` (a SAM2ImageModel, an AutoSegmenter, or a spec: path, `default`, `preset:NAME`).
 
-    Writes encoder.onnx, decoder.onnx, optionally encoder.int8.onnx (dynamic INT8 weights via
+    Writes encoder.onnx, decoder.onnx, auto_decoder.onnx for a model with an automatic head (the
+    bundled default has one), optionally encoder.int8.onnx (dynamic INT8 weights via
     onnxruntime.quantization.quantize_dynamic), and uniultra-onnx.json into `out_dir`.
     `attention="ort"` maps attention to onnxruntime's MultiHeadAttention contrib op (a tiled
     kernel, faster and far lighter on memory at 1024 px); "onnx" keeps standard ONNX ops only,
@@ -343,11 +346,13 @@ def export_onnx(
     if opset < 18:
         raise ValueError(f"opset {opset} is not supported: the torch exporter targets opset >= 18")
     if isinstance(model, str | Path):
-        from uniultra.inference.loading import load_model
+        from uniultra.inference.loading import load_any_model
 
         model_spec = str(model)
-        model = load_model(model_spec, image_size=image_size)
-    elif image_size is not None and image_size != model.image_size:
+        model = load_any_model(model_spec, image_size=image_size)
+    auto = model.eval().float().cpu() if isinstance(model, AutoSegmenter) else None
+    model = model.base if auto is not None else model  # the head is exported as a third graph
+    if image_size is not None and image_size != model.image_size:
         raise ValueError(f"model is built for {model.image_size} px; rebuild it for {image_size} px")
     if not model.sam_mask_decoder.use_high_res_features:
         raise ValueError("the exporter needs a decoder with high-res features (every SAM2 preset has them)")
@@ -392,6 +397,10 @@ def export_onnx(
     dec_out = _session(dec_bytes).run(None, feeds)
     check.update({f"decoder_{name}_max_abs": _max_abs(o, r)
                   for name, o, r in zip(md.DECODER_OUTPUTS, dec_out, reference_decoder, strict=True)})
+    auto_bytes = None
+    if auto is not None:
+        auto_bytes, auto_check = _export_auto(auto, (ref_embed, ref_hr0, ref_hr1), opset, attention)
+        check.update(auto_check)
     worst = max(check.values())
     if not np.isfinite(worst) or worst > EXPORT_CHECK_ATOL:
         raise ExportError(f"exported graphs disagree with PyTorch (max abs diff {worst:.3g}): {check}")
@@ -402,12 +411,17 @@ def export_onnx(
         staged = {"encoder": staging / md.ENCODER_FILE, "decoder": staging / md.DECODER_FILE}
         staged["encoder"].write_bytes(enc_bytes)
         staged["decoder"].write_bytes(dec_bytes)
+        if auto_bytes is not None:
+            staged["auto_decoder"] = staging / md.AUTO_FILE
+            staged["auto_decoder"].write_bytes(auto_bytes)
         if int8:
             staged["encoder_int8"] = staging / md.ENCODER_INT8_FILE
             quantize_encoder(staged["encoder"], staged["encoder_int8"])
             int8_out = _session(str(staged["encoder_int8"])).run(None, {"image": image.numpy()})
             check["encoder_int8_image_embed_max_abs"] = _max_abs(int8_out[0], ref_embed)
         meta = build_metadata(model, model_spec, opset, staged, encoder.folded, attention, check)
+        if auto is not None:
+            meta["auto"] = auto_metadata(auto)
         # Graphs first, each atomically; the metadata (with their sha256) last.
         files = {}
         for key, path in staged.items():
@@ -416,6 +430,21 @@ def export_onnx(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out_dir=out_dir, metadata_path=metadata_path, files=files, metadata=meta, check=check)
+
+
+def _export_auto(auto: AutoSegmenter, features: tuple[torch.Tensor, ...], opset: int,
+                 attention: str) -> tuple[bytes, dict[str, float]]:
+    """The automatic head's graph, checked in onnxruntime against PyTorch on the last channel."""
+    graph = AutoGraph(auto)
+    modality = torch.tensor([auto.config.channels - 1], dtype=torch.int64)
+    with torch.inference_mode():
+        reference = graph(*features, modality)
+    proto = _onnx_proto(graph, (*features, modality), md.AUTO_INPUTS, md.AUTO_OUTPUTS, opset, attention=attention)
+    data = proto.SerializeToString()
+    feeds = dict(zip(md.AUTO_INPUTS, [t.numpy() for t in (*features, modality)], strict=True))
+    out = _session(data).run(None, feeds)
+    return data, {f"auto_{name}_max_abs": _max_abs(o, r) for name, o, r in zip(md.AUTO_OUTPUTS, out, reference,
+                                                                                strict=True)}
 
 
 def quantize_encoder(src: Path, dst: Path) -> None:

@@ -34,6 +34,10 @@ DECODER_INPUTS = (
     "has_mask_input",
 )
 DECODER_OUTPUTS = ("masks", "iou_scores", "multimask_masks", "multimask_iou_scores", "object_score_logits")
+# The automatic (no-prompt) head, when the exported model has one (metadata "auto" names its channels).
+AUTO_FILE = "auto_decoder.onnx"
+AUTO_INPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1", "modality")
+AUTO_OUTPUTS = ("auto_masks", "presence")
 
 LABEL_MEANINGS = {
     "-1": "padding (ignored; lets prompts of different lengths share a batch)",

@@ -40,6 +40,9 @@ class ExportedPredictor(ImageSession):
         self.pixel_mean = np.asarray(pre["pixel_mean"], dtype=np.float32).reshape(3, 1, 1)
         self.pixel_std = np.asarray(pre["pixel_std"], dtype=np.float32).reshape(3, 1, 1)
         self.mask_threshold = mask_threshold
+        # The automatic head's graph, when the export has one (metadata "auto"): its channel names.
+        self.auto_info = self.metadata.get("auto")
+        self.modality: str | None = None  # the channel `predict_without_prompt` decodes through
 
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """(1, 3, S, S) model input -> the encoder's outputs by name."""
@@ -49,9 +52,55 @@ class ExportedPredictor(ImageSession):
         """The decoder's `wanted` outputs for `feeds`."""
         raise NotImplementedError
 
+    def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The automatic graph's (logits, presence) for `feeds`."""
+        raise NotImplementedError
+
     def selects_modality(self, automatic: bool = False) -> bool:
-        """Never: an export holds one network (no modality controller, no automatic head)."""
-        return False
+        """Only the automatic head's channel (an export holds no modality controller)."""
+        return automatic and self.auto_info is not None
+
+    @property
+    def modality_choices(self) -> tuple[str, ...]:
+        info = self.auto_info or {}
+        return tuple(info.get("modalities", ())) if info.get("modality_decoder") else ()
+
+    def check_modality(self, name: str) -> None:
+        self._channel(name)
+
+    def _channel(self, name: str | None) -> int:
+        names = tuple((self.auto_info or {}).get("modalities", ()))
+        if not self.modality_choices:
+            return 0  # one shared channel
+        if name is None and len(names) == 1:
+            return 0
+        if name not in names:
+            raise ValueError(f"unknown modality {name!r}; this export's automatic head knows {list(names)}")
+        return names.index(name)
+
+    @property
+    def predict_auto(self):
+        """`predict_auto(modality=None, return_logits=False)` as `AutoPredictor`'s; absent
+        (AttributeError) when the export has no automatic head, so callers can tell."""
+        if self.auto_info is None:
+            raise AttributeError("predict_auto: this export has no automatic head")
+        return self._predict_auto
+
+    @property
+    def predict_without_prompt(self):
+        if self.auto_info is None:
+            raise AttributeError("predict_without_prompt: this export has no automatic head (prompts only)")
+        return lambda return_logits=False: self._predict_auto(None, return_logits)
+
+    def _predict_auto(self, modality: str | None = None,
+                      return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
+        features = self._require_image()
+        channel = self._channel(modality if modality is not None else self.modality)
+        feeds = {**features, "modality": np.array([channel], dtype=np.int64)}
+        logits, presence = self._run_auto(feeds)
+        masks = upsample_logits(logits, self.orig_hw)
+        mask = masks[0, 0] if return_logits else masks[0, 0] > self.mask_threshold
+        return mask, float(np.asarray(presence).reshape(-1)[0]), np.clip(logits[0, 0], -LOGIT_CLAMP, LOGIT_CLAMP)
 
     def fork(self) -> ExportedPredictor:
         """A predictor sharing this one's compiled graphs but with no image set: one per image
@@ -167,12 +216,19 @@ class OnnxPredictor(ExportedPredictor):
         self.decoder = ort.InferenceSession(str(self.export_dir / files["decoder"]["path"]), options,
                                             providers=providers)
         self._encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        self.auto = None
+        if "auto_decoder" in files:
+            self.auto = ort.InferenceSession(str(self.export_dir / files["auto_decoder"]["path"]), options,
+                                             providers=providers)
 
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self._encoder_outputs, self.encoder.run(None, {"image": x}), strict=True))
 
     def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.decoder.run(wanted, feeds)
+
+    def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.auto.run(list(md.AUTO_OUTPUTS), feeds)
 
 
 def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = False) -> Any:

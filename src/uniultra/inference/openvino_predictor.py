@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from uniultra.atomic import file_sha256
-from uniultra.inference.onnx_format import ExportFormatError, read_metadata
+from uniultra.inference.onnx_format import AUTO_OUTPUTS, ExportFormatError, read_metadata
 from uniultra.inference.onnx_predictor import ExportedPredictor
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -56,8 +56,16 @@ class OpenVinoPredictor(ExportedPredictor):
         self.decoder = core.compile_model(str(self.export_dir / files["decoder"]["path"]), "CPU",
                                           _config("fp32", threads))
         self.precision = _compiled_precision(self.encoder)
+        self.auto = None
+        if "auto_decoder" in files:
+            self.auto = core.compile_model(str(self.export_dir / files["auto_decoder"]["path"]), "CPU",
+                                           _config("fp32", threads))
+        self._make_requests()
+
+    def _make_requests(self) -> None:
         self._encoder_request = self.encoder.create_infer_request()
         self._decoder_request = self.decoder.create_infer_request()
+        self._auto_request = None if self.auto is None else self.auto.create_infer_request()
 
     def _int8_encoder_path(self) -> Path:
         path = self.export_dir / OV_INT8_ENCODER
@@ -76,11 +84,13 @@ class OpenVinoPredictor(ExportedPredictor):
         outputs = _by_name(self._decoder_request.infer(feeds))
         return [outputs[name] for name in wanted]
 
+    def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = _by_name(self._auto_request.infer(feeds))
+        return [outputs[name] for name in AUTO_OUTPUTS]
+
     def fork(self) -> OpenVinoPredictor:
         twin = super().fork()
-        # Own infer requests: cheap, and no two predictors ever share output buffers.
-        twin._encoder_request = self.encoder.create_infer_request()
-        twin._decoder_request = self.decoder.create_infer_request()
+        twin._make_requests()  # own infer requests: cheap, and no two predictors share output buffers
         return twin
 
 
