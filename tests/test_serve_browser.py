@@ -295,7 +295,6 @@ def test_page_reports_a_bad_upload_and_keeps_working(page, server, tmp_path):
 def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_path_factory):
     """A checkpoint with an automatic head (a second server, same browser page): Auto and the
     modality menu appear, and the mask of the chosen channel equals the Python AutoPredictor's."""
-    from playwright.sync_api import expect
 
     from uniultra.inference.auto_predictor import AutoPredictor
     from uniultra.inference.loading import load_auto_model
@@ -307,41 +306,40 @@ def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_p
     save_auto_model(AutoSegmenter(SAM2ImageModel.from_preset("mini", 128), AutoHeadConfig(("busi", "ddti"))), path)
     truth_phantom, image_path = phantom
     with _running_server(path, path.parent) as url:
-        page.goto(url)
-        page.get_by_label("Open image").first.set_input_files(str(image_path))
-        expect(page.locator("#status")).to_contain_text("or press Auto")
-        page.get_by_label("Modality").select_option("ddti")
-        with page.expect_response(lambda r: r.url.endswith("/auto")) as response:
-            page.get_by_role("button", name="Automatic segmentation").click()
-        assert response.value.status == 200, response.value.text()
-        expect(page.locator("#status")).to_contain_text("Automatic mask (ddti)")
-        served = _download_mask(page) > 0
+        served, _ = _served_auto_mask(page, url, image_path, "ddti")
     predictor = AutoPredictor(load_auto_model(path))
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("ddti")[0])
 
 
+def _served_auto_mask(page, url: str, image_path: Path, modality: str) -> tuple[np.ndarray, list[str]]:
+    """Open the image on the page at `url`, choose `modality`, press Auto: (the served mask, the menu's
+    modality names)."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.get_by_label("Open image").first.set_input_files(str(image_path))
+    expect(page.locator("#status")).to_contain_text("or press Auto")
+    options = page.get_by_label("Modality").locator("option").all_inner_texts()
+    page.get_by_label("Modality").select_option(modality)
+    with page.expect_response(lambda r: r.url.endswith("/auto")) as response:
+        page.get_by_role("button", name="Automatic segmentation").click()
+    assert response.value.status == 200, response.value.text()
+    expect(page.locator("#status")).to_contain_text(f"Automatic mask ({modality})")
+    return _download_mask(page) > 0, options
+
+
 def test_serve_default_offers_auto_with_every_dataset_channel(page, phantom, tmp_path_factory):
     """`uniultra serve --model default`: Auto and the modality menu (one channel per training set) are
     offered, and the served mask is what `load_predictor("default")` answers without a prompt."""
-    from playwright.sync_api import expect
 
     if not is_auto_checkpoint(bundled_default_path()):
         pytest.skip("the bundled default of this installation has no automatic head")
     truth_phantom, image_path = phantom
     log_dir = tmp_path_factory.mktemp("default-auto")
     with _running_server("default", log_dir) as url:
-        page.goto(url)
-        page.get_by_label("Open image").first.set_input_files(str(image_path))
-        expect(page.locator("#status")).to_contain_text("or press Auto")
-        options = page.get_by_label("Modality").locator("option").all_inner_texts()
-        assert {"busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel"} <= set(options), options
-        page.get_by_label("Modality").select_option("busi")
-        with page.expect_response(lambda r: r.url.endswith("/auto")) as response:
-            page.get_by_role("button", name="Automatic segmentation").click()
-        assert response.value.status == 200, response.value.text()
-        expect(page.locator("#status")).to_contain_text("Automatic mask (busi)")
-        served = _download_mask(page) > 0
+        served, options = _served_auto_mask(page, url, image_path, "busi")
+    assert {"busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel"} <= set(options), options
     predictor = load_predictor("default")
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("busi")[0])
