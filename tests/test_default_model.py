@@ -63,3 +63,16 @@ def test_beats_the_inscribed_ellipse_on_each_test_split(default_model, name):
     ellipse = evaluate(make_method("baseline:ellipse"), data, **protocol)[0].summary()
     assert model["n"] == ellipse["n"] >= 30  # usgra_vessel: 36 of its 40 test images have a vessel
     assert model["dice"]["mean"] > ellipse["dice"]["mean"]
+
+
+def test_packing_the_default_keeps_its_automatic_head(tmp_path):
+    from uniultra.inference.loading import load_auto_model, pack_model
+    from uniultra.models.auto_checkpoint import is_auto_checkpoint
+    from uniultra.models.checkpoint import read_checkpoint
+
+    if not is_auto_checkpoint(bundled_default_path()):
+        pytest.skip("the bundled default of this installation has no automatic head")
+    packed = pack_model("default", tmp_path / "default.safetensors", half=True)
+    model = load_auto_model(packed)
+    assert model.config.presence_head and model.config.presence_threshold is not None
+    assert read_checkpoint(packed)["meta"]["presence_calibration"]["split"] == "val"

@@ -243,7 +243,7 @@ def pack_model(
     info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
     if isinstance(loaded, AutoSegmenter):
         info[META_KEY] = loaded.config.to_dict()
-        calibration = (read_checkpoint(source).get("meta") or {}).get(CALIBRATION_META)
+        calibration = (read_checkpoint(_spec_path(source)).get("meta") or {}).get(CALIBRATION_META)
         if calibration is not None:
             info[CALIBRATION_META] = calibration
     if peft is not None:
@@ -291,7 +291,7 @@ def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
     """What `load_model` loads, except that an automatic-mode checkpoint keeps its head (the bundled
     default has one: at another --size it loads without it, box and point prompts only)."""
     default = str(spec) == "default"
-    path = bundled_default_path() if default else Path(spec)
+    path = _spec_path(spec)
     if not path.is_file():  # "preset:NAME", a missing file or bundle (load_model says so)
         return load_model(spec, image_size=image_size, device=device)
     data = read_checkpoint(path)  # once: large checkpoints take seconds to read
@@ -302,6 +302,11 @@ def load_any_model(spec: str | os.PathLike, image_size: int | None = None,
         raise ValueError(f"{spec}: an automatic-mode checkpoint runs at the size it was trained at "
                          f"({model.image_size} px), not --size {image_size}")
     return model
+
+
+def _spec_path(spec: str | os.PathLike) -> Path:
+    """The file a model spec names: the bundled default's for `default`, else the path itself."""
+    return bundled_default_path() if str(spec) == "default" else Path(spec)
 
 
 def _config_size(data: dict[str, Any]) -> int | None:
