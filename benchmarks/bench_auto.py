@@ -44,14 +44,15 @@ def roc_auc(positive: list[float], negative: list[float]) -> float | None:
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
-def run_dataset(predictor: ZoomPredictor, dataset: SegmentationDataset) -> list[dict]:
+def run_dataset(predictor: ZoomPredictor, dataset: SegmentationDataset,
+                answers: tuple[str, ...] = ANSWERS) -> list[dict]:
     predictor.modality = dataset.name
     rows = []
     for sample in tqdm(dataset.samples, desc=dataset.name, unit="img", leave=False):
         item = load_sample(sample)
         predictor.set_image(item["image"])
         row = {"stem": sample.stem, "truth_empty": not item["mask"].any()}
-        for answer in ANSWERS:
+        for answer in answers:
             predictor.refine_auto = answer == "refined"
             mask, score, _ = predictor.predict_without_prompt()
             metrics = image_metrics(np.asarray(mask, dtype=bool), item["mask"])
@@ -61,12 +62,12 @@ def run_dataset(predictor: ZoomPredictor, dataset: SegmentationDataset) -> list[
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], answers: tuple[str, ...] = ANSWERS) -> dict:
     lesion = [r for r in rows if not r["truth_empty"]]
     normal = [r for r in rows if r["truth_empty"]]
     summary = {"n": len(rows), "n_lesion": len(lesion), "n_empty_truth": len(normal),
                "presence_auc": roc_auc([r["presence"] for r in lesion], [r["presence"] for r in normal])}
-    for answer in ANSWERS:
+    for answer in answers:
         finite = [r[answer]["hd95"] for r in lesion if np.isfinite(r[answer]["hd95"])]
         summary[answer] = {
             "dice_all": float(np.mean([r[answer]["dice"] for r in rows])),

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from uniultra.atomic import atomic_write_text
 from uniultra.engine.config import load_train_config
 from uniultra.engine.trainer import train
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
+from uniultra.evaluation.seeds import mean_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -85,15 +85,6 @@ def score(spec: str, datasets: list) -> dict:
         results = evaluate(method, datasets, prompt_mode="box", jitter=jitter, seed=0, progress=False)
         rows[row] = {r.name: r.summary() for r in results}
     return rows
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95 % Student-t interval (nan for one value)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float(values.mean()), math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(half)
 
 
 def table(document: dict) -> str:

@@ -172,3 +172,14 @@ def test_dataset_cache_round_trip(tmp_path):
     np.testing.assert_array_equal(cache["a"], region_label_maps(phantom, levels=(3.0, 12.0)))
     with pytest.raises(FileNotFoundError):
         load_dataset_regions(tmp_path / "cache", "other")
+
+
+def test_region_cache_progress_bar_can_be_silenced(tmp_path, capsys):
+    """`--no-progress` logs of a zoomed training must not fill with one bar line per image."""
+    images = tmp_path / "toy" / "images"
+    images.mkdir(parents=True)
+    Image.fromarray(_phantom()[0]).save(images / "a.png")
+    cache_dataset_regions(images, tmp_path / "quiet", levels=(3.0,), progress=False)
+    assert "regions toy" not in capsys.readouterr().err
+    cache_dataset_regions(images, tmp_path / "loud", levels=(3.0,), progress=True)
+    assert "regions toy" in capsys.readouterr().err

@@ -134,6 +134,23 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class InteractiveConfig:
+    """SAM-style interactive training (uniultra.engine.interactive): after the first answer to each
+    prompt, `rounds` more decoder passes, each adding one click sampled uniformly from the current
+    error region and feeding the previous low-res logits back as the mask prompt; the loss averages
+    over every pass. `probability`: share of steps that run the rounds (the others: one pass)."""
+
+    rounds: int = 2
+    probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"interactive.rounds must be >= 1 (omit the section for none), got {self.rounds}")
+        if not 0.0 < self.probability <= 1.0:
+            raise ValueError(f"interactive.probability must be in (0, 1], got {self.probability}")
+
+
+@dataclass(frozen=True)
 class TrainPromptConfig:
     # Probability of each prompt kind per training sample (normalised to sum 1).
     modes: dict[str, float] = field(default_factory=lambda: {"box": 0.6, "point": 0.2, "box+point": 0.2})
@@ -205,6 +222,7 @@ class TrainConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     zoom: ZoomConfig | None = None  # null: whole images resized to the model input
+    interactive: InteractiveConfig | None = None  # null: one decoder pass per prompt
     seed: int = 0
     out_dir: str = "runs/train"
     log_every: int = 20  # steps between progress lines / log flushes

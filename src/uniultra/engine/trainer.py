@@ -54,6 +54,7 @@ from uniultra.engine.checkpointing import (
 from uniultra.engine.config import TrainConfig
 from uniultra.engine.distributed import setup
 from uniultra.engine.epoch_loop import EpochLoop
+from uniultra.engine.interactive import chosen_logits, error_clicks, interactive_rounds, step_generator
 from uniultra.engine.logs import RunLog, run_info
 from uniultra.engine.losses import segmentation_loss
 from uniultra.engine.optimisation import Optimisation
@@ -143,22 +144,34 @@ def build_model(config: TrainConfig, source: str = "config") -> tuple[SAM2ImageM
 
 
 class _TrainForward(nn.Module):
-    """Encoder once per batch, decoder once per prompt group: the module DDP wraps."""
+    """Encoder once per batch, decoder once per prompt group (plus one pass per interactive
+    round): the module DDP wraps."""
 
     def __init__(self, model: SAM2ImageModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, groups: list[tuple],
-                modality: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`modality`: each sample's modality id for the encoder's controller (None: none selected)."""
+    def forward(self, images: torch.Tensor, groups: list[tuple], modality: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, rounds: int = 0,
+                generator: torch.Generator | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per group, the (low-res logits, IoU scores) of every pass: the prompt's, then `rounds`
+        corrections (uniultra.engine.interactive; needs `targets`). `modality`: each sample's modality
+        id for the encoder's controller (None: none selected)."""
         with use_modality(self.model, modality):
             features = self.model.encode_image(self.model.normalize(images))
         outputs = []
         for index, coords, labels, multimask in groups:
             sub = ImageFeatures(features.image_embed[index], [f[index] for f in features.high_res_feats])
             out = self.model.decode(sub, points=(coords, labels), multimask=multimask)
-            outputs.append((out.low_res_logits, out.iou_scores))
+            passes = [(out.low_res_logits, out.iou_scores)]
+            for _ in range(rounds):
+                previous = chosen_logits(*passes[-1]).detach()
+                click, label = error_clicks(previous, targets[index], generator)
+                coords = torch.cat([coords, click.to(coords.dtype)], dim=1)
+                labels = torch.cat([labels, label.to(labels.dtype)], dim=1)
+                out = self.model.decode(sub, points=(coords, labels), mask_input=previous)
+                passes.append((out.low_res_logits, out.iou_scores))
+            outputs.append(passes)
         return outputs
 
 
@@ -471,14 +484,17 @@ class Trainer(EpochLoop):
         groups = [(g.index, g.coords, g.labels, g.kind == "point" and cfg.loss.multimask_for_points)
                   for g in batch.groups]
         modality = None if self.train_modality is None else self.train_modality[batch.sets]
+        rounds = interactive_rounds(cfg.interactive, cfg.seed, self.state.step)
+        generator = step_generator(cfg.seed, self.state.step, batch.images.device) if rounds else None
         with self._autocast():
-            outputs = self.forward(batch.images, groups, modality)
+            outputs = self.forward(batch.images, groups, modality, batch.targets, rounds, generator)
         totals, terms = [], {"focal": [], "dice": [], "iou": [], "real_iou": []}
-        for g, (logits, iou) in zip(batch.groups, outputs, strict=True):
-            total, parts = segmentation_loss(logits, iou, batch.targets[g.index], cfg.loss)
-            totals.append(total)
+        for g, passes in zip(batch.groups, outputs, strict=True):
+            # Every pass counts alike; the logged terms stay those of the first (the prompt's answer).
+            losses = [segmentation_loss(logits, iou, batch.targets[g.index], cfg.loss) for logits, iou in passes]
+            totals.append(torch.stack([total for total, _ in losses]).mean(dim=0))
             for k in terms:
-                terms[k].append(parts[k])
+                terms[k].append(losses[0][1][k])
         loss = torch.cat(totals).mean()
         lr, grad_norm = self.optimisation.step(loss, epoch, self.state.step)
         values = torch.stack([loss.detach().float()] + [torch.cat(terms[k]).float().mean() for k in terms]

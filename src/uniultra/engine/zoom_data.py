@@ -79,7 +79,7 @@ def build_native_set(entry: DataEntry, dataset: SegmentationDataset, zoom: ZoomC
     if entry.targets == "regions":
         key = f"{entry.label}-{dataset.root.resolve().name}"
         if not regions_cache_path(zoom.regions_dir, key).is_file():
-            cache_dataset_regions(dataset.root / "images", zoom.regions_dir, key)
+            cache_dataset_regions(dataset.root / "images", zoom.regions_dir, key, progress=progress)
         cache = load_dataset_regions(zoom.regions_dir, key)
         missing = [stem for stem in stems if stem not in cache]
         if missing:
