@@ -177,7 +177,9 @@ def test_auto_follows_its_documented_rule(exported, monkeypatch):
     monkeypatch.setattr(rt, "has_bf16_units", lambda: True)
     assert rt.auto_runtime(str(ckpt))[0] == "openvino-bf16"
     assert rt.auto_runtime(str(ckpt), device="cuda")[0] == "torch"
-    assert rt.auto_runtime(str(ckpt), automatic=True)[0] == "torch"
+    assert rt.auto_runtime(str(ckpt), automatic=True)[0] == "torch"  # no automatic head to export
+    assert rt.auto_runtime("default", automatic=True)[0] == "openvino-bf16"  # the bundled head exports
+    assert rt.auto_runtime(f"onnx:{out}", automatic=True)[0] == "torch"
     assert rt.auto_runtime("preset:mini")[0] == "torch"
     monkeypatch.setattr(rt, "has_bf16_units", lambda: False)
     assert rt.auto_runtime(str(ckpt))[0] == "onnx"

@@ -20,8 +20,10 @@ the mini encoder in 149 ms against 234 ms for onnxruntime fp32 and 248 ms for Py
 1. openvino-bf16 when openvino is installed and the CPU has bf16 units (avx512_bf16 / amx_bf16);
 2. else onnx (onnxruntime fp32) when the `export` extra is installed;
 3. else torch.
-PyTorch is used whatever the rule says where only it can do the job: a GPU device, no-prompt
-(automatic) prediction, `preset:NAME` (random weights, nothing worth caching).
+PyTorch is used whatever the rule says where only it can do the job: a GPU device, `preset:NAME`
+(random weights, nothing worth caching), and no-prompt (automatic) prediction with a model whose
+export would have no automatic head (PyTorch then says what the model can do). A model with an
+automatic head (the bundled default has one) is exported with it, so `--prompt none` follows the rule.
 OpenVINO fp32 is not picked: faster than onnxruntime on that Xeon (208 ms) but unmeasured elsewhere.
 """
 
@@ -40,6 +42,7 @@ from uniultra.inference import onnx_format as md
 from uniultra.inference.cpu import has_bf16_units
 from uniultra.inference.loading import EXPORT_PREFIXES, TORCH_BF16_PREFIX, bundled_default_path
 from uniultra.inference.openvino_predictor import int8_encoder_current
+from uniultra.models.auto_checkpoint import is_auto_checkpoint
 
 RUNTIMES = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8", "auto")
 CACHE_ENV = "UNIULTRA_CACHE_DIR"
@@ -61,8 +64,10 @@ def installed(package: str) -> bool:
 
 def auto_runtime(model: str, device: str = "cpu", automatic: bool = False) -> tuple[str, str]:
     """(runtime, why) by the rule in the module docstring."""
-    if device != "cpu" or automatic or model.startswith("preset:"):
-        return "torch", "only PyTorch runs on a GPU, without prompts, or with random weights"
+    if device != "cpu" or model.startswith("preset:"):
+        return "torch", "only PyTorch runs on a GPU or with random weights"
+    if automatic and not has_automatic_head(model):
+        return "torch", "no automatic head to export: PyTorch reports what this model can do without a prompt"
     exported = export_dir_of(model) is not None
     can_export = exported or all(installed(p) for p in EXPORT_PACKAGES)
     if can_export and installed("openvino") and has_bf16_units():
@@ -73,6 +78,17 @@ def auto_runtime(model: str, device: str = "cpu", automatic: bool = False) -> tu
         raise RuntimeUnavailable(f"{model} is an ONNX export but neither onnxruntime nor openvino is installed: "
                                  f"{EXPORT_HINT}")
     return "torch", "neither the export extra nor OpenVINO is installed"
+
+
+def has_automatic_head(model: str) -> bool:
+    """Whether `model` (an export, `default`, or a checkpoint path) answers without a prompt."""
+    export_dir = export_dir_of(model)
+    if export_dir is not None:
+        try:
+            return "auto_decoder" in md.read_metadata(export_dir, verify=False)["files"]
+        except (OSError, ValueError):
+            return False
+    return is_auto_checkpoint(bundled_default_path() if model == "default" else model)
 
 
 def runtime_spec(model: str, runtime: str | None, image_size: int | None = None, device: str = "cpu",
