@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 from bench_auto import DATASETS, run_dataset, summarise
+from seed_sweep import sweep
 
-from uniultra.atomic import atomic_write_text
 from uniultra.auto.config import load_auto_config
 from uniultra.auto.trainer import train_auto
 from uniultra.data.dataset import SegmentationDataset
@@ -101,20 +100,17 @@ def main() -> None:
     if args.table:
         print(table(json.loads(RESULT.read_text())))
         return
-    document = json.loads(RESULT.read_text()) if RESULT.is_file() else {"runs": []}
-    document.update({"benchmark": "auto-seeds", "config": "configs/cpu/auto-default.yaml", "epochs": args.epochs,
-                     "machine": {**machine_info(), "cpu": cpu_model()},
-                     "protocol": "no prompt, head answer, test splits; Dice on images with an object"})
-    for seed in args.seeds:
-        for arm in args.arms:
-            if any(r["arm"] == arm and r["seed"] == seed for r in document["runs"]):
-                continue
-            checkpoint, seconds = run_arm(arm, seed, args)
-            run = {"arm": arm, "seed": seed, "checkpoint": str(checkpoint), "train_seconds": seconds,
-                   "test": score(checkpoint, Path(args.data_root)), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            document["runs"].append(run)
-            atomic_write_text(RESULT, json.dumps(document, indent=1))
-            print(f"{arm} seed {seed}: busi {lesion_dice(run, 'busi'):.2f}, {seconds / 60:.1f} min", flush=True)
+    header = {"benchmark": "auto-seeds", "config": "configs/cpu/auto-default.yaml", "epochs": args.epochs,
+              "machine": {**machine_info(), "cpu": cpu_model()},
+              "protocol": "no prompt, head answer, test splits; Dice on images with an object"}
+
+    def run_one(arm: str, seed: int) -> dict:
+        checkpoint, seconds = run_arm(arm, seed, args)
+        test = score(checkpoint, Path(args.data_root))
+        return {"checkpoint": str(checkpoint), "train_seconds": seconds, "test": test}
+
+    document = sweep(RESULT, header, args.arms, args.seeds, run_one,
+                     lambda run: f"busi {lesion_dice(run, 'busi'):.2f}, {run['train_seconds'] / 60:.1f} min")
     print(table(document))
 
 

@@ -33,12 +33,11 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from seed_sweep import sweep
 
-from uniultra.atomic import atomic_write_text
 from uniultra.distill.config import load_distill_config
 from uniultra.distill.trainer import distill
 from uniultra.engine.config import load_train_config
@@ -187,22 +186,17 @@ def main() -> None:
         print(table(json.loads(RESULT.read_text())))
         return
     datasets = load_datasets([Path(args.data_root) / name for name in DATASETS], "test", None)
-    document = json.loads(RESULT.read_text()) if RESULT.is_file() else {"runs": []}
-    document.update({"benchmark": "distill-seeds", "teacher": args.teacher, "foundation": args.foundation,
-                     "machine": {**machine_info(), "cpu": cpu_model()}, "protocol": "box J=20, seed 0, test splits",
-                     "budget": {"dskd_epochs": args.dskd_epochs, "finetune_epochs": args.finetune_epochs,
-                                "subset_epochs": args.subset_epochs, "subset_k": SUBSET_K}})
-    for seed in args.seeds:
-        for arm in args.arms:
-            if any(r["arm"] == arm and r["seed"] == seed for r in document["runs"]):
-                continue
-            checkpoint, seconds = run_arm(arm, seed, args)
-            run = {"arm": arm, "seed": seed, "checkpoint": str(checkpoint), "train_seconds": seconds,
-                   "test": score(checkpoint, datasets), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            # Re-read: two sweeps (one per core) write the same file.
-            document["runs"] = [*(json.loads(RESULT.read_text())["runs"] if RESULT.is_file() else []), run]
-            atomic_write_text(RESULT, json.dumps(document, indent=1))
-            print(f"{arm} seed {seed}: mean Dice {mean_dice(run):.2f}, {seconds / 60:.1f} min", flush=True)
+    header = {"benchmark": "distill-seeds", "teacher": args.teacher, "foundation": args.foundation,
+              "machine": {**machine_info(), "cpu": cpu_model()}, "protocol": "box J=20, seed 0, test splits",
+              "budget": {"dskd_epochs": args.dskd_epochs, "finetune_epochs": args.finetune_epochs,
+                         "subset_epochs": args.subset_epochs, "subset_k": SUBSET_K}}
+
+    def run_one(arm: str, seed: int) -> dict:
+        checkpoint, seconds = run_arm(arm, seed, args)
+        return {"checkpoint": str(checkpoint), "train_seconds": seconds, "test": score(checkpoint, datasets)}
+
+    document = sweep(RESULT, header, args.arms, args.seeds, run_one,
+                     lambda run: f"mean Dice {mean_dice(run):.2f}, {run['train_seconds'] / 60:.1f} min")
     print(table(document))
 
 
