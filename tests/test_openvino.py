@@ -93,7 +93,7 @@ def compare(reference, other) -> dict[str, float]:
 def test_openvino_fp32_matches_pytorch_on_phantoms(exported):
     model, out, _ = exported
     ov = load_predictor(f"openvino:{out}", threads=1)
-    assert type(ov).__name__ == "OpenVinoPredictor" and ov.precision == "fp32"
+    assert type(ov).__name__ == "OpenVinoPredictor" and ov.precision == ov.decoder_precision == "fp32"
     worst = compare(Predictor(model), ov)
     assert worst["iou"] > 0.99
     assert worst["logit"] < OV_LOGIT_ATOL
@@ -110,7 +110,7 @@ def test_openvino_matches_onnxruntime(exported):
 def test_openvino_bf16_is_close(exported):
     model, out, _ = exported
     ov = load_predictor(f"openvino-bf16:{out}", threads=1)
-    assert ov.precision == "bf16"
+    assert ov.precision == "bf16" and ov.decoder_precision == "bf16"
     assert compare(Predictor(model), ov)["iou"] > BF16_MIN_IOU
 
 
@@ -133,6 +133,7 @@ def test_openvino_int8_encoder_runs_and_is_plausible(exported, tmp_path):
     copy = shutil.copytree(out, tmp_path / "copy")
     quantize_encoder(copy, n_images=2)
     int8 = load_predictor(f"openvino-int8:{copy}", threads=1)
+    assert int8.decoder_precision == "fp32"  # only the encoder is quantised
     image = make_phantom(6, size=(200, 160)).image
     int8.set_image(image)
     masks, scores, low = int8.predict(box=[30, 40, 120, 150])
