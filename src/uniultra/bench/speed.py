@@ -63,7 +63,7 @@ RUNTIME_LABELS = {
     "ort-fp32": "onnxruntime fp32",
     "ort-int8": "onnxruntime int8 enc.",
     "openvino": "OpenVINO fp32",
-    "openvino-bf16": "OpenVINO bf16 enc.",
+    "openvino-bf16": "OpenVINO bf16",  # encoder and decoders (uniultra.inference.openvino_predictor)
     "openvino-int8": "OpenVINO int8 enc.",
     "official": "official sam2 (eager)",
 }
