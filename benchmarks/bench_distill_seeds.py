@@ -139,16 +139,18 @@ def mean_dice(run: dict) -> float:
 
 def table(document: dict) -> str:
     runs = document["runs"]
-    lines = ["| arm | seeds | " + " | ".join(f"{d} Dice" for d in DATASETS) + " | mean Dice | train min |",
-             "|---|---|" + "---|" * (len(DATASETS) + 2)]
+    dice_columns = " | ".join(f"{d} Dice" for d in DATASETS)
+    lines = [f"| arm | seeds | {dice_columns} | mean Dice | mean HD95 px | train min |",
+             "|---|---|" + "---|" * (len(DATASETS) + 3)]
     for arm in ARMS:
         mine = [r for r in runs if r["arm"] == arm]
         if not mine:
             continue
         cells = [_cell([100 * r["test"][d]["dice"]["mean"] for r in mine]) for d in DATASETS]
         minutes = sum(r["train_seconds"] for r in mine) / len(mine) / 60
+        hd95 = _cell([sum(r["test"][d]["hd95"]["mean"] for d in DATASETS) / len(DATASETS) for r in mine])
         lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells)
-                     + f" | {_cell([mean_dice(r) for r in mine])} | {minutes:.1f} |")
+                     + f" | {_cell([mean_dice(r) for r in mine])} | {hd95} | {minutes:.1f} |")
     lines += ["", "| claim: arm minus reference (mean Dice, same seed) | seeds | difference | verdict |",
               "|---|---|---|---|"]
     by_arm = {}
