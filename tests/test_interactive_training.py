@@ -12,6 +12,7 @@ from uniultra.engine.config import InteractiveConfig
 from uniultra.engine.interactive import PADDING_LABEL, chosen_logits, error_clicks, interactive_rounds
 from uniultra.engine.trainer import train
 from uniultra.inference.transforms import upsample_logits
+from uniultra.models.image_model import SAM2ImageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 S = 32
@@ -82,20 +83,29 @@ def test_bad_interactive_sections_are_config_errors(section, tmp_path, datasets)
         tiny_config(tmp_path / "run", datasets, interactive=section)
 
 
-def test_training_runs_the_correction_passes_and_learns(datasets, tmp_path, monkeypatch):  # noqa: F811
-    seen = []
-    original = trainer_module._TrainForward.forward
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_training_runs_the_correction_passes_and_learns(datasets, tmp_path, monkeypatch, mask_prompt):  # noqa: F811
+    seen, masks_given = [], []
+    original_forward = trainer_module._TrainForward.forward
+    original_decode = SAM2ImageModel.decode
 
-    def spy(self, images, groups, modality=None, targets=None, rounds=0, generator=None):
-        outputs = original(self, images, groups, modality, targets, rounds, generator)
+    def spy(self, images, groups, modality=None, targets=None, rounds=0, generator=None, mask_prompt=True):
+        outputs = original_forward(self, images, groups, modality, targets, rounds, generator, mask_prompt)
         seen.append((rounds, [len(passes) for passes in outputs]))
         return outputs
 
+    def decode_spy(self, features, points=None, boxes=None, mask_input=None, multimask=False):
+        masks_given.append(mask_input is not None)
+        return original_decode(self, features, points, boxes, mask_input, multimask)
+
     monkeypatch.setattr(trainer_module._TrainForward, "forward", spy)
-    config = tiny_config(tmp_path / "run", datasets, interactive={"rounds": 2, "probability": 1.0},
-                         optim__epochs=3)
+    monkeypatch.setattr(SAM2ImageModel, "decode", decode_spy)
+    config = tiny_config(tmp_path / "run", datasets, optim__epochs=3,
+                         interactive={"rounds": 2, "probability": 1.0, "mask_prompt": mask_prompt})
     result = train(config)
     assert seen and all(rounds == 2 and set(lengths) == {3} for rounds, lengths in seen)
+    # Validation decodes too (never with a mask); training's correction passes get one when asked.
+    assert any(masks_given) == mask_prompt
     losses = [e["train_loss"] for e in result.epochs]
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "best.pt").is_file()

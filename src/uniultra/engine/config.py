@@ -138,10 +138,13 @@ class InteractiveConfig:
     """SAM-style interactive training (uniultra.engine.interactive): after the first answer to each
     prompt, `rounds` more decoder passes, each adding one click sampled uniformly from the current
     error region and feeding the previous low-res logits back as the mask prompt; the loss averages
-    over every pass. `probability`: share of steps that run the rounds (the others: one pass)."""
+    over every pass. `probability`: share of steps that run the rounds (the others: one pass).
+    `mask_prompt: false` keeps the clicks but not the previous logits: the way a zoomed model is
+    used (ZoomPredictor answers each object on its own crop and takes no mask_input)."""
 
     rounds: int = 2
     probability: float = 0.5
+    mask_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -152,11 +152,12 @@ class _TrainForward(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, groups: list[tuple], modality: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, rounds: int = 0,
-                generator: torch.Generator | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+                targets: torch.Tensor | None = None, rounds: int = 0, generator: torch.Generator | None = None,
+                mask_prompt: bool = True) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per group, the (low-res logits, IoU scores) of every pass: the prompt's, then `rounds`
-        corrections (uniultra.engine.interactive; needs `targets`). `modality`: each sample's modality
-        id for the encoder's controller (None: none selected)."""
+        corrections (uniultra.engine.interactive; needs `targets`), each given the previous logits
+        as mask prompt when `mask_prompt`. `modality`: each sample's modality id for the encoder's
+        controller (None: none selected)."""
         with use_modality(self.model, modality):
             features = self.model.encode_image(self.model.normalize(images))
         outputs = []
@@ -169,7 +170,7 @@ class _TrainForward(nn.Module):
                 click, label = error_clicks(previous, targets[index], generator)
                 coords = torch.cat([coords, click.to(coords.dtype)], dim=1)
                 labels = torch.cat([labels, label.to(labels.dtype)], dim=1)
-                out = self.model.decode(sub, points=(coords, labels), mask_input=previous)
+                out = self.model.decode(sub, points=(coords, labels), mask_input=previous if mask_prompt else None)
                 passes.append((out.low_res_logits, out.iou_scores))
             outputs.append(passes)
         return outputs
@@ -487,7 +488,8 @@ class Trainer(EpochLoop):
         rounds = interactive_rounds(cfg.interactive, cfg.seed, self.state.step)
         generator = step_generator(cfg.seed, self.state.step, batch.images.device) if rounds else None
         with self._autocast():
-            outputs = self.forward(batch.images, groups, modality, batch.targets, rounds, generator)
+            outputs = self.forward(batch.images, groups, modality, batch.targets, rounds, generator,
+                                   cfg.interactive is None or cfg.interactive.mask_prompt)
         totals, terms = [], {"focal": [], "dice": [], "iou": [], "real_iou": []}
         for g, passes in zip(batch.groups, outputs, strict=True):
             # Every pass counts alike; the logged terms stay those of the first (the prompt's answer).
