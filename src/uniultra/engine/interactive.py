@@ -18,8 +18,10 @@ import torch
 
 from uniultra.engine.config import InteractiveConfig
 from uniultra.inference.transforms import upsample_logits
+from uniultra.models.prompt_labels import PADDING
 
-PADDING_LABEL = -1  # a sample whose mask is already exact gets a padding point (ignored)
+# A sample whose mask is already exact gets a padding point (the prompt encoder ignores it).
+PADDING_LABEL = PADDING
 
 
 def interactive_rounds(config: InteractiveConfig | None, seed: int, step: int) -> int:
@@ -27,12 +29,16 @@ def interactive_rounds(config: InteractiveConfig | None, seed: int, step: int) -
     A function of (seed, step) only, so that every DDP process runs the same graph."""
     if config is None:
         return 0
-    return config.rounds if random.Random(seed * 1_000_003 + step).random() < config.probability else 0
+    return config.rounds if random.Random(_step_key(seed, step)).random() < config.probability else 0
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The click sampler's generator: a resumed run draws the same clicks at the same step."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device=device).manual_seed(_step_key(seed, step))
+
+
+def _step_key(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
 
 
 def chosen_logits(low_res_logits: torch.Tensor, iou_scores: torch.Tensor) -> torch.Tensor:
