@@ -77,7 +77,8 @@ def test_rounds_depend_only_on_seed_and_step():
     assert all(interactive_rounds(InteractiveConfig(rounds=2, probability=1.0), 0, s) == 2 for s in range(20))
 
 
-@pytest.mark.parametrize("section", [{"rounds": 0}, {"probability": 0.0}, {"probability": 1.5}])
+@pytest.mark.parametrize("section", [{"rounds": 0}, {"probability": 0.0}, {"probability": 1.5},
+                                     {"modes": ["tap"]}, {"modes": []}])
 def test_bad_interactive_sections_are_config_errors(section, tmp_path, datasets):  # noqa: F811
     with pytest.raises((ConfigError, ValueError), match="interactive"):
         tiny_config(tmp_path / "run", datasets, interactive=section)
@@ -109,3 +110,21 @@ def test_training_runs_the_correction_passes_and_learns(datasets, tmp_path, monk
     losses = [e["train_loss"] for e in result.epochs]
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_modes_left_out_of_the_rounds_train_one_pass(datasets, tmp_path, monkeypatch):  # noqa: F811
+    seen = []
+    original_forward = trainer_module._TrainForward.forward
+
+    def spy(self, images, groups, modality=None, targets=None, rounds=0, generator=None, mask_prompt=True):
+        outputs = original_forward(self, images, groups, modality, targets, rounds, generator, mask_prompt)
+        seen.extend((group[4], len(passes)) for group, passes in zip(groups, outputs, strict=True))
+        return outputs
+
+    monkeypatch.setattr(trainer_module._TrainForward, "forward", spy)
+    config = tiny_config(tmp_path / "run", datasets, optim__epochs=1,
+                         prompts={"train": {"modes": {"box": 0.5, "point": 0.5}}},
+                         interactive={"rounds": 2, "probability": 1.0, "modes": ["box"]})
+    train(config)
+    assert {passes for corrected, passes in seen if corrected} == {3}
+    assert {passes for corrected, passes in seen if not corrected} == {1}

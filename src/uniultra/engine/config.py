@@ -140,17 +140,28 @@ class InteractiveConfig:
     error region and feeding the previous low-res logits back as the mask prompt; the loss averages
     over every pass. `probability`: share of steps that run the rounds (the others: one pass).
     `mask_prompt: false` keeps the clicks but not the previous logits: the way a zoomed model is
-    used (ZoomPredictor answers each object on its own crop and takes no mask_input)."""
+    used (ZoomPredictor answers each object on its own crop and takes no mask_input).
+    `modes`: the training prompt modes whose samples get the rounds (null: every mode); e.g. leave
+    out `point` so that one-tap answers train as without rounds."""
 
     rounds: int = 2
     probability: float = 0.5
     mask_prompt: bool = True
+    modes: tuple[str, ...] | None = None
+
+    def corrects(self, mode: str) -> bool:
+        return self.modes is None or mode in self.modes
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"interactive.rounds must be >= 1 (omit the section for none), got {self.rounds}")
         if not 0.0 < self.probability <= 1.0:
             raise ValueError(f"interactive.probability must be in (0, 1], got {self.probability}")
+        if self.modes is not None:
+            bad = sorted(set(self.modes) - set(TRAIN_PROMPT_MODES))
+            if bad or not self.modes:
+                raise ValueError(f"interactive.modes must be a non-empty list of {list(TRAIN_PROMPT_MODES)}, "
+                                 f"got {list(self.modes)}")
 
 
 @dataclass(frozen=True)

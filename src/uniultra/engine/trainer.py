@@ -154,18 +154,19 @@ class _TrainForward(nn.Module):
     def forward(self, images: torch.Tensor, groups: list[tuple], modality: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, rounds: int = 0, generator: torch.Generator | None = None,
                 mask_prompt: bool = True) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Per group, the (low-res logits, IoU scores) of every pass: the prompt's, then `rounds`
-        corrections (uniultra.engine.interactive; needs `targets`), each given the previous logits
+        """Per group (index, coords, labels, multimask, corrected), the (low-res logits, IoU scores)
+        of every pass: the prompt's, then, for corrected groups, `rounds` corrections
+        (uniultra.engine.interactive; needs `targets`), each given the previous logits
         as mask prompt when `mask_prompt`. `modality`: each sample's modality id for the encoder's
         controller (None: none selected)."""
         with use_modality(self.model, modality):
             features = self.model.encode_image(self.model.normalize(images))
         outputs = []
-        for index, coords, labels, multimask in groups:
+        for index, coords, labels, multimask, corrected in groups:
             sub = ImageFeatures(features.image_embed[index], [f[index] for f in features.high_res_feats])
             out = self.model.decode(sub, points=(coords, labels), multimask=multimask)
             passes = [(out.low_res_logits, out.iou_scores)]
-            for _ in range(rounds):
+            for _ in range(rounds if corrected else 0):
                 previous = chosen_logits(*passes[-1]).detach()
                 click, label = error_clicks(previous, targets[index], generator)
                 coords = torch.cat([coords, click.to(coords.dtype)], dim=1)
@@ -482,8 +483,8 @@ class Trainer(EpochLoop):
     def _train_step(self, batch: D.Batch, epoch: int) -> dict[str, float]:
         cfg = self.config
         batch = batch.to(self.ctx.device)
-        groups = [(g.index, g.coords, g.labels, g.kind == "point" and cfg.loss.multimask_for_points)
-                  for g in batch.groups]
+        groups = [(g.index, g.coords, g.labels, g.kind == "point" and cfg.loss.multimask_for_points,
+                   cfg.interactive is not None and cfg.interactive.corrects(g.kind)) for g in batch.groups]
         modality = None if self.train_modality is None else self.train_modality[batch.sets]
         rounds = interactive_rounds(cfg.interactive, cfg.seed, self.state.step)
         generator = step_generator(cfg.seed, self.state.step, batch.images.device) if rounds else None
