@@ -18,7 +18,7 @@ from uniultra.inference.loading import load_model, load_predictor, pack_model
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.inference.roi import MAX_ASPECT, Roi, crop, full_roi, mask_box, paste, roi_around_box
-from uniultra.inference.zoom import ZoomPredictor, _points_in_roi, main_parts_box
+from uniultra.inference.zoom import TAP_SCORE_WEIGHT, ZoomPredictor, _most_agreed, _points_in_roi, main_parts_box
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -250,3 +250,22 @@ def test_regions_entries_need_zoom_and_no_val(tmp_path):
         TrainConfig.from_dict({"data": [{"path": "x", "targets": "regions"}]}, "t")
     with pytest.raises(ConfigError, match="zoom"):
         TrainConfig.from_dict({"data": [{"path": "x", "targets": "regions", "split_val": None}]}, "t")
+
+
+def _candidate(mask: np.ndarray, predicted_iou: float, cut_off: bool = False) -> tuple:
+    return mask[None], np.array([predicted_iou]), None, cut_off
+
+
+def test_tap_candidates_agreeing_alike_are_told_apart_by_the_predicted_iou():
+    square = np.zeros((20, 20), bool)
+    square[5:15, 5:15] = True
+    small, large = square.copy(), square.copy()
+    small[5:15, 5] = False
+    large[5:15, 15] = True  # each differs from the square by one column: equal agreement, 0.9 IoU
+    answers = [_candidate(small, 0.5), _candidate(square, 0.5), _candidate(large, 0.55)]
+    assert TAP_SCORE_WEIGHT > 0
+    assert _most_agreed(answers, 0.0, logits=False) == 1  # agreement first: the square agrees with both
+    answers = [_candidate(small, 0.3), _candidate(large, 0.9)]
+    assert _most_agreed(answers, 0.0, logits=False) == 1  # a tie in agreement: the higher predicted IoU
+    answers = [_candidate(small, 0.3), _candidate(large, 0.9, cut_off=True)]
+    assert _most_agreed(answers, 0.0, logits=False) == 0  # cut off by its crop: penalised

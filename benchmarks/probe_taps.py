@@ -1,0 +1,122 @@
+"""How a zoomed model answers one tap: every candidate crop scored against the truth.
+
+    python benchmarks/probe_taps.py --model default --split val
+
+A zoomed predictor (uniultra.inference.zoom) answers a tap on several crops (around the box of a
+whole-image first pass, and squares of `DEFAULT_TAP_SCALES` of the image side centred on the tap) and
+keeps one answer by a selection rule. This probe separates the two causes of a weak tap Dice:
+- per candidate crop: the mean Dice of its answer (which crop scale suits which anatomy);
+- "oracle": the best candidate per tap, i.e. the ceiling of any selection rule;
+- selection rules over the same candidates: mean IoU agreement with the other answers (what shipped
+  until 2026-12-02), the predicted IoU, and agreement + w x predicted IoU for several w.
+Images: the split's images with exactly one object (one tap = its farthest interior point, as in
+`uniultra evaluate --prompt point`). Writes `benchmarks/results/probe-taps-<split>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uniultra.data.dataset import load_sample
+from uniultra.data.prompts import make_prompt
+from uniultra.evaluation.evaluate import load_datasets
+from uniultra.inference.loading import load_predictor
+from uniultra.inference.prompts import PromptSet
+from uniultra.inference.zoom import BORDER_PENALTY, ZoomPredictor
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
+SCORE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="a zoomed model: default or a checkpoint path")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 1.0
+
+
+def tap_candidates(zoom: ZoomPredictor, image: np.ndarray, point: np.ndarray) -> list[dict]:
+    """Every crop's answer to one positive tap (the predictor's own crops, in its order)."""
+    zoom.set_image(image)
+    prompts = PromptSet.from_user(None, point[None, None], np.ones((1, 1), dtype=np.int64), zoom.orig_hw)
+    points, labels = prompts.points[0], prompts.labels[0]
+    rois = [zoom._roi(None, points, labels)] + zoom._tap_rois(points)
+    answers = [zoom._answer_on(zoom._require_image(), roi, None, points, labels, False, False) for roi in rois]
+    return [{"mask": a[0][0], "predicted_iou": float(np.ravel(a[1])[0]), "cut_off": bool(a[3]),
+             "crop": [roi.width, roi.height]} for a, roi in zip(answers, rois, strict=True)]
+
+
+def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray) -> dict:
+    truth = item["mask"] > 0
+    candidates = tap_candidates(zoom, item["image"], point)
+    masks = [c["mask"] for c in candidates]
+    union = [[(m | o).sum() for o in masks] for m in masks]
+    iou = [[float((m & o).sum() / u) if u else 1.0 for o, u in zip(masks, row, strict=True)]
+           for m, row in zip(masks, union, strict=True)]
+    return {"dice": [dice(m, truth) for m in masks], "iou": iou,
+            **{k: [c[k] for c in candidates] for k in ("predicted_iou", "cut_off", "crop")}}
+
+
+def choose(row: dict, score_weight: float | None) -> int:
+    """Agreement (+ score_weight x predicted IoU) less the border penalty; None: predicted IoU alone."""
+    predicted = np.asarray(row["predicted_iou"])
+    cut = BORDER_PENALTY * np.asarray(row["cut_off"], dtype=float)
+    if score_weight is None:
+        return int(np.argmax(predicted - cut))
+    iou = np.asarray(row["iou"])
+    agreement = (iou.sum(axis=1) - 1.0) / max(len(iou) - 1, 1)
+    return int(np.argmax(agreement + score_weight * predicted - cut))
+
+
+def summarise(rows: list[dict]) -> dict:
+    dices = np.asarray([r["dice"] for r in rows])
+    rules = {"predicted IoU": None, **{f"agreement + {w} x predicted IoU": w for w in SCORE_WEIGHTS}}
+    return {"n": len(rows),
+            "per_candidate": (100 * dices.mean(axis=0)).round(2).tolist(),
+            "oracle": round(float(100 * dices.max(axis=1).mean()), 2),
+            "rules": {name: round(float(100 * np.mean([r["dice"][choose(r, w)] for r in rows])), 2)
+                      for name, w in rules.items()},
+            "candidates_cut_off": round(float(np.mean([r["cut_off"] for r in rows])), 4)}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    zoom = load_predictor(args.model)
+    if not isinstance(zoom, ZoomPredictor):
+        raise SystemExit(f"{args.model}: not a zoomed model; its taps are answered on the whole image only")
+    result = {"model": args.model, "split": args.split, "tap_scales": list(zoom.tap_scales),
+              "candidates": ["first pass box"] + [f"square {s}" for s in zoom.tap_scales], "datasets": {}}
+    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
+        start, rows = time.perf_counter(), []
+        for sample in ds.samples:
+            item = load_sample(sample)
+            prompt = make_prompt(item["mask"], "point", stem=sample.stem)
+            if prompt is not None and len(prompt.points) == 1:
+                rows.append(probe_image(zoom, item, prompt.points[0, 0]))
+        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
+        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
+    out = ROOT / "benchmarks" / "results" / f"probe-taps-{args.split}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
