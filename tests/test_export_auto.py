@@ -37,6 +37,9 @@ def auto_export(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        probe = model.attach_presence_probe()  # the probe, not the head, scores presence in the graph
+        probe.weight[0].normal_(0, 0.05)
+        probe.bias[0] = 0.3
     model.base.inference = {"zoom": {"margin": 1.4}}
     root = tmp_path_factory.mktemp("auto-export")
     save_auto_model(model, root / "auto.pt")

@@ -32,6 +32,9 @@ class AutoModelSection:
       trains the copy, and the base answers box prompts exactly as before.
     - `presence_head`: add the image-level presence head (uniultra.models.presence_head), trained
       with `loss.presence` x BCE against "the mask is not empty".
+    - `presence_probe`: after training, fit a presence probe on the encoder's pooled features
+      (uniultra.models.presence_probe; closed form, train split, strength chosen on val); it then
+      gives the presence score the gate is calibrated on. Needs `freeze_encoder` (cached features).
     """
 
     base: str = "default"
@@ -41,7 +44,12 @@ class AutoModelSection:
     freeze_encoder: bool = True
     train_decoder: bool = True
     presence_head: bool = False
+    presence_probe: bool = False
     own_decoder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.presence_probe and not self.freeze_encoder:
+            raise ValueError("model.presence_probe needs model.freeze_encoder: true (it is fitted on cached features)")
 
 
 @dataclass(frozen=True)

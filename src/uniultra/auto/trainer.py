@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from uniultra.auto.calibration import Calibration, ImageOutcome, choose_threshold
 from uniultra.auto.config import AutoLossConfig, AutoTrainConfig
+from uniultra.auto.presence_fit import ChannelData, fit_presence_probe
 from uniultra.engine import data as D
 from uniultra.engine.checkpointing import (
     check_config_unchanged,
@@ -57,11 +58,12 @@ from uniultra.engine.trainer import TrainHooks, TrainState
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_auto_model
 from uniultra.inference.transforms import upsample_logits
-from uniultra.models.auto_checkpoint import CALIBRATION_META, save_auto_model
+from uniultra.models.auto_checkpoint import CALIBRATION_META, PROBE_META, save_auto_model
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoOutput, AutoSegmenter, presence
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
 from uniultra.models.patch_prompt import patch_targets
+from uniultra.models.presence_probe import pooled_statistics
 
 STATE_FORMAT = "uniultra-auto-train-state"
 STATE_VERSION = 1
@@ -107,7 +109,7 @@ def build_auto_model(config: AutoTrainConfig, source: str = "config") -> tuple[A
     base, identity = load_base(config, source)
     m = config.model
     head = AutoHeadConfig(modalities=config.modalities, modality_decoder=m.modality_decoder, patch_size=m.patch_size,
-                          presence_head=m.presence_head, own_decoder=m.own_decoder)
+                          presence_head=m.presence_head, presence_probe=m.presence_probe, own_decoder=m.own_decoder)
     torch.manual_seed(config.seed)  # the prompt generator's random init
     return AutoSegmenter(base, head), identity
 
@@ -251,6 +253,8 @@ class AutoTrainer(EpochLoop):
         self._say(f"training the automatic head {cfg.optim.epochs} epochs x {self.steps_per_epoch} steps "
                   f"(batch {cfg.optim.batch_size}) on {self.ctx.device}; out {self.out_dir}")
         self._run_epochs()
+        if cfg.model.presence_probe:
+            self._say(probe_text(self.fit_presence_probe(self.out_dir / "best.pt")))
         calibration = self.calibrate_presence(self.out_dir / "best.pt")
         if calibration is not None:
             self._say(calibration_text(calibration))
@@ -279,20 +283,28 @@ class AutoTrainer(EpochLoop):
             self._load_last(last)
         self.log.info = self._run_info()
 
-    def setup_validation(self) -> None:
-        """Only what `calibrate_presence` needs (device, base, val splits): for calibrating a finished run."""
+    def setup_validation(self, train: bool = False) -> None:
+        """Only what `calibrate_presence` needs (device, base, val splits; with `train`, the train
+        splits too, for `fit_presence_probe`): for a finished run."""
         cfg = self.config
         self.ctx = DistContext(device=pick_device(cfg.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model, self.base_identity = build_auto_model(cfg, self.source)
         self.model.to(self.ctx.device)
-        self.val_splits = []
-        for entry in cfg.data:
-            if entry.split_val is not None:
-                root = D.ensure_phantoms(entry, self.out_dir) if entry.phantom is not None else Path(entry.path)
-                modality = self.model.modality_index(entry.label)
-                self.val_splits.append(self._split(entry, root, entry.split_val, modality, True))
+        self.train_splits, self.val_splits = self._splits(train=train)
+
+    def _splits(self, train: bool = True) -> tuple[list[SplitData], list[SplitData]]:
+        """(train splits, val splits) of the config's data entries, each with its decoding channel."""
+        found: tuple[list[SplitData], list[SplitData]] = ([], [])
+        for entry in self.config.data:
+            root = D.ensure_phantoms(entry, self.out_dir) if entry.phantom is not None else Path(entry.path)
+            modality = self.model.modality_index(entry.label)
+            for split_name, target, native in ((entry.split_train if train else None, found[0], False),
+                                               (entry.split_val, found[1], True)):
+                if split_name is not None:
+                    target.append(self._split(entry, root, split_name, modality, native))
+        return found
 
     def _trainable_text(self) -> str:
         n_trained = sum(p.numel() for p in self.trained.values())
@@ -303,13 +315,8 @@ class AutoTrainer(EpochLoop):
 
     def _setup_data(self) -> None:
         cfg = self.config
-        train, val = [], []
-        for entry in cfg.data:
-            root = D.ensure_phantoms(entry, self.out_dir) if entry.phantom is not None else Path(entry.path)
-            modality = self.model.modality_index(entry.label)
-            for split_name, target, native in ((entry.split_train, train, False), (entry.split_val, val, True)):
-                if split_name is not None:
-                    target.append(self._split(entry, root, split_name, modality, native))
+        train, val = self._splits()
+        self.train_splits = train
         self.train_set = AutoSet(train, cfg.augment, cfg.seed)
         if len(self.train_set) == 0:
             raise ValueError("no training image: no data entry has a split_train with images")
@@ -431,6 +438,38 @@ class AutoTrainer(EpochLoop):
         save_auto_model(model, path, meta=meta)
         return result
 
+    @torch.no_grad()
+    def fit_presence_probe(self, path: Path) -> dict[str, dict]:
+        """Fit the presence probe of the auto checkpoint `path` (attached when it has none) on the
+        train splits' cached features, strength chosen on val, and rewrite the checkpoint."""
+        model = load_auto_model(path, self.ctx.device)
+        probe = model.presence_probe if model.presence_probe is not None else model.attach_presence_probe()
+        report = fit_presence_probe(probe, self._channel_statistics(self.train_splits),
+                                    self._channel_statistics(self.val_splits))
+        named = {model.config.modalities[int(c)] if model.config.modality_decoder else "shared": r
+                 for c, r in report.items()}
+        meta = dict(read_checkpoint(path).get("meta") or {})
+        meta[PROBE_META] = named
+        save_auto_model(model, path, meta=meta)
+        return named
+
+    def _channel_statistics(self, splits: list[SplitData]) -> dict[int, ChannelData]:
+        """Per decoding channel: the pooled encoder statistics and presence labels of its images."""
+        grouped: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for split in splits:
+            if split.features is None:
+                raise ValueError("the presence probe is fitted on cached features: set model.freeze_encoder: true")
+            chunk = self.config.val_batch_size
+            for start in range(0, len(split.images), chunk):
+                idx = list(range(start, min(start + chunk, len(split.images))))
+                features = self._features({"features": {k: torch.from_numpy(np.array(v[idx], dtype=np.float32))
+                                                        for k, v in split.features.items()}})
+                present = torch.from_numpy(np.asarray(split.images.masks[idx]).reshape(len(idx), -1).any(axis=1))
+                grouped.setdefault(split.modality, []).append(
+                    (pooled_statistics(features.image_embed, features.high_res_feats).cpu(), present))
+        return {c: ChannelData(torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows]))
+                for c, rows in grouped.items()}
+
     def _predict(self, split: SplitData, idx: list[int], model: AutoSegmenter | None = None) -> AutoOutput:
         model = model or self.model
         if split.features is not None:
@@ -520,6 +559,14 @@ def calibration_text(c: Calibration) -> str:
     gated = sum(d["n_gated"] for d in c.per_dataset.values())
     return (f"presence gate: empty mask below presence probability {c.threshold:.3f} ({gated} val images gated); "
             f"val Dice {100 * c.val_dice_ungated:.2f} -> {100 * c.val_dice_gated:.2f}")
+
+
+def probe_text(report: dict[str, dict]) -> str:
+    fitted = [f"{name} (C {r['C']}, {r['train_absent']} empty of {r['train_absent'] + r['train_present']} train "
+              f"images, val AUC {r['val_auc']:.3f})" for name, r in report.items() if r["fitted"]]
+    left = [f"{name} ({r['reason']})" for name, r in report.items() if not r["fitted"]]
+    return (f"presence probe fitted: {'; '.join(fitted) or 'no channel'}; "
+            f"always present: {', '.join(left) or 'none'}")
 
 
 def train_auto(config: AutoTrainConfig, *, resume: bool = False, hooks: TrainHooks | None = None,

@@ -1,4 +1,4 @@
-"""`uniultra auto train`: train the automatic (no-prompt) head from a YAML config (docs/auto.md)."""
+"""`uniultra auto train | calibrate | fit-presence`: the automatic (no-prompt) head (docs/auto.md)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,30 @@ def register(subparsers) -> None:
     add_run_options(train, set_example="model.modality_decoder=false",
                     progress_help="no progress bars (lines every log_every steps instead)")
     train.set_defaults(func=run_auto_train)
-    calibrate = sub.add_parser(
-        "calibrate",
+    _finished_run_parser(
+        sub, "calibrate", run_auto_calibrate,
         help="choose the presence gate of an automatic-head checkpoint on the val splits",
-        description="Choose the patch-probability threshold below which the automatic head answers 'nothing "
+        description="Choose the presence-probability threshold below which the automatic head answers 'nothing "
                     "here', on the val splits of the config's datasets (never the test split), and rewrite "
                     "the checkpoint with it. `uniultra auto train` does this after its last epoch.",
     )
-    calibrate.add_argument("--config", required=True, type=Path, help="the YAML config the head was trained with")
-    calibrate.add_argument("--model", required=True, type=Path, help="auto checkpoint (rewritten in place)")
-    calibrate.set_defaults(func=run_auto_calibrate)
+    _finished_run_parser(
+        sub, "fit-presence", run_auto_fit_presence,
+        help="fit a presence probe on the encoder features of an automatic-head checkpoint, then its gate",
+        description="Fit the presence probe (a logistic regression per decoding channel on pooled encoder "
+                    "features, uniultra.models.presence_probe) on the train splits of the config's datasets, "
+                    "its strength chosen on the val splits; then choose the presence gate on val as `calibrate` "
+                    "does. The checkpoint is rewritten in place with the probe and the gate. `uniultra auto "
+                    "train` does this itself when the config sets model.presence_probe: true.",
+    )
+
+
+def _finished_run_parser(sub, name: str, func, *, help: str, description: str) -> None:
+    """An action on a finished run: its config (for the data) and the checkpoint it rewrites."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("--config", required=True, type=Path, help="the YAML config the head was trained with")
+    parser.add_argument("--model", required=True, type=Path, help="auto checkpoint (rewritten in place)")
+    parser.set_defaults(func=func)
 
 
 def run_auto_train(args: argparse.Namespace) -> int:
@@ -62,4 +76,18 @@ def run_auto_calibrate(args: argparse.Namespace) -> int:
     if not trainer.val_splits:
         raise ValueError(f"{args.config}: no data entry has a val split to calibrate on")
     print(calibration_text(trainer.calibrate_presence(args.model)))
+    return 0
+
+
+def run_auto_fit_presence(args: argparse.Namespace) -> int:
+    from uniultra.auto.config import load_auto_config
+    from uniultra.auto.trainer import AutoTrainer, calibration_text, probe_text
+
+    trainer = AutoTrainer(load_auto_config(args.config, {}), source=str(args.config))
+    trainer.setup_validation(train=True)
+    if not trainer.train_splits:
+        raise ValueError(f"{args.config}: no data entry has a train split to fit the presence probe on")
+    print(probe_text(trainer.fit_presence_probe(args.model)))
+    if trainer.val_splits:
+        print(calibration_text(trainer.calibrate_presence(args.model)))
     return 0

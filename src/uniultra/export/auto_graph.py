@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoSegmenter
+from uniultra.models.image_model import ImageFeatures
 
 
 class AutoGraph(nn.Module):
@@ -35,8 +36,10 @@ class AutoGraph(nn.Module):
         every = torch.stack([mlp(hs[:, -1]) for mlp in heads.hypernetworks], dim=1)  # (1, channels, C/8)
         weights = every.index_select(1, modality).squeeze(1)
         logits = torch.einsum("bc,bchw->bhw", weights, upscaled).unsqueeze(1)
-        if auto.presence_head is not None:
-            presence = torch.sigmoid(auto.presence_head(image_tokens, modality))
+        features = ImageFeatures(image_embed, [high_res_feats_0, high_res_feats_1])
+        presence_logits = auto.presence_logits(features, image_tokens, modality)
+        if presence_logits is not None:
+            presence = torch.sigmoid(presence_logits)
         else:
             presence = torch.sigmoid(patch_logits.flatten(1).amax(dim=1))
         threshold = auto.config.presence_threshold
@@ -50,4 +53,5 @@ def auto_metadata(model: AutoSegmenter) -> dict:
     """What a runtime needs to run the automatic graph: its channels and how presence is gated."""
     config = model.config
     return {"modalities": list(config.modalities), "modality_decoder": config.modality_decoder,
-            "presence_threshold": config.presence_threshold, "presence_head": config.presence_head}
+            "presence_threshold": config.presence_threshold, "presence_head": config.presence_head,
+            "presence_probe": config.presence_probe}

@@ -22,7 +22,14 @@ from uniultra.atomic import file_sha256
 from uniultra.inference.auto_predictor import AutoPredictor
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.zoom import ZoomPredictor
-from uniultra.models.auto_checkpoint import CALIBRATION_META, META_KEY, auto_state, is_auto_data, load_head_state
+from uniultra.models.auto_checkpoint import (
+    CALIBRATION_META,
+    META_KEY,
+    PROBE_META,
+    auto_state,
+    is_auto_data,
+    load_head_state,
+)
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
 from uniultra.models.checkpoint import (
     CONTROLLER_META,
@@ -243,9 +250,10 @@ def pack_model(
     info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
     if isinstance(loaded, AutoSegmenter):
         info[META_KEY] = loaded.config.to_dict()
-        calibration = (read_checkpoint(_spec_path(source)).get("meta") or {}).get(CALIBRATION_META)
-        if calibration is not None:
-            info[CALIBRATION_META] = calibration
+        source_meta = read_checkpoint(_spec_path(source)).get("meta") or {}
+        for key in (CALIBRATION_META, PROBE_META):  # how the gate and the probe were chosen travel along
+            if source_meta.get(key) is not None:
+                info[key] = source_meta[key]
     if peft is not None:
         info["peft"] = peft.to_dict()
     controller = _controller_config(model)

@@ -21,8 +21,11 @@ from uniultra.models.checkpoint import AUTO_HEAD_PREFIX, INFERENCE_META, Checkpo
 META_KEY = "auto_head"
 # meta key of the presence-gate calibration (uniultra.auto.calibration) written after training.
 CALIBRATION_META = "presence_calibration"
-# The head's modules, stored under AUTO_HEAD_PREFIX + name (presence_head and decoder only when configured).
-HEAD_MODULES = ("prompt_generator", "modality_decoder", "presence_head", "decoder")
+# meta key of the presence probe's fit report (uniultra.auto.presence_fit).
+PROBE_META = "presence_probe_fit"
+# The head's modules, stored under AUTO_HEAD_PREFIX + name (presence head / probe and decoder only when
+# configured).
+HEAD_MODULES = ("prompt_generator", "modality_decoder", "presence_head", "presence_probe", "decoder")
 
 
 def auto_state(model: AutoSegmenter) -> dict[str, torch.Tensor]:

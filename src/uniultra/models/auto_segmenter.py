@@ -8,6 +8,7 @@ prompts through `base.decode`; the automatic path is `decode_auto`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,14 +20,15 @@ from uniultra.models.mask_decoder import MaskDecoder
 from uniultra.models.modality_decoder import ModalityDecoder
 from uniultra.models.patch_prompt import PatchPromptGenerator
 from uniultra.models.presence_head import PresenceHead
+from uniultra.models.presence_probe import PresenceProbe
 
 # Mask logit given to every pixel of an image the presence gate calls empty.
 ABSENT_LOGIT = -32.0
 
 
 def presence(out: AutoOutput) -> torch.Tensor:
-    """(B,) probability that the target is in the image: the presence head's when the model has one,
-    else the most confident patch of the prompt generator."""
+    """(B,) probability that the target is in the image: the presence probe's or head's when the model
+    has one, else the most confident patch of the prompt generator."""
     if out.presence_logits is not None:
         return torch.sigmoid(out.presence_logits.float())
     return torch.sigmoid(out.patch_logits.float().flatten(1).amax(dim=1))
@@ -43,6 +45,9 @@ class AutoHeadConfig:
     # An image-level presence head (uniultra.models.presence_head); without one, the highest patch
     # probability of the prompt generator is the presence score (checkpoints before the head).
     presence_head: bool = False
+    # A presence probe on the encoder's pooled features (uniultra.models.presence_probe), fitted after
+    # training (uniultra.auto.presence_fit); when present it gives the presence score instead of the head.
+    presence_probe: bool = False
     # A copy of the base's mask decoder for the automatic path, so that training it leaves the base's
     # box / point answers exactly as they were (a head shipped inside its base model needs this).
     own_decoder: bool = False
@@ -69,7 +74,7 @@ class AutoHeadConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutoHeadConfig:
         known = {"modalities", "modality_decoder", "patch_size", "presence_threshold", "presence_head",
-                 "own_decoder"}
+                 "presence_probe", "own_decoder"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown auto-head config keys {unknown} (known: {sorted(known)})")
@@ -83,7 +88,7 @@ class AutoHeadConfig:
 class AutoOutput:
     low_res_logits: torch.Tensor  # (B, 1, S/4, S/4)
     patch_logits: torch.Tensor  # (B, 1, S/patch, S/patch)
-    presence_logits: torch.Tensor | None = None  # (B,) with a presence head
+    presence_logits: torch.Tensor | None = None  # (B,) with a presence probe or head
 
 
 class AutoSegmenter(nn.Module):
@@ -101,7 +106,27 @@ class AutoSegmenter(nn.Module):
         self.prompt_generator = PatchPromptGenerator(dim, config.patch_size // stride)
         self.modality_decoder = ModalityDecoder(base.sam_mask_decoder, config.channels)
         self.presence_head = PresenceHead(dim, config.channels) if config.presence_head else None
+        self.presence_probe = self._new_probe() if config.presence_probe else None
         self.decoder = copy.deepcopy(base.sam_mask_decoder) if config.own_decoder else None
+
+    def _new_probe(self) -> PresenceProbe:
+        decoder = self.base.sam_mask_decoder
+        high_res = (decoder.conv_s0.out_channels, decoder.conv_s1.out_channels) if decoder.use_high_res_features else ()
+        return PresenceProbe(self.base.config.neck.d_model, high_res, self.config.channels)
+
+    def attach_presence_probe(self) -> PresenceProbe:
+        """Add an unfitted presence probe to a head trained without one (e.g. an already shipped model)."""
+        self.config = dataclasses.replace(self.config, presence_probe=True)
+        device = self.modality_decoder.queries.weight.device
+        self.presence_probe = self._new_probe().to(device)
+        return self.presence_probe
+
+    def presence_logits(self, features: ImageFeatures, image_tokens: torch.Tensor,
+                        modality: torch.Tensor) -> torch.Tensor | None:
+        """(B,) presence logits: the probe's (encoder features), else the head's (decoder tokens), else None."""
+        if self.presence_probe is not None:
+            return self.presence_probe(features.image_embed, features.high_res_feats, modality)
+        return None if self.presence_head is None else self.presence_head(image_tokens, modality)
 
     @property
     def auto_decoder(self) -> MaskDecoder:
@@ -143,9 +168,8 @@ class AutoSegmenter(nn.Module):
         logits, image_tokens = self.modality_decoder(
             self.auto_decoder, embed, prompt_encoder.get_dense_pe(), dense, features.high_res_feats, modality,
         )
-        head = self.presence_head
         out = AutoOutput(low_res_logits=logits, patch_logits=patch_logits,
-                         presence_logits=None if head is None else head(image_tokens, modality))
+                         presence_logits=self.presence_logits(features, image_tokens, modality))
         if self.config.presence_threshold is not None and not self.training:
             absent = presence(out) < self.config.presence_threshold
             out.low_res_logits = torch.where(absent.view(-1, 1, 1, 1), torch.full_like(logits, ABSENT_LOGIT), logits)
