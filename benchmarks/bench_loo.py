@@ -79,6 +79,7 @@ def run_fold(args: argparse.Namespace) -> None:
     document = {"benchmark": f"loo-{recipe}-{args.fold}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": machine_info(), "recipe": args.config, "held_out": list(held_out),
                 "train_config": document, "train_seconds_this_call": train_seconds,
+                "train_minutes": _train_minutes(out_dir),
                 "train_log": str(out_dir), "protocol": [list(p) for p in PROTOCOL], "seed": 0,
                 "command": f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
                            + (f" --epochs {args.epochs}" if args.epochs is not None else ""),
@@ -97,7 +98,8 @@ def table(recipe: str) -> str:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        minutes = _train_minutes(Path(doc["train_log"]))
+        # the JSON keeps the minutes: the run directory with its log is not committed
+        minutes = doc.get("train_minutes") or _train_minutes(Path(doc["train_log"]))
         for name in doc["held_out"]:
             cells = [_cell(doc["rows"][label][row][name]) for label, row in TABLE_COLUMNS]
             n = doc["rows"]["model"]["box J=20"][name]["n"]
