@@ -61,6 +61,7 @@ from uniultra.engine.optimisation import Optimisation
 from uniultra.engine.rng import seed_all
 from uniultra.engine.weights_hash import write_weights_hash
 from uniultra.evaluation.evaluate import ModelMethod, evaluate_dataset
+from uniultra.evaluation.metrics import dice_score, iou_score
 from uniultra.inference.loading import load_base_model
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.transforms import upsample_logits
@@ -68,6 +69,13 @@ from uniultra.inference.zoom import ZoomPredictor
 from uniultra.models.checkpoint import CONTROLLER_META, INFERENCE_META, WEIGHTS_FULL, WEIGHTS_TRAINED, save_model
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
+from uniultra.peft.apply import (
+    apply_peft,
+    load_trainable_state,
+    set_train_mode,
+    trainable_report,
+    trainable_state_dict,
+)
 from uniultra.peft.controller import controller_config, label_modality_ids, use_modality
 
 STATE_FORMAT = "uniultra-train-state"
@@ -209,7 +217,6 @@ class Trainer(EpochLoop):
             torch.set_num_threads(cfg.threads)
         seed_all(cfg.seed)
 
-        from uniultra.peft.apply import apply_peft, set_train_mode, trainable_report
 
         self.peft = cfg.peft_config(self.source)
         if self.start_model is not None:
@@ -339,7 +346,6 @@ class Trainer(EpochLoop):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def _weights(self) -> tuple[str, dict[str, torch.Tensor]]:
-        from uniultra.peft.apply import trainable_state_dict
 
         if self.save_full:
             return WEIGHTS_FULL, {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -360,7 +366,6 @@ class Trainer(EpochLoop):
         })
 
     def _load_last(self, path: Path) -> None:
-        from uniultra.peft.apply import load_trainable_state
 
         doc = read_state(path, STATE_FORMAT, "training state written by uniultra train")
         check_config_unchanged(path, doc["config"], self.config.to_dict(), RESUMABLE_CHANGES)
@@ -405,8 +410,6 @@ class Trainer(EpochLoop):
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
         """Dice/IoU per val dataset at native resolution, sharded over processes."""
-        from uniultra.evaluation.metrics import dice_score, iou_score
-        from uniultra.peft.apply import set_train_mode
 
         if self.config.zoom is not None:
             return self._validate_zoom()
@@ -457,7 +460,6 @@ class Trainer(EpochLoop):
     @torch.no_grad()
     def _validate_zoom(self) -> dict[str, Any] | None:
         """The val splits through the zoomed predictor and the evaluation loop: what users get."""
-        from uniultra.peft.apply import set_train_mode
 
         if not self.val_datasets:
             return None
