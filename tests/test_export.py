@@ -346,3 +346,31 @@ def test_evaluate_runs_an_export_like_its_checkpoint(exported, tmp_path):
     for a, b in zip(onnx_rows, torch_rows, strict=True):
         assert a["dice"] == pytest.approx(b["dice"], abs=0.01)
     assert make_method(f"onnx-int8:{out}").predictor.int8
+
+
+def test_exported_graphs_normalise_channels_without_transposes(exported):
+    """LayerNorm2d is exported as a reduction over axis 1 (OpenVINO fuses it into one MVN): no
+    NCHW <-> NHWC Transpose pair is left around it, which OpenVINO's bf16 runs with a slow kernel."""
+    import onnx
+
+    _, out = exported
+    layout_swaps = ([0, 2, 3, 1], [0, 3, 1, 2])
+    # The decoder only: Hiera itself works channels-last (B, H, W, C), so the encoder has its own.
+    graph = onnx.load(str(out / md.DECODER_FILE)).graph
+    swaps = [n.name for n in graph.node if n.op_type == "Transpose"
+             and any(list(a.ints) in layout_swaps for a in n.attribute if a.name == "perm")]
+    assert swaps == []
+
+
+def test_layernorm2d_exported_form_matches_eager():
+    from uniultra.models.layers import LayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(16).eval()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 16, 9, 7) * 3 + 1
+    program = torch.export.export(norm, (x,))
+    assert "permute" not in str(program.graph)
+    torch.testing.assert_close(program.module()(x), norm(x), rtol=1e-5, atol=1e-5)
