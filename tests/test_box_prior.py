@@ -83,6 +83,7 @@ def test_onnx_decoder_applies_the_same_prior(tmp_path):
     prior = model(True)
     onnx_export.export_onnx(prior, tmp_path / "onnx")
     torch_pred, onnx_pred = Predictor(prior), OnnxPredictor(tmp_path / "onnx", threads=1)
+    assert not onnx_pred.has_box_decoder  # the prior makes the dense prompt depend on the box
     phantom = make_phantom(3, size=(150, 200), kind="mixed", n_lesions=2)
     torch_pred.set_image(phantom.image)
     onnx_pred.set_image(phantom.image)

@@ -118,8 +118,9 @@ def test_dynamic_point_count_in_one_graph(exported, predictors):
     """1, 2, 3 and 7 points (and two prompt sets at once) go through the same decoder graph."""
     _, onnx_pred = predictors
     model, out = exported
-    dims = {i.name: i.shape for i in onnx_pred.decoder.get_inputs()}
-    assert dims["point_coords"][:2] == ["num_prompts", "num_points"]
+    for graph in (onnx_pred.decoder, onnx_pred.box_decoder):
+        dims = {i.name: i.shape for i in graph.get_inputs()}
+        assert dims["point_coords"][:2] == ["num_prompts", "num_points"]
     image = make_phantom(4, size=(160, 200)).image
     onnx_pred.set_image(image)
     for n_points in (1, 2, 3, 7):
@@ -188,12 +189,13 @@ def test_metadata_describes_the_export(exported):
     assert meta["preprocessing"]["pixel_std"] == pytest.approx([0.229, 0.224, 0.225])
     assert set(meta["prompts"]["label_meanings"]) == {"-1", "0", "1", "2", "3"}
     assert meta["model"]["config"] == json.loads(json.dumps(model.config.to_dict()))
-    assert set(meta["files"]) == {"encoder", "decoder", "encoder_int8"}
+    assert set(meta["files"]) == {"encoder", "decoder", "box_decoder", "encoder_int8"}
     for entry in meta["files"].values():
         assert file_sha256(out / entry["path"]) == entry["sha256"]
     assert max(meta["export_check_max_abs"].values()) < 0.5
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [md.ENCODER_FILE, md.DECODER_FILE, md.ENCODER_INT8_FILE, md.METADATA_FILE])
+        [md.ENCODER_FILE, md.DECODER_FILE, md.BOX_DECODER_FILE, md.ENCODER_INT8_FILE, md.METADATA_FILE])
+    assert list(meta["files"]["box_decoder"]["inputs"]) == list(md.BOX_DECODER_INPUTS)
 
 
 def test_a_tampered_export_is_refused(exported, tmp_path):
@@ -235,7 +237,7 @@ def test_failure_leaves_no_partial_files(exported, tmp_path, monkeypatch):
     import onnx
 
     # Reuse the exported graphs (fast), then fail at the last step before anything is moved in place.
-    protos = iter([onnx.load(out / md.ENCODER_FILE), onnx.load(out / md.DECODER_FILE)])
+    protos = iter([onnx.load(out / name) for name in (md.ENCODER_FILE, md.DECODER_FILE, md.BOX_DECODER_FILE)])
     monkeypatch.setattr(onnx_export, "_onnx_proto", lambda *a, **k: next(protos))
 
     def broken_quantizer(src, dst):
@@ -257,7 +259,7 @@ def test_export_check_catches_a_wrong_graph(exported, tmp_path, monkeypatch):
     import onnx
 
     # The decoder graph of a different model must be caught by the export-time comparison.
-    protos = iter([onnx.load(out / md.ENCODER_FILE), onnx.load(out / md.DECODER_FILE)])
+    protos = iter([onnx.load(out / name) for name in (md.ENCODER_FILE, md.DECODER_FILE, md.BOX_DECODER_FILE)])
     monkeypatch.setattr(onnx_export, "_onnx_proto", lambda *a, **k: next(protos))
     torch.manual_seed(1)
     other = SAM2ImageModel.from_preset("mini", SIZE).eval()
@@ -374,3 +376,32 @@ def test_layernorm2d_exported_form_matches_eager():
     program = torch.export.export(norm, (x,))
     assert "permute" not in str(program.graph)
     torch.testing.assert_close(program.module()(x), norm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_box_decoder_answers_prompts_without_a_mask_and_old_exports_still_run(exported, predictors, tmp_path):
+    """Prompts without a mask input go to box_decoder.onnx (image tokens laid out once per image); a mask
+    input goes to decoder.onnx; an export without a box decoder (older) answers everything with decoder.onnx,
+    with the same logits."""
+    _, out = exported
+    _, onnx_pred = predictors
+    image = make_phantom(6, size=(150, 170)).image
+    onnx_pred.set_image(image)
+    coords, labels = np.zeros((1, 2, 2), np.float32), np.array([[2, 3]], np.int32)
+    feeds, box = onnx_pred.decoder_feeds(coords, labels)
+    assert box and set(feeds) == set(md.BOX_DECODER_INPUTS)
+    feeds, box = onnx_pred.decoder_feeds(coords, labels, np.zeros((1, 1, SIZE // 4, SIZE // 4), np.float32))
+    assert not box and set(feeds) == set(md.DECODER_INPUTS)
+
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / md.METADATA_FILE).read_text())
+    del meta["files"]["box_decoder"]
+    (old / md.METADATA_FILE).write_text(json.dumps(meta))
+    (old / md.BOX_DECODER_FILE).unlink()
+    old_pred = OnnxPredictor(old)
+    assert not old_pred.has_box_decoder
+    old_pred.set_image(image)
+    for prompt in ({"box": [30, 25, 120, 110]}, {"points": [[70, 60]], "labels": [1]}):
+        new_logits = onnx_pred.predict(**prompt, multimask=True, return_logits=True)[0]
+        old_logits = old_pred.predict(**prompt, multimask=True, return_logits=True)[0]
+        assert np.abs(new_logits - old_logits).max() < 1e-3

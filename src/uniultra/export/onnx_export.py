@@ -179,6 +179,36 @@ class DecoderGraph(nn.Module):
         return single, single_iou, masks[:, 1:], iou[:, 1:], obj
 
 
+class BoxDecoderGraph(nn.Module):
+    """`DecoderGraph` for prompts without a mask input, on the embedding as (1, h*w, C) tokens
+    (md.BOX_DECODER_INPUTS): the same masks, without a per-prompt layout change or mask branch."""
+
+    def __init__(self, model: SAM2ImageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        prompt_encoder = self.model.sam_prompt_encoder
+        decoder = self.model.sam_mask_decoder
+        sparse = prompt_encoder._embed_points(point_coords, point_labels, pad=True)
+        masks, iou, _, obj = decoder.predict_masks_from_tokens(
+            image_tokens.expand(sparse.shape[0], -1, -1),
+            prompt_encoder.get_dense_pe(),
+            sparse,
+            prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1),
+            high_res_features=[high_res_feats_0, high_res_feats_1],
+        )
+        single, single_iou = _single_mask(decoder, masks, iou)
+        return single, single_iou, masks[:, 1:], iou[:, 1:], obj
+
+
 def _single_mask(decoder: nn.Module, masks: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MaskDecoder's inference-time single-mask selection, written with ops whose batch size stays
     symbolic under torch.export (take_along_dim specialises it): same arithmetic, same result."""
@@ -333,7 +363,8 @@ def export_onnx(
 ) -> ExportResult:
     """Export `model` (a SAM2ImageModel, an AutoSegmenter, or a spec: path, `default`, `preset:NAME`).
 
-    Writes encoder.onnx, decoder.onnx, auto_decoder.onnx for a model with an automatic head (the
+    Writes encoder.onnx, decoder.onnx, box_decoder.onnx (prompts without a mask input; not for a
+    model with `box_prior`), auto_decoder.onnx for a model with an automatic head (the
     bundled default has one), optionally encoder.int8.onnx (dynamic INT8 weights via
     onnxruntime.quantization.quantize_dynamic), and uniultra-onnx.json into `out_dir`.
     `attention="ort"` maps attention to onnxruntime's MultiHeadAttention contrib op (a tiled
@@ -388,6 +419,9 @@ def export_onnx(
         **{name: {0: "num_prompts"} for name in md.DECODER_OUTPUTS},
     })
     enc_bytes, dec_bytes = enc_proto.SerializeToString(), dec_proto.SerializeToString()
+    box_bytes = None
+    if not model.config.decoder.box_prior:  # with the prior, the dense prompt depends on the box
+        box_bytes = _export_box_decoder(model, (ref_embed, ref_hr0, ref_hr1), prompts[:2], opset, attention)
 
     # Check both graphs in onnxruntime against PyTorch before writing anything.
     enc_out = _session(enc_bytes).run(None, {"image": image.numpy()})
@@ -397,6 +431,13 @@ def export_onnx(
     dec_out = _session(dec_bytes).run(None, feeds)
     check.update({f"decoder_{name}_max_abs": _max_abs(o, r)
                   for name, o, r in zip(md.DECODER_OUTPUTS, dec_out, reference_decoder, strict=True)})
+    if box_bytes is not None:
+        # The reference prompts carry no mask (has_mask_input 0): the box decoder must give the same.
+        box_feeds = {"image_tokens": md.image_tokens(feeds["image_embed"]),
+                     **{k: feeds[k] for k in md.BOX_DECODER_INPUTS[1:]}}
+        box_out = _session(box_bytes).run(None, box_feeds)
+        check.update({f"box_decoder_{name}_max_abs": _max_abs(o, r)
+                      for name, o, r in zip(md.DECODER_OUTPUTS, box_out, reference_decoder, strict=True)})
     auto_bytes = None
     if auto is not None:
         auto_bytes, auto_check = _export_auto(auto, (ref_embed, ref_hr0, ref_hr1), opset, attention)
@@ -411,6 +452,9 @@ def export_onnx(
         staged = {"encoder": staging / md.ENCODER_FILE, "decoder": staging / md.DECODER_FILE}
         staged["encoder"].write_bytes(enc_bytes)
         staged["decoder"].write_bytes(dec_bytes)
+        if box_bytes is not None:
+            staged["box_decoder"] = staging / md.BOX_DECODER_FILE
+            staged["box_decoder"].write_bytes(box_bytes)
         if auto_bytes is not None:
             staged["auto_decoder"] = staging / md.AUTO_FILE
             staged["auto_decoder"].write_bytes(auto_bytes)
@@ -430,6 +474,29 @@ def export_onnx(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out_dir=out_dir, metadata_path=metadata_path, files=files, metadata=meta, check=check)
+
+
+def _export_box_decoder(model: SAM2ImageModel, features: tuple[torch.Tensor, ...], prompts: tuple[torch.Tensor, ...],
+                        opset: int, attention: str) -> bytes:
+    embed, hr0, hr1 = features
+    tokens = embed.flatten(2).transpose(1, 2).contiguous()
+    n_dim = torch.export.Dim("num_prompts", min=1, max=MAX_DYNAMIC)
+    p_dim = torch.export.Dim("num_points", min=1, max=MAX_DYNAMIC)
+    proto = _onnx_proto(
+        BoxDecoderGraph(model),
+        (tokens, hr0, hr1, *prompts),
+        md.BOX_DECODER_INPUTS,
+        md.DECODER_OUTPUTS,
+        opset,
+        dynamic_shapes=({}, {}, {}, {0: n_dim, 1: p_dim}, {0: n_dim, 1: p_dim}),
+        attention=attention,
+    )
+    _name_dynamic_axes(proto, {
+        "point_coords": {0: "num_prompts", 1: "num_points"},
+        "point_labels": {0: "num_prompts", 1: "num_points"},
+        **{name: {0: "num_prompts"} for name in md.DECODER_OUTPUTS},
+    })
+    return proto.SerializeToString()
 
 
 def _export_auto(auto: AutoSegmenter, features: tuple[torch.Tensor, ...], opset: int,
@@ -541,14 +608,19 @@ def _io_spec(key: str, model: SAM2ImageModel) -> dict[str, Any]:
             spec["quantization"] = "dynamic INT8 weights (MatMul, Gemm) by onnxruntime.quantization.quantize_dynamic"
         return spec
     low = 4 * e
+    prompts = {
+        "point_coords": ["float32", ["num_prompts", "num_points", 2]],
+        "point_labels": ["int32", ["num_prompts", "num_points"]],
+    }
+    if key == "box_decoder":
+        tokens = {"image_tokens": ["float32", [1, e * e, d]], "high_res_feats_0": features["high_res_feats_0"],
+                  "high_res_feats_1": features["high_res_feats_1"]}
+        inputs = {**tokens, **prompts}
+    else:
+        inputs = {**features, **prompts, "mask_input": ["float32", ["num_prompts", 1, low, low]],
+                  "has_mask_input": ["float32", [1]]}
     return {
-        "inputs": {
-            **features,
-            "point_coords": ["float32", ["num_prompts", "num_points", 2]],
-            "point_labels": ["int32", ["num_prompts", "num_points"]],
-            "mask_input": ["float32", ["num_prompts", 1, low, low]],
-            "has_mask_input": ["float32", [1]],
-        },
+        "inputs": inputs,
         "outputs": {
             "masks": ["float32", ["num_prompts", 1, low, low]],
             "iou_scores": ["float32", ["num_prompts", 1]],

@@ -1,6 +1,7 @@
 """The contract between an ONNX export and whoever runs it (numpy + stdlib only, no torch).
 
-An export directory holds the encoder and decoder graphs (and optionally an INT8 encoder) plus
+An export directory holds the encoder and decoder graphs (and optionally a box decoder, an automatic
+head and an INT8 encoder) plus
 `uniultra-onnx.json`, which records everything a runtime needs besides the graphs: input size,
 normalisation constants, prompt label meanings, tensor names and shapes, the model config, and
 the sha256 of every file so a mismatched or half-replaced directory is detected on load.
@@ -12,6 +13,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from uniultra.atomic import file_sha256
 
@@ -34,6 +37,12 @@ DECODER_INPUTS = (
     "has_mask_input",
 )
 DECODER_OUTPUTS = ("masks", "iou_scores", "multimask_masks", "multimask_iou_scores", "object_score_logits")
+# The same decoder for prompts without a mask input (every box and click), taking the image embedding as
+# (1, h*w, C) tokens that the predictor lays out once per image: no layout change and no unused mask
+# branch per prompt (OpenVINO bf16 at 1024 px: 22.4 -> 17.1 ms per box). Optional: exports without it
+# (and models whose dense prompt depends on the box, `box_prior`) run `decoder` for everything.
+BOX_DECODER_FILE = "box_decoder.onnx"
+BOX_DECODER_INPUTS = ("image_tokens", "high_res_feats_0", "high_res_feats_1", "point_coords", "point_labels")
 # The automatic (no-prompt) head, when the exported model has one (metadata "auto" names its channels).
 AUTO_FILE = "auto_decoder.onnx"
 AUTO_INPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1", "modality")
@@ -83,3 +92,9 @@ def read_metadata(export_dir: str | os.PathLike, verify: bool = True) -> dict[st
                     f"{file}: sha256 differs from {METADATA_FILE}: the directory mixes two exports; export again"
                 )
     return meta
+
+
+def image_tokens(image_embed: np.ndarray) -> np.ndarray:
+    """The box decoder's `image_tokens` input: the encoder's (1, C, h, w) embedding as (1, h*w, C)."""
+    b, c = image_embed.shape[:2]
+    return np.ascontiguousarray(image_embed.reshape(b, c, -1).transpose(0, 2, 1))

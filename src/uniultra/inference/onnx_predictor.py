@@ -43,13 +43,14 @@ class ExportedPredictor(ImageSession):
         # The automatic head's graph, when the export has one (metadata "auto"): its channel names.
         self.auto_info = self.metadata.get("auto")
         self.modality: str | None = None  # the channel `predict_without_prompt` decodes through
+        self.has_box_decoder = "box_decoder" in self.metadata["files"]
 
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """(1, 3, S, S) model input -> the encoder's outputs by name."""
         raise NotImplementedError
 
-    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The decoder's `wanted` outputs for `feeds`."""
+    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray], box: bool = False) -> list[np.ndarray]:
+        """The decoder's `wanted` outputs for `feeds` (`box`: the box decoder's)."""
         raise NotImplementedError
 
     def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -96,7 +97,7 @@ class ExportedPredictor(ImageSession):
                       return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
         features = self._require_image()
         channel = self._channel(modality if modality is not None else self.modality)
-        feeds = {**features, "modality": np.array([channel], dtype=np.int64)}
+        feeds = {**_encoder_outputs(features), "modality": np.array([channel], dtype=np.int64)}
         logits, presence = self._run_auto(feeds)
         masks = upsample_logits(logits, self.orig_hw)
         mask = masks[0, 0] if return_logits else masks[0, 0] > self.mask_threshold
@@ -120,7 +121,10 @@ class ExportedPredictor(ImageSession):
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
         image = self.load_image(image)
-        self._remember(self._encode(self.preprocess(image)), image)
+        features = self._encode(self.preprocess(image))
+        if self.has_box_decoder:
+            features["image_tokens"] = md.image_tokens(features["image_embed"])
+        self._remember(features, image)
 
     def predict(
         self,
@@ -141,22 +145,25 @@ class ExportedPredictor(ImageSession):
         self._require_image()
         prompts = PromptSet.from_user(box, points, labels, self.orig_hw)
         coords, point_labels = self.prompt_arrays(prompts)
-        n = coords.shape[0]
-        mask, has_mask = self._mask_arrays(mask_input, n)
-        feeds = {
-            **self._features,
-            "point_coords": coords,
-            "point_labels": point_labels,
-            "mask_input": mask,
-            "has_mask_input": has_mask,
-        }
+        feeds, box = self.decoder_feeds(coords, point_labels, mask_input)
         wanted = ["multimask_masks", "multimask_iou_scores"] if multimask else ["masks", "iou_scores"]
-        logits, scores = self._decode(wanted, feeds)
+        logits, scores = self._decode(wanted, feeds, box)
         masks = upsample_logits(logits, self.orig_hw)
         if not return_logits:
             masks = masks > self.mask_threshold
         result = (masks, scores, np.clip(logits, -LOGIT_CLAMP, LOGIT_CLAMP))
         return result if prompts.batched else tuple(r[0] for r in result)
+
+    def decoder_feeds(self, coords: np.ndarray, labels: np.ndarray,
+                      mask_input: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], bool]:
+        """The feeds of the graph that answers these prompts on the current image, and whether it is
+        the box decoder (prompts without a mask input, when the export has one)."""
+        features = self._require_image()
+        prompts = {"point_coords": coords, "point_labels": labels}
+        if mask_input is None and self.has_box_decoder:
+            return {**{k: features[k] for k in md.BOX_DECODER_INPUTS[:3]}, **prompts}, True
+        mask, has_mask = self._mask_arrays(mask_input, coords.shape[0])
+        return {**_encoder_outputs(features), **prompts, "mask_input": mask, "has_mask_input": has_mask}, False
 
     def prompt_arrays(self, prompts: PromptSet) -> tuple[np.ndarray, np.ndarray]:
         """Validated prompts -> decoder inputs: (N, P, 2) float32 model-input coords, (N, P) int32 labels.
@@ -215,6 +222,10 @@ class OnnxPredictor(ExportedPredictor):
                                             providers=providers)
         self.decoder = ort.InferenceSession(str(self.export_dir / files["decoder"]["path"]), options,
                                             providers=providers)
+        self.box_decoder = None
+        if self.has_box_decoder:
+            self.box_decoder = ort.InferenceSession(str(self.export_dir / files["box_decoder"]["path"]), options,
+                                                    providers=providers)
         self._encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.auto = None
         if "auto_decoder" in files:
@@ -224,8 +235,8 @@ class OnnxPredictor(ExportedPredictor):
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self._encoder_outputs, self.encoder.run(None, {"image": x}), strict=True))
 
-    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.decoder.run(wanted, feeds)
+    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray], box: bool = False) -> list[np.ndarray]:
+        return (self.box_decoder if box else self.decoder).run(wanted, feeds)
 
     def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.auto.run(list(md.AUTO_OUTPUTS), feeds)
@@ -259,3 +270,9 @@ def session_options(threads: int | None = None, optimization: str = "all", spinn
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
+
+
+def _encoder_outputs(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The encoder's own outputs among an image's features (the full decoder and the automatic head
+    take these; `image_tokens` is the box decoder's)."""
+    return {name: features[name] for name in md.ENCODER_OUTPUTS}

@@ -59,6 +59,10 @@ class OpenVinoPredictor(ExportedPredictor):
         self.decoder = core.compile_model(str(self.export_dir / files["decoder"]["path"]), "CPU", decoding)
         self.precision = _compiled_precision(self.encoder)
         self.decoder_precision = _compiled_precision(self.decoder)
+        self.box_decoder = None
+        if self.has_box_decoder:
+            self.box_decoder = core.compile_model(str(self.export_dir / files["box_decoder"]["path"]), "CPU",
+                                                  decoding)
         self.auto = None
         if "auto_decoder" in files:
             self.auto = core.compile_model(str(self.export_dir / files["auto_decoder"]["path"]), "CPU", decoding)
@@ -67,6 +71,7 @@ class OpenVinoPredictor(ExportedPredictor):
     def _make_requests(self) -> None:
         self._encoder_request = self.encoder.create_infer_request()
         self._decoder_request = self.decoder.create_infer_request()
+        self._box_request = None if self.box_decoder is None else self.box_decoder.create_infer_request()
         self._auto_request = None if self.auto is None else self.auto.create_infer_request()
 
     def _int8_encoder_path(self) -> Path:
@@ -82,8 +87,8 @@ class OpenVinoPredictor(ExportedPredictor):
         # `infer` copies its outputs (share_outputs=False), so the next image cannot overwrite them.
         return _by_name(self._encoder_request.infer({"image": x}))
 
-    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = _by_name(self._decoder_request.infer(feeds))
+    def _decode(self, wanted: list[str], feeds: dict[str, np.ndarray], box: bool = False) -> list[np.ndarray]:
+        outputs = _by_name((self._box_request if box else self._decoder_request).infer(feeds))
         return [outputs[name] for name in wanted]
 
     def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -258,14 +258,38 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All outputs before mask selection: masks (B, num_mask_tokens, 4h, 4w), iou (B, num_mask_tokens),
         mask tokens (B, num_mask_tokens, C), object score logits (B, 1)."""
+        src = self._image_tokens_source(image_embeddings, dense_prompt_embeddings,
+                                        sparse_prompt_embeddings.shape[0], repeat_image)
+        return self._predict_from(src, image_pe, sparse_prompt_embeddings, high_res_features)
+
+    def predict_masks_from_tokens(
+        self,
+        image_tokens: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_embedding: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`predict_masks` for image embeddings already flattened to (B, h*w, C) tokens and a dense
+        embedding that is one (C,) vector for every location (no mask prompt): the graph an exported
+        box / point decoder runs, with no layout change per prompt."""
+        return self._predict_from(image_tokens + dense_embedding, image_pe, sparse_prompt_embeddings,
+                                  high_res_features)
+
+    def _predict_from(
+        self,
+        src: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if image_pe.shape[0] != 1:
             raise ValueError(f"image_pe must have batch 1 (from get_dense_pe()), got {tuple(image_pe.shape)}")
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self._output_tokens(batch), sparse_prompt_embeddings], dim=1)
-        src = self._image_tokens_source(image_embeddings, dense_prompt_embeddings, batch, repeat_image)
-        b, c, h, w = src.shape
-
+        h, w = image_pe.shape[-2:]
         hs, src = self.transformer(src, image_pe, tokens)
+        b, c = src.shape[0], src.shape[2]
         first = 1 if self.pred_obj_scores else 0  # index of the IoU token
         iou_token_out = hs[:, first]
         mask_tokens_out = hs[:, first + 1 : first + 1 + self.num_mask_tokens]

@@ -155,14 +155,15 @@ class TwoWayTransformer(nn.Module):
         """Run the transformer.
 
         Args:
-            image_embedding: (B, C, h, w).
+            image_embedding: (B, C, h, w), or the same already flattened to (B, h*w, C) tokens (an exported
+                encoder hands them over so that the per-prompt decoder graph holds no Transpose).
             image_pe: positional encoding broadcastable to image_embedding, e.g. (1, C, h, w).
             point_embedding: (B, T, C) prompt and output tokens; also used as their positional encoding.
 
         Returns:
             queries (B, T, C) and keys (B, h*w, C): the updated tokens and image tokens.
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        keys = image_embedding if image_embedding.dim() == 3 else image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
