@@ -167,16 +167,14 @@ class DecoderGraph(nn.Module):
                                                 self.model.config.image_size)
             no_mask = prompt_encoder.masks_where(prior, has_box)
         dense = torch.where(has_mask_input.reshape(1, 1, 1, 1) > 0.5, prompt_encoder._embed_masks(mask_input), no_mask)
-        masks, iou, _, obj = decoder.predict_masks(
+        return _graph_outputs(decoder, *decoder.predict_masks(
             image_embed.expand(n, -1, -1, -1),
             prompt_encoder.get_dense_pe(),
             sparse,
             dense,
             repeat_image=False,
             high_res_features=[high_res_feats_0, high_res_feats_1],
-        )
-        single, single_iou = _single_mask(decoder, masks, iou)
-        return single, single_iou, masks[:, 1:], iou[:, 1:], obj
+        ))
 
 
 class BoxDecoderGraph(nn.Module):
@@ -198,15 +196,20 @@ class BoxDecoderGraph(nn.Module):
         prompt_encoder = self.model.sam_prompt_encoder
         decoder = self.model.sam_mask_decoder
         sparse = prompt_encoder._embed_points(point_coords, point_labels, pad=True)
-        masks, iou, _, obj = decoder.predict_masks_from_tokens(
+        return _graph_outputs(decoder, *decoder.predict_masks_from_tokens(
             image_tokens.expand(sparse.shape[0], -1, -1),
             prompt_encoder.get_dense_pe(),
             sparse,
             prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1),
             high_res_features=[high_res_feats_0, high_res_feats_1],
-        )
-        single, single_iou = _single_mask(decoder, masks, iou)
-        return single, single_iou, masks[:, 1:], iou[:, 1:], obj
+        ))
+
+
+def _graph_outputs(decoder: nn.Module, masks: torch.Tensor, iou: torch.Tensor, _tokens: torch.Tensor,
+                   obj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """md.DECODER_OUTPUTS from `predict_masks`' four outputs."""
+    single, single_iou = _single_mask(decoder, masks, iou)
+    return single, single_iou, masks[:, 1:], iou[:, 1:], obj
 
 
 def _single_mask(decoder: nn.Module, masks: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,27 +404,14 @@ def export_onnx(
         reference_decoder = decoder(ref_embed, ref_hr0, ref_hr1, *prompts)
 
     enc_proto = _onnx_proto(encoder, (image,), md.ENCODER_INPUTS, md.ENCODER_OUTPUTS, opset, attention=attention)
-    n_dim = torch.export.Dim("num_prompts", min=1, max=MAX_DYNAMIC)
-    p_dim = torch.export.Dim("num_points", min=1, max=MAX_DYNAMIC)
-    dec_proto = _onnx_proto(
-        decoder,
-        (ref_embed, ref_hr0, ref_hr1, *prompts),
-        md.DECODER_INPUTS,
-        md.DECODER_OUTPUTS,
-        opset,
-        dynamic_shapes=({}, {}, {}, {0: n_dim, 1: p_dim}, {0: n_dim, 1: p_dim}, {0: n_dim}, {}),
-        attention=attention,
-    )
-    _name_dynamic_axes(dec_proto, {
-        "point_coords": {0: "num_prompts", 1: "num_points"},
-        "point_labels": {0: "num_prompts", 1: "num_points"},
-        "mask_input": {0: "num_prompts"},
-        **{name: {0: "num_prompts"} for name in md.DECODER_OUTPUTS},
-    })
+    dec_proto = _prompt_graph_proto(decoder, (ref_embed, ref_hr0, ref_hr1, *prompts), md.DECODER_INPUTS, opset,
+                                    attention)
     enc_bytes, dec_bytes = enc_proto.SerializeToString(), dec_proto.SerializeToString()
     box_bytes = None
     if not model.config.decoder.box_prior:  # with the prior, the dense prompt depends on the box
-        box_bytes = _export_box_decoder(model, (ref_embed, ref_hr0, ref_hr1), prompts[:2], opset, attention)
+        tokens = ref_embed.flatten(2).transpose(1, 2).contiguous()
+        box_bytes = _prompt_graph_proto(BoxDecoderGraph(model), (tokens, ref_hr0, ref_hr1, *prompts[:2]),
+                                        md.BOX_DECODER_INPUTS, opset, attention).SerializeToString()
 
     # Check both graphs in onnxruntime against PyTorch before writing anything.
     enc_out = _session(enc_bytes).run(None, {"image": image.numpy()})
@@ -476,27 +466,19 @@ def export_onnx(
     return ExportResult(out_dir=out_dir, metadata_path=metadata_path, files=files, metadata=meta, check=check)
 
 
-def _export_box_decoder(model: SAM2ImageModel, features: tuple[torch.Tensor, ...], prompts: tuple[torch.Tensor, ...],
-                        opset: int, attention: str) -> bytes:
-    embed, hr0, hr1 = features
-    tokens = embed.flatten(2).transpose(1, 2).contiguous()
+def _prompt_graph_proto(module: nn.Module, args: tuple, input_names: tuple[str, ...], opset: int, attention: str):
+    """A decoder graph (md.DECODER_OUTPUTS) whose prompt inputs have a dynamic number of prompt sets
+    and points, with those axes named in the file."""
     n_dim = torch.export.Dim("num_prompts", min=1, max=MAX_DYNAMIC)
     p_dim = torch.export.Dim("num_points", min=1, max=MAX_DYNAMIC)
-    proto = _onnx_proto(
-        BoxDecoderGraph(model),
-        (tokens, hr0, hr1, *prompts),
-        md.BOX_DECODER_INPUTS,
-        md.DECODER_OUTPUTS,
-        opset,
-        dynamic_shapes=({}, {}, {}, {0: n_dim, 1: p_dim}, {0: n_dim, 1: p_dim}),
-        attention=attention,
-    )
-    _name_dynamic_axes(proto, {
-        "point_coords": {0: "num_prompts", 1: "num_points"},
-        "point_labels": {0: "num_prompts", 1: "num_points"},
-        **{name: {0: "num_prompts"} for name in md.DECODER_OUTPUTS},
-    })
-    return proto.SerializeToString()
+    dims = {"point_coords": {0: n_dim, 1: p_dim}, "point_labels": {0: n_dim, 1: p_dim}, "mask_input": {0: n_dim}}
+    proto = _onnx_proto(module, args, input_names, md.DECODER_OUTPUTS, opset,
+                        dynamic_shapes=tuple(dims.get(name, {}) for name in input_names), attention=attention)
+    names = {"point_coords": {0: "num_prompts", 1: "num_points"}, "point_labels": {0: "num_prompts", 1: "num_points"},
+             "mask_input": {0: "num_prompts"}}
+    _name_dynamic_axes(proto, {**{k: v for k, v in names.items() if k in input_names},
+                               **{name: {0: "num_prompts"} for name in md.DECODER_OUTPUTS}})
+    return proto
 
 
 def _export_auto(auto: AutoSegmenter, features: tuple[torch.Tensor, ...], opset: int,
