@@ -13,6 +13,9 @@ masks have structure) is exported once; every test reuses that export. Tolerance
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +25,7 @@ from uniultra.cli import main
 from uniultra.data.phantom import make_phantom
 from uniultra.export import runtime as rt
 from uniultra.export.onnx_export import export_onnx
+from uniultra.inference import onnx_format as md
 from uniultra.inference.cpu import has_bf16_units, isa_report
 from uniultra.inference.loading import fresh_predictor, load_predictor
 from uniultra.inference.predictor import Predictor
@@ -208,6 +212,20 @@ def test_a_checkpoint_is_exported_once_into_the_cache(exported, tmp_path, monkey
     assert calls == [str(ckpt)]
     with pytest.raises(ValueError, match="random weights"):
         rt.runtime_spec("preset:mini", "onnx")
+    # A cached export from before the box decoder is made again (it would run every prompt slower).
+    cached = Path(first.split(":", 1)[1])
+    meta = json.loads((cached / md.METADATA_FILE).read_text())
+    del meta["files"]["box_decoder"]
+    (cached / md.METADATA_FILE).write_text(json.dumps(meta))
+    (cached / md.BOX_DECODER_FILE).unlink()
+
+    def fake_export_again(model, target, image_size=None, int8=False):
+        calls.append(model)
+        shutil.copytree(out, target, dirs_exist_ok=True)
+
+    monkeypatch.setattr(rt, "export_onnx", fake_export_again)
+    assert rt.runtime_spec(str(ckpt), "onnx", log=lambda m: None) == "onnx:" + str(cached)
+    assert calls == [str(ckpt), str(ckpt)] and (cached / md.BOX_DECODER_FILE).is_file()
 
 
 def test_predict_command_takes_a_runtime(exported, tmp_path):

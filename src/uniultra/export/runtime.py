@@ -174,7 +174,13 @@ def cached_export(model: str, image_size: int | None, int8: bool = False,
 
 def _usable(out: Path, int8: bool) -> bool:
     try:
-        files = md.read_metadata(out, verify=True)["files"]
+        meta = md.read_metadata(out, verify=True)
     except (OSError, ValueError):
+        return False
+    files = meta["files"]
+    # Made before box_decoder.onnx existed: it still works, but every prompt would take the slower
+    # decoder.onnx, so the cache makes it again (models with the box prior never get a box decoder).
+    box_prior = meta.get("model", {}).get("config", {}).get("decoder", {}).get("box_prior", False)
+    if "box_decoder" not in files and not box_prior:
         return False
     return not int8 or "encoder_int8" in files
