@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from uniultra.data.phantom import make_phantom
+from uniultra.inference import onnx_format as md
 from uniultra.inference.auto_predictor import AutoPredictor, has_auto_head
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.zoom import ZoomPredictor
@@ -58,6 +59,13 @@ def test_export_writes_the_auto_graph_and_its_channels(auto_export):
     assert "auto_decoder" in meta["files"] and (root / "onnx" / "auto_decoder.onnx").is_file()
     assert meta["auto"]["modalities"] == list(CHANNELS) and meta["auto"]["presence_threshold"] == 0.2
     assert max(v for k, v in result.check.items() if k.startswith("auto_")) < 1e-3
+    # The metadata describes the graph's own inputs and outputs, as the file has them.
+    import onnx
+
+    graph = onnx.load(str(root / "onnx" / "auto_decoder.onnx")).graph
+    spec = meta["files"]["auto_decoder"]
+    assert list(spec["inputs"]) == [i.name for i in graph.input] == list(md.AUTO_INPUTS)
+    assert list(spec["outputs"]) == [o.name for o in graph.output] == list(md.AUTO_OUTPUTS)
 
 
 @pytest.mark.parametrize("spec", ["onnx:{}", "openvino:{}"])

@@ -594,6 +594,9 @@ def _io_spec(key: str, model: SAM2ImageModel) -> dict[str, Any]:
         "point_coords": ["float32", ["num_prompts", "num_points", 2]],
         "point_labels": ["int32", ["num_prompts", "num_points"]],
     }
+    if key == "auto_decoder":
+        return {"inputs": {**features, "modality": ["int64", [1]]},
+                "outputs": {"auto_masks": ["float32", [1, 1, low, low]], "presence": ["float32", [1]]}}
     if key == "box_decoder":
         tokens = {"image_tokens": ["float32", [1, e * e, d]], "high_res_feats_0": features["high_res_feats_0"],
                   "high_res_feats_1": features["high_res_feats_1"]}
