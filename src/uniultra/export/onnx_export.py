@@ -177,15 +177,11 @@ class DecoderGraph(nn.Module):
         ))
 
 
-class BoxDecoderGraph(nn.Module):
+class BoxDecoderGraph(DecoderGraph):
     """`DecoderGraph` for prompts without a mask input, on the embedding as (1, h*w, C) tokens
     (md.BOX_DECODER_INPUTS): the same masks, without a per-prompt layout change or mask branch."""
 
-    def __init__(self, model: SAM2ImageModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         image_tokens: torch.Tensor,
         high_res_feats_0: torch.Tensor,
