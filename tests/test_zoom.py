@@ -17,7 +17,7 @@ from uniultra.engine.zoom_data import NativeSet, ZoomTrainSet
 from uniultra.inference.loading import load_model, load_predictor, pack_model
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.prompts import LOGIT_CLAMP
-from uniultra.inference.roi import MAX_ASPECT, Roi, crop, full_roi, mask_box, paste, roi_around_box
+from uniultra.inference.roi import MAX_ASPECT, TAP_SIDES, Roi, crop, full_roi, mask_box, paste, roi_around_box
 from uniultra.inference.zoom import TAP_SCORE_WEIGHT, ZoomPredictor, _most_agreed, _points_in_roi, main_parts_box
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
@@ -220,6 +220,42 @@ def test_point_samples_use_whole_images_or_crops():
     kinds = [item["kind"] for item in (data[(0, i)] for i in range(8))]
     assert set(kinds) == {"point"}
     assert full_roi((H, W)) == Roi(0, 0, W, H)
+
+
+def _touches_border(target: torch.Tensor) -> bool:
+    t = target > 0.5
+    return bool(t[0].any() or t[-1].any() or t[:, 0].any() or t[:, -1].any())
+
+
+def test_tap_crops_centre_the_tap_and_may_cut_the_object_off():
+    prompts = TrainPromptConfig(modes={"point": 1.0}, center_point_prob=0.0)
+    taps = ZoomTrainSet([native_set(weight=8.0)], prompts, ZoomConfig(tap_crops=1.0, intensity=0.0), 64, seed=0,
+                        hflip=0.0)
+    items = [taps[(epoch, i)] for epoch in range(4) for i in range(8)]
+    for item in items:
+        # the crop is a square centred on the tap: the tap lands in the middle of the model input
+        assert np.allclose(item["coords"][0].numpy(), 32, atol=1.5)
+        assert item["target"][32, 32] == 1
+    # the smallest sides (0.12, 0.2 of the longer side) are narrower than the 40 px wide object
+    assert min(TAP_SIDES) * W < 40
+    assert any(_touches_border(item["target"]) for item in items)
+    whole = ZoomTrainSet([native_set(weight=8.0)], prompts, ZoomConfig(tap_crops=0.0, intensity=0.0), 64, seed=0,
+                         hflip=0.0)
+    assert not any(_touches_border(whole[(epoch, i)]["target"]) for epoch in range(4) for i in range(8))
+
+
+def test_tap_crops_leave_box_samples_alone():
+    prompts = TrainPromptConfig(modes={"box": 1.0}, jitter=(0.0,))
+    plain, taps = (ZoomTrainSet([native_set()], prompts, ZoomConfig(tap_crops=p, intensity=0.0), 64, seed=0,
+                                hflip=0.0) for p in (0.0, 1.0))
+    for epoch in range(3):
+        assert torch.equal(plain[(epoch, 0)]["image"], taps[(epoch, 0)]["image"])
+
+
+@pytest.mark.parametrize("field", ["tap_crops", "whole_image_points", "intensity"])
+def test_zoom_probabilities_are_checked(field):
+    with pytest.raises(ValueError, match=field):
+        ZoomConfig(**{field: 1.5})
 
 
 def test_zoomed_training_run_writes_a_zoomed_checkpoint(tmp_path):

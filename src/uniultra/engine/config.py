@@ -215,6 +215,10 @@ class ZoomConfig:
     margin: tuple[float, float] = (1.15, 1.8)  # box crop = the box enlarged by uniform(margin)
     inference_margin: float = 1.4  # what the trained model's predictor uses (stored in best.pt)
     whole_image_points: float = 0.5  # share of point-only samples shown the whole image
+    # Share of point-only samples cut as a square centred on the tap, of a side drawn from the
+    # crops a tap is answered on (uniultra.inference.roi.TAP_SIDES; the object may be cut off), in
+    # place of the crop `whole_image_points` chose. 0: every point-only crop holds the whole object.
+    tap_crops: float = 0.0
     intensity: float = 0.5  # probability of a random gamma / contrast change
     regions_dir: str = "runs/cache/regions"  # where the region maps of `targets: regions` entries are cached
 
@@ -224,6 +228,9 @@ class ZoomConfig:
             raise ValueError(f"zoom margin must be 1 <= low <= high, got {self.margin}")
         if self.inference_margin < 1.0:
             raise ValueError(f"zoom inference_margin must be >= 1, got {self.inference_margin}")
+        for name in ("whole_image_points", "tap_crops", "intensity"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"zoom {name} must be a probability in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ dataset's prior ("the dark blob") is the mix of targets:
 - `targets: regions` entries: one unsupervised region (uniultra.data.regions) of any brightness,
   from images whose labels are never read;
 with any other object of the crop counted as background. Point-only samples are cut either as
-the whole image (the first pass of a tap) or around the object with a wide, loose margin (the
-second pass). An entry's `weight` scales how many of its images an epoch draws.
+the whole image (the first pass of a tap), around the object with a wide, loose margin (the
+second pass) or, with `zoom.tap_crops`, as one of the squares centred on the tap that inference
+also tries (the object may be cut off by the crop: the model learns to segment it up to the border
+instead of filling the crop). An entry's `weight` scales how many of its images an epoch draws.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from uniultra.data.prompts import (
 from uniultra.data.regions import cache_dataset_regions, load_dataset_regions, regions_cache_path, sample_region
 from uniultra.engine.config import TRAIN_PROMPT_MODES, DataEntry, TrainPromptConfig, ZoomConfig
 from uniultra.engine.data import corrective_click
-from uniultra.inference.roi import Roi, crop, full_roi, mask_box, roi_around_box
+from uniultra.inference.roi import TAP_SIDES, Roi, crop, full_roi, mask_box, roi_around_box, tap_square
 from uniultra.inference.transforms import resize_for_model
 from uniultra.models.prompt_labels import BOX_CORNER_LABELS
 
@@ -172,7 +174,11 @@ class ZoomTrainSet(Dataset):
             point, label = corrective_click(target, box, rng)
             coords.append(point)
             labels.append(label)
-        return roi, np.stack(coords).astype(np.float64), np.array(labels, dtype=np.int64)
+        coords = np.stack(coords).astype(np.float64)
+        # Drawn last and only when asked for, so recipes without tap crops keep their random stream.
+        if "box" not in kind and self.zoom.tap_crops and rng.random() < self.zoom.tap_crops:
+            roi = tap_square(coords, TAP_SIDES[int(rng.integers(len(TAP_SIDES)))], target.shape)
+        return roi, coords, np.array(labels, dtype=np.int64)
 
 
 def random_intensity(pixels: np.ndarray, probability: float, rng: np.random.Generator) -> np.ndarray:

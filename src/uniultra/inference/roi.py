@@ -24,6 +24,9 @@ MIN_SIDE_FRACTION = 0.08
 MIN_SIDE_PX = 16
 # Longest-to-shortest crop side: a thin box is widened rather than stretched beyond this.
 MAX_ASPECT = 2.0
+# Sides (fractions of the image's longer side) of the square crops centred on a tap that a tap is
+# answered on (uniultra.inference.zoom) and that tap-trained samples are cut with.
+TAP_SIDES = (0.12, 0.2, 0.3, 0.45, 0.7, 1.0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,15 @@ class Roi:
 
 def full_roi(image_hw: tuple[int, int]) -> Roi:
     return Roi(0, 0, int(image_hw[1]), int(image_hw[0]))
+
+
+def tap_square(positives: np.ndarray, side: float, image_hw: tuple[int, int]) -> Roi:
+    """Square crop centred on the tapped points (P, 2), `side` times the image's longer side, grown
+    to hold every point; one of the crops a tap is answered on, and cut alike for training."""
+    positives = np.asarray(positives, dtype=np.float64).reshape(-1, 2)
+    centre = positives.mean(0)
+    half = np.maximum(side * max(image_hw) / 2, np.abs(positives - centre).max(0) + 2)
+    return roi_around_box(np.concatenate([centre - half, centre + half - 1]), image_hw, 1.0)
 
 
 def roi_around_box(box: np.ndarray, image_hw: tuple[int, int], margin: float) -> Roi:

@@ -20,7 +20,17 @@ import numpy as np
 from scipy import ndimage
 
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
-from uniultra.inference.roi import Roi, crop, enlarge_box, mask_box, mask_edges, paste, roi_around_box
+from uniultra.inference.roi import (
+    TAP_SIDES,
+    Roi,
+    crop,
+    enlarge_box,
+    mask_box,
+    mask_edges,
+    paste,
+    roi_around_box,
+    tap_square,
+)
 from uniultra.inference.session import ImageSession
 
 DEFAULT_MARGIN = 1.4
@@ -32,7 +42,7 @@ DEFAULT_MARGIN = 1.4
 # penalty 0.5, 57.5; these, 66.1); adding half the predicted IoU raised that to 69.5 (carotid 74.6 ->
 # 91.7, busi 68.0 -> 66.9; weights 0.4-0.7 within 0.5 of each other). A zoomed model almost never
 # touches its crop's border (it was trained on crops that hold the whole object), so the penalty rarely acts.
-DEFAULT_TAP_SCALES = (0.12, 0.2, 0.3, 0.45, 0.7, 1.0)
+DEFAULT_TAP_SCALES = TAP_SIDES
 BORDER_PENALTY = 2.0
 TAP_SCORE_WEIGHT = 0.5
 # Automatic mode: parts of the head's mask smaller than this share of its largest part are left out of
@@ -140,12 +150,7 @@ class ZoomPredictor(ImageSession):
         return answers[_most_agreed(answers, self.predictor.mask_threshold, return_logits)][:3]
 
     def _tap_rois(self, positives: np.ndarray) -> list[Roi]:
-        centre = positives.mean(0)
-        rois = []
-        for scale in self.tap_scales:
-            half = np.maximum(scale * max(self.orig_hw) / 2, np.abs(positives - centre).max(0) + 2)
-            rois.append(roi_around_box(np.concatenate([centre - half, centre + half - 1]), self.orig_hw, 1.0))
-        return rois
+        return [tap_square(positives, scale, self.orig_hw) for scale in self.tap_scales]
 
     def _answer_on(self, image: np.ndarray, roi: Roi, box, points, labels, multimask: bool,
                    return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
