@@ -10,7 +10,7 @@ keeps one answer by a selection rule. This probe separates the two causes of a w
 - selection rules over the same candidates: mean IoU agreement with the other answers (what shipped
   until 2026-12-02), the predicted IoU, and agreement + w x predicted IoU for several w.
 Images: the split's images with exactly one object (one tap = its farthest interior point, as in
-`uniultra evaluate --prompt point`). Writes `benchmarks/results/probe-taps-<split>.json`.
+`uniultra evaluate --prompt point`). Writes `benchmarks/results/probe-taps-<split>.json` (or `--name`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from uniultra.data.prompts import make_prompt
 from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.prompts import PromptSet
-from uniultra.inference.zoom import BORDER_PENALTY, ZoomPredictor
+from uniultra.inference.zoom import BORDER_PENALTY, TAP_SCORE_WEIGHT, ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 SCORE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PENALTIES = (0.0, 0.25, 0.5, 1.0)  # besides the shipped BORDER_PENALTY, with the shipped score weight
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--split", default="val")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None, help="result file name (default probe-taps-<split>)")
     return parser.parse_args()
 
 
@@ -72,10 +74,10 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray) -> dict:
             **{k: [c[k] for c in candidates] for k in ("predicted_iou", "cut_off", "crop")}}
 
 
-def choose(row: dict, score_weight: float | None) -> int:
+def choose(row: dict, score_weight: float | None, penalty: float = BORDER_PENALTY) -> int:
     """Agreement (+ score_weight x predicted IoU) less the border penalty; None: predicted IoU alone."""
     predicted = np.asarray(row["predicted_iou"])
-    cut = BORDER_PENALTY * np.asarray(row["cut_off"], dtype=float)
+    cut = penalty * np.asarray(row["cut_off"], dtype=float)
     if score_weight is None:
         return int(np.argmax(predicted - cut))
     iou = np.asarray(row["iou"])
@@ -85,12 +87,15 @@ def choose(row: dict, score_weight: float | None) -> int:
 
 def summarise(rows: list[dict]) -> dict:
     dices = np.asarray([r["dice"] for r in rows])
-    rules = {"predicted IoU": None, **{f"agreement + {w} x predicted IoU": w for w in SCORE_WEIGHTS}}
+    rules = {"predicted IoU": (None, BORDER_PENALTY),
+             **{f"agreement + {w} x predicted IoU": (w, BORDER_PENALTY) for w in SCORE_WEIGHTS},
+             **{f"agreement + {TAP_SCORE_WEIGHT} x predicted IoU, border penalty {p}": (TAP_SCORE_WEIGHT, p)
+                for p in PENALTIES}}
     return {"n": len(rows),
             "per_candidate": (100 * dices.mean(axis=0)).round(2).tolist(),
             "oracle": round(float(100 * dices.max(axis=1).mean()), 2),
-            "rules": {name: round(float(100 * np.mean([r["dice"][choose(r, w)] for r in rows])), 2)
-                      for name, w in rules.items()},
+            "rules": {name: round(float(100 * np.mean([r["dice"][choose(r, *rule)] for r in rows])), 2)
+                      for name, rule in rules.items()},
             "candidates_cut_off": round(float(np.mean([r["cut_off"] for r in rows])), 4)}
 
 
@@ -111,7 +116,7 @@ def main() -> None:
                 rows.append(probe_image(zoom, item, prompt.points[0, 0]))
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
-    out = ROOT / "benchmarks" / "results" / f"probe-taps-{args.split}.json"
+    out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-taps-{args.split}'}.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
