@@ -70,7 +70,7 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray) -> dict:
     union = [[(m | o).sum() for o in masks] for m in masks]
     iou = [[float((m & o).sum() / u) if u else 1.0 for o, u in zip(masks, row, strict=True)]
            for m, row in zip(masks, union, strict=True)]
-    return {"dice": [dice(m, truth) for m in masks], "iou": iou,
+    return {"dice": [dice(m, truth) for m in masks], "iou": iou, "area": [int(m.sum()) for m in masks],
             **{k: [c[k] for c in candidates] for k in ("predicted_iou", "cut_off", "crop")}}
 
 
@@ -85,6 +85,14 @@ def choose(row: dict, score_weight: float | None, penalty: float = BORDER_PENALT
     return int(np.argmax(agreement + score_weight * predicted - cut))
 
 
+def smallest_whole(row: dict) -> int:
+    """The smallest square whose answer is not empty and does not touch its border (the whole
+    object fits: the finest view of it); the largest square when every answer is cut off."""
+    squares = range(1, len(row["dice"]))
+    whole = [i for i in squares if not row["cut_off"][i] and row["area"][i] > 0]
+    return whole[0] if whole else len(row["dice"]) - 1
+
+
 def summarise(rows: list[dict]) -> dict:
     dices = np.asarray([r["dice"] for r in rows])
     rules = {"predicted IoU": (None, BORDER_PENALTY),
@@ -94,8 +102,10 @@ def summarise(rows: list[dict]) -> dict:
     return {"n": len(rows),
             "per_candidate": (100 * dices.mean(axis=0)).round(2).tolist(),
             "oracle": round(float(100 * dices.max(axis=1).mean()), 2),
-            "rules": {name: round(float(100 * np.mean([r["dice"][choose(r, *rule)] for r in rows])), 2)
-                      for name, rule in rules.items()},
+            "rules": {**{name: round(float(100 * np.mean([r["dice"][choose(r, *rule)] for r in rows])), 2)
+                         for name, rule in rules.items()},
+                      "smallest square holding its whole answer":
+                          round(float(100 * np.mean([r["dice"][smallest_whole(r)] for r in rows])), 2)},
             "candidates_cut_off": round(float(np.mean([r["cut_off"] for r in rows])), 4)}
 
 
