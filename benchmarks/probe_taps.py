@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--split", default="val")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--multimask", action="store_true",
+                        help="each crop's three multimask answers are candidates (a lone point is ambiguous)")
     parser.add_argument("--name", default=None, help="result file name (default probe-taps-<split>)")
     return parser.parse_args()
 
@@ -52,25 +54,28 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
-def tap_candidates(zoom: ZoomPredictor, image: np.ndarray, point: np.ndarray) -> list[dict]:
-    """Every crop's answer to one positive tap (the predictor's own crops, in its order)."""
+def tap_candidates(zoom: ZoomPredictor, image: np.ndarray, point: np.ndarray, multimask: bool) -> list[dict]:
+    """Every crop's answer to one positive tap (the predictor's own crops, in its order); with
+    `multimask`, each of a crop's three multimask answers is a candidate of its own."""
     zoom.set_image(image)
     prompts = PromptSet.from_user(None, point[None, None], np.ones((1, 1), dtype=np.int64), zoom.orig_hw)
     points, labels = prompts.points[0], prompts.labels[0]
     rois = [zoom._roi(None, points, labels)] + zoom._tap_rois(points)
-    answers = [zoom._answer_on(zoom._require_image(), roi, None, points, labels, False, False) for roi in rois]
-    return [{"mask": a[0][0], "predicted_iou": float(np.ravel(a[1])[0]), "cut_off": bool(a[3]),
-             "crop": [roi.width, roi.height]} for a, roi in zip(answers, rois, strict=True)]
+    answers = [zoom._answer_on(zoom._require_image(), roi, None, points, labels, multimask, False) for roi in rois]
+    return [{"mask": a[0][k], "predicted_iou": float(np.ravel(a[1])[k]), "cut_off": bool(np.ravel(a[3])[k]),
+             "crop": [roi.width, roi.height]}
+            for a, roi in zip(answers, rois, strict=True) for k in range(len(a[0]))]
 
 
-def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray) -> dict:
+def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, multimask: bool) -> dict:
     truth = item["mask"] > 0
-    candidates = tap_candidates(zoom, item["image"], point)
+    candidates = tap_candidates(zoom, item["image"], point, multimask)
     masks = [c["mask"] for c in candidates]
     union = [[(m | o).sum() for o in masks] for m in masks]
     iou = [[float((m & o).sum() / u) if u else 1.0 for o, u in zip(masks, row, strict=True)]
            for m, row in zip(masks, union, strict=True)]
     return {"dice": [dice(m, truth) for m in masks], "iou": iou, "area": [int(m.sum()) for m in masks],
+            "crop_sides": list(zoom.tap_scales),
             **{k: [c[k] for c in candidates] for k in ("predicted_iou", "cut_off", "crop")}}
 
 
@@ -86,11 +91,15 @@ def choose(row: dict, score_weight: float | None, penalty: float = BORDER_PENALT
 
 
 def smallest_whole(row: dict) -> int:
-    """The smallest square whose answer is not empty and does not touch its border (the whole
-    object fits: the finest view of it); the largest square when every answer is cut off."""
-    squares = range(1, len(row["dice"]))
-    whole = [i for i in squares if not row["cut_off"][i] and row["area"][i] > 0]
-    return whole[0] if whole else len(row["dice"]) - 1
+    """The answer of the smallest square that is not empty and does not touch its border (the whole
+    object fits: the finest view of it; of several multimask answers, the best predicted IoU); the
+    last candidate when every answer is cut off."""
+    per_crop = len(row["dice"]) // (1 + len(row["crop_sides"]))
+    for start in range(per_crop, len(row["dice"]), per_crop):
+        whole = [i for i in range(start, start + per_crop) if not row["cut_off"][i] and row["area"][i] > 0]
+        if whole:
+            return max(whole, key=lambda i: row["predicted_iou"][i])
+    return len(row["dice"]) - 1
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -116,14 +125,17 @@ def main() -> None:
     if not isinstance(zoom, ZoomPredictor):
         raise SystemExit(f"{args.model}: not a zoomed model; its taps are answered on the whole image only")
     result = {"model": args.model, "split": args.split, "tap_scales": list(zoom.tap_scales),
-              "candidates": ["first pass box"] + [f"square {s}" for s in zoom.tap_scales], "datasets": {}}
+              "candidates": [f"{crop}{f' token {k}' if args.multimask else ''}"
+                             for crop in ["first pass box"] + [f"square {s}" for s in zoom.tap_scales]
+                             for k in range(3 if args.multimask else 1)],
+              "multimask": args.multimask, "datasets": {}}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
         start, rows = time.perf_counter(), []
         for sample in ds.samples:
             item = load_sample(sample)
             prompt = make_prompt(item["mask"], "point", stem=sample.stem)
             if prompt is not None and len(prompt.points) == 1:
-                rows.append(probe_image(zoom, item, prompt.points[0, 0]))
+                rows.append(probe_image(zoom, item, prompt.points[0, 0], args.multimask))
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
     out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-taps-{args.split}'}.json"

@@ -153,8 +153,9 @@ class ZoomPredictor(ImageSession):
         return [tap_square(positives, scale, self.orig_hw) for scale in self.tap_scales]
 
     def _answer_on(self, image: np.ndarray, roi: Roi, box, points, labels, multimask: bool,
-                   return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """(masks or logits at image size, scores, crop low-res logits, candidate score) on one crop."""
+                   return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(masks or logits at image size, scores, crop low-res logits, which masks touch the crop's
+        border (M,)) on one crop."""
         self.predictor.set_image(crop(image, roi))
         self._whole_image_set = False
         offset = roi.offset
@@ -166,9 +167,8 @@ class ZoomPredictor(ImageSession):
         logits, scores, low = self.predictor.predict(**kwargs)
         logits = np.asarray(logits, dtype=np.float32)
         full = paste(logits, roi, self.orig_hw, -LOGIT_CLAMP)
-        inside = logits[0] > self.predictor.mask_threshold
-        cut_off = bool(inside[0].any() or inside[-1].any() or inside[:, 0].any() or inside[:, -1].any())
-        return (full if return_logits else full > self.predictor.mask_threshold), scores, low, cut_off
+        return (full if return_logits else full > self.predictor.mask_threshold), scores, low, \
+            touches_border(logits > self.predictor.mask_threshold)
 
     def _roi(self, box: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None) -> Roi:
         positives = np.zeros((0, 2)) if points is None else points[labels == 1]
@@ -205,8 +205,14 @@ def _most_agreed(answers: list[tuple], threshold: float, logits: bool) -> int:
     for i, mask in enumerate(masks):
         ious = [_iou(mask, other) for j, other in enumerate(masks) if j != i]
         predicted = float(np.ravel(answers[i][1])[0])
-        scores.append(float(np.mean(ious)) + TAP_SCORE_WEIGHT * predicted - BORDER_PENALTY * answers[i][3])
+        scores.append(float(np.mean(ious)) + TAP_SCORE_WEIGHT * predicted
+                      - BORDER_PENALTY * float(np.ravel(answers[i][3])[0]))
     return int(np.argmax(scores))
+
+
+def touches_border(masks: np.ndarray) -> np.ndarray:
+    """Per mask of (M, H, W): does it reach the crop's outermost rows or columns (cut off by the crop)."""
+    return masks[:, [0, -1], :].any(axis=(1, 2)) | masks[:, :, [0, -1]].any(axis=(1, 2))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
