@@ -18,7 +18,14 @@ from uniultra.inference.loading import load_model, load_predictor, pack_model
 from uniultra.inference.predictor import Predictor
 from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.inference.roi import MAX_ASPECT, TAP_SIDES, Roi, crop, full_roi, mask_box, paste, roi_around_box
-from uniultra.inference.zoom import TAP_SCORE_WEIGHT, ZoomPredictor, _most_agreed, _points_in_roi, main_parts_box
+from uniultra.inference.zoom import (
+    TAP_SCORE_WEIGHT,
+    ZoomPredictor,
+    _most_agreed,
+    _points_in_roi,
+    main_parts_box,
+    touches_border,
+)
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -305,3 +312,12 @@ def test_tap_candidates_agreeing_alike_are_told_apart_by_the_predicted_iou():
     assert _most_agreed(answers, 0.0, logits=False) == 1  # a tie in agreement: the higher predicted IoU
     answers = [_candidate(small, 0.3), _candidate(large, 0.9, cut_off=True)]
     assert _most_agreed(answers, 0.0, logits=False) == 0  # cut off by its crop: penalised
+
+
+def test_touches_border_tells_each_mask_apart():
+    masks = np.zeros((4, 10, 12), bool)
+    masks[0, 3:6, 3:6] = True  # inside
+    masks[1, 0, 5] = True  # top row
+    masks[2, 4, -1] = True  # right column
+    masks[3, 2:-2, 1:-1] = True  # one pixel short of every border
+    assert touches_border(masks).tolist() == [False, True, True, False]
