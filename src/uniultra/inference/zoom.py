@@ -167,8 +167,8 @@ class ZoomPredictor(ImageSession):
         logits, scores, low = self.predictor.predict(**kwargs)
         logits = np.asarray(logits, dtype=np.float32)
         full = paste(logits, roi, self.orig_hw, -LOGIT_CLAMP)
-        return (full if return_logits else full > self.predictor.mask_threshold), scores, low, \
-            touches_border(logits > self.predictor.mask_threshold)
+        cut_off = touches_border(logits > self.predictor.mask_threshold)
+        return (full if return_logits else full > self.predictor.mask_threshold), scores, low, cut_off
 
     def _roi(self, box: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None) -> Roi:
         positives = np.zeros((0, 2)) if points is None else points[labels == 1]
