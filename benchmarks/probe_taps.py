@@ -79,22 +79,30 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, multimask: b
             **{k: [c[k] for c in candidates] for k in ("predicted_iou", "cut_off", "crop")}}
 
 
-def choose(row: dict, score_weight: float | None, penalty: float = BORDER_PENALTY) -> int:
-    """Agreement (+ score_weight x predicted IoU) less the border penalty; None: predicted IoU alone."""
-    predicted = np.asarray(row["predicted_iou"])
-    cut = penalty * np.asarray(row["cut_off"], dtype=float)
+def choose(row: dict, score_weight: float | None, penalty: float = BORDER_PENALTY,
+           among: list[int] | None = None) -> int:
+    """Agreement (+ score_weight x predicted IoU) less the border penalty, over the candidates `among`
+    (default all; agreement with those only); score_weight None: predicted IoU alone."""
+    among = list(range(len(row["dice"]))) if among is None else among
+    predicted = np.asarray(row["predicted_iou"])[among]
+    cut = penalty * np.asarray(row["cut_off"], dtype=float)[among]
     if score_weight is None:
-        return int(np.argmax(predicted - cut))
-    iou = np.asarray(row["iou"])
-    agreement = (iou.sum(axis=1) - 1.0) / max(len(iou) - 1, 1)
-    return int(np.argmax(agreement + score_weight * predicted - cut))
+        return among[int(np.argmax(predicted - cut))]
+    iou = np.asarray(row["iou"])[np.ix_(among, among)]
+    agreement = (iou.sum(axis=1) - 1.0) / max(len(among) - 1, 1)
+    return among[int(np.argmax(agreement + score_weight * predicted - cut))]
+
+
+def _per_crop(row: dict) -> int:
+    """Candidates per crop: 3 with --multimask, else 1."""
+    return len(row["dice"]) // (1 + len(row["crop_sides"]))
 
 
 def smallest_whole(row: dict) -> int:
     """The answer of the smallest square that is not empty and does not touch its border (the whole
     object fits: the finest view of it; of several multimask answers, the best predicted IoU); the
     last candidate when every answer is cut off."""
-    per_crop = len(row["dice"]) // (1 + len(row["crop_sides"]))
+    per_crop = _per_crop(row)
     for start in range(per_crop, len(row["dice"]), per_crop):
         whole = [i for i in range(start, start + per_crop) if not row["cut_off"][i] and row["area"][i] > 0]
         if whole:
@@ -102,17 +110,13 @@ def smallest_whole(row: dict) -> int:
     return len(row["dice"]) - 1
 
 
-def best_token_per_crop(row: dict, score_weight: float = TAP_SCORE_WEIGHT) -> int:
+def best_token_per_crop(row: dict) -> int:
     """SAM's answer to a lone point on each crop (the multimask answer of highest predicted IoU), then
-    the shipped rule across crops (agreement among those answers + w x predicted IoU - penalty)."""
-    per_crop = len(row["dice"]) // (1 + len(row["crop_sides"]))
+    the shipped rule across crops among those answers."""
+    per_crop = _per_crop(row)
     picks = [max(range(start, start + per_crop), key=lambda i: row["predicted_iou"][i])
              for start in range(0, len(row["dice"]), per_crop)]
-    iou = np.asarray(row["iou"])[np.ix_(picks, picks)]
-    agreement = (iou.sum(axis=1) - 1.0) / max(len(picks) - 1, 1)
-    predicted = np.asarray(row["predicted_iou"])[picks]
-    cut = BORDER_PENALTY * np.asarray(row["cut_off"], dtype=float)[picks]
-    return picks[int(np.argmax(agreement + score_weight * predicted - cut))]
+    return choose(row, TAP_SCORE_WEIGHT, among=picks)
 
 
 def summarise(rows: list[dict]) -> dict:
