@@ -27,18 +27,21 @@ from uniultra.engine.config import load_train_config
 from uniultra.engine.trainer import train
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
+from uniultra.inference.zoom import TIGHT_BOX_PADDING
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FOLDS = {"busi": ("busi",), "ddti": ("ddti",), "tg3k": ("tg3k",), "carotid": ("carotid",),
          "usgra": ("usgra_nerve", "usgra_vessel")}
-# (row label, prompt mode, jitter); the ellipse answers the box modes only.
-PROTOCOL = (("box J=0", "box", 0.0), ("box J=20", "box", 20.0), ("one tap", "point", 0.0),
-            ("box J=20 + click", "box+click", 20.0))
+# (row label, prompt mode, jitter, tight boxes); the ellipse answers the untightened box modes only.
+# "tight boxes": the exact boxes answered as `--tight-boxes` does (uniultra.inference.zoom.TIGHT_BOX_PADDING).
+PROTOCOL = (("box J=0", "box", 0.0, False), ("box J=0, tight boxes", "box", 0.0, True),
+            ("box J=20", "box", 20.0, False), ("one tap", "point", 0.0, False),
+            ("box J=20 + click", "box+click", 20.0, False))
 
 
-TABLE_COLUMNS = (("ellipse", "box J=0"), ("model", "box J=0"), ("ellipse", "box J=20"), ("model", "box J=20"),
-                 ("model", "one tap"), ("model", "box J=20 + click"))
+TABLE_COLUMNS = (("ellipse", "box J=0"), ("model", "box J=0"), ("model", "box J=0, tight boxes"),
+                 ("ellipse", "box J=20"), ("model", "box J=20"), ("model", "one tap"), ("model", "box J=20 + click"))
 
 
 def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None) -> dict:
@@ -67,9 +70,11 @@ def run_fold(args: argparse.Namespace) -> None:
     rows = json.loads(result_file.read_text())["rows"] if args.rows and result_file.is_file() else {}
     for label, spec in (("ellipse", "baseline:ellipse"), ("model", str(out_dir / "best.pt"))):
         method = make_method(spec)
-        for row, mode, jitter in PROTOCOL:
-            if (label == "ellipse" and mode not in ("box",)) or (args.rows and row not in args.rows):
+        for row, mode, jitter, tight in PROTOCOL:
+            if (label == "ellipse" and (mode != "box" or tight)) or (args.rows and row not in args.rows):
                 continue
+            if label == "model":
+                method.predictor.box_padding = TIGHT_BOX_PADDING if tight else 0.0
             t0 = time.perf_counter()
             results = evaluate(method, datasets, prompt_mode=mode, jitter=jitter, seed=0, progress=False)
             rows.setdefault(label, {})[row] = {r.name: r.summary() for r in results}
@@ -91,8 +96,8 @@ def run_fold(args: argparse.Namespace) -> None:
 
 def table(recipe: str) -> str:
     """Markdown: per held-out set, Dice / HD95 of the ellipse and the model under each protocol row."""
-    lines = ["| held out | n | ellipse J=0 | model J=0 | ellipse J=20 | model J=20 | model one tap "
-             "| model J=20 + click | train min |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| held out | n | ellipse J=0 | model J=0 | model J=0, tight boxes | ellipse J=20 | model J=20 "
+             "| model one tap | model J=20 + click | train min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for fold in FOLDS:
         path = RESULTS / f"loo-{recipe}-{fold}.json"
         if not path.is_file():
@@ -101,7 +106,8 @@ def table(recipe: str) -> str:
         # the JSON keeps the minutes: the run directory with its log is not committed
         minutes = doc.get("train_minutes") or _train_minutes(Path(doc["train_log"]))
         for name in doc["held_out"]:
-            cells = [_cell(doc["rows"][label][row][name]) for label, row in TABLE_COLUMNS]
+            cells = [_cell(doc["rows"][label][row][name]) if row in doc["rows"][label] else "-"
+                     for label, row in TABLE_COLUMNS]
             n = doc["rows"]["model"]["box J=20"][name]["n"]
             lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {minutes} |")
     return "\n".join(lines)

@@ -25,11 +25,14 @@ from scipy import ndimage
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
+from uniultra.inference.zoom import TIGHT_BOX_PADDING, ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
-ROWS = (("box J=20", "box", 20.0), ("box J=0", "box", 0.0), ("one tap", "point", 0.0),
-        ("box J=20 + click", "box+click", 20.0))
+# (row, prompt mode, jitter, tight boxes): "tight boxes" answers the exact boxes as `--tight-boxes` does
+# (zoomed models only); the ellipse answers the untightened box rows.
+ROWS = (("box J=20", "box", 20.0, False), ("box J=0", "box", 0.0, False), ("box J=0, tight boxes", "box", 0.0, True),
+        ("one tap", "point", 0.0, False), ("box J=20 + click", "box+click", 20.0, False))
 LEAK_AREA, BOX_MARGIN = 0.02, 0.10
 
 
@@ -95,9 +98,12 @@ def main() -> None:
         methods["ellipse"] = make_method("baseline:ellipse")
     rows: dict[str, dict] = json.loads(out.read_text())["rows"] if args.rows and out.is_file() else {}
     for label, method in methods.items():
-        for row, mode, jitter in ROWS:
-            if (label == "ellipse" and mode != "box") or (args.rows and row not in args.rows):
+        zoomed = isinstance(getattr(method, "predictor", None), ZoomPredictor)
+        for row, mode, jitter, tight in ROWS:
+            if (label == "ellipse" and mode != "box") or (args.rows and row not in args.rows) or (tight and not zoomed):
                 continue
+            if zoomed:
+                method.predictor.box_padding = TIGHT_BOX_PADDING if tight else 0.0
             start = time.perf_counter()
             rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
             rows[label][row]["seconds"] = time.perf_counter() - start

@@ -111,6 +111,18 @@ def test_cli_writes_results_table_and_overlays(tmp_path, capsys):
     assert not list(tmp_path.glob(".results.json*"))  # no temporary file left behind
 
 
+def test_tight_boxes_reach_a_zoomed_model_and_are_refused_elsewhere(tmp_path, capsys):
+    root = tmp_path / "rects"
+    write_pair(root, "a", TWO_RECTANGLES)
+    assert main(["evaluate", "--model", "baseline:ellipse", "--data", str(root), "--tight-boxes"]) == 2
+    assert "--tight-boxes is for zoomed models" in capsys.readouterr().err
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--model", "default", "--data", str(root), "--jitter", "0", "--tight-boxes",
+                 "--out", str(out), "--no-progress"]) == 0
+    document = json.loads(out.read_text())
+    assert "--tight-boxes" in document["command"] and document["config"]["tight_boxes"] is True
+
+
 def test_same_prompts_for_every_method(tmp_path):
     root = write_dataset(tmp_path / "set", ["x", "y", "z"], mask=TWO_RECTANGLES)
     dataset = [SegmentationDataset(root)]

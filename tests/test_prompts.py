@@ -12,6 +12,7 @@ from uniultra.data.prompts import (
     jitter_boxes,
     label_components,
     make_prompt,
+    pad_boxes,
 )
 
 TWO_LESIONS = blob_mask((60, 80), ((5, 5, 10, 20), (30, 40, 20, 25)))
@@ -38,6 +39,16 @@ def test_jitter_pushes_outward_within_bound_and_clips():
         assert (grow[0] <= 15.625).all()
         assert (jittered[:, :2] >= 0).all()
         assert (jittered[:, 2] <= 799).all() and (jittered[:, 3] <= 599).all()
+
+
+def test_padding_pushes_every_side_out_at_the_jitter_scale_and_never_shrinks_a_box():
+    shape = (600, 800)  # 8 px at 1024 scale -> 6.25 px here
+    boxes = np.array([[100.0, 100.0, 300.0, 200.0], [3.0, 0.0, 800.0, 600.0]])
+    padded = pad_boxes(boxes, shape, 8)
+    np.testing.assert_allclose(padded[0], [93.75, 93.75, 306.25, 206.25])
+    # clipped to the image, but a box already reaching past the last pixel index keeps its sides
+    np.testing.assert_allclose(padded[1], [0.0, 0.0, 800.0, 600.0])
+    np.testing.assert_array_equal(pad_boxes(boxes[0], shape, 0), boxes[0])
 
 
 def test_zero_jitter_is_the_exact_box():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from uniultra.data.phantom import write_phantom_dataset
-from uniultra.data.prompts import corrective_clicks, make_prompt
+from uniultra.data.prompts import corrective_clicks, make_prompt, pad_boxes
 from uniultra.engine.config import TrainConfig, TrainPromptConfig, ZoomConfig
 from uniultra.engine.trainer import train
 from uniultra.engine.zoom_data import NativeSet, ZoomTrainSet
@@ -20,9 +20,11 @@ from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.inference.roi import MAX_ASPECT, TAP_SIDES, Roi, crop, full_roi, mask_box, paste, roi_around_box
 from uniultra.inference.zoom import (
     TAP_SCORE_WEIGHT,
+    TIGHT_BOX_PADDING,
     ZoomPredictor,
     _most_agreed,
     _points_in_roi,
+    answer_tight_boxes,
     main_parts_box,
     touches_border,
 )
@@ -112,6 +114,24 @@ class CountingPredictor:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def test_tight_boxes_are_answered_as_the_padded_box(base):
+    image, box = speckle(), np.array([50.0, 40.0, 89.0, 79.0])
+    padded = pad_boxes(box, (H, W), TIGHT_BOX_PADDING)
+    assert (padded[:2] < box[:2]).all() and (padded[2:] > box[2:]).all()
+    plain = ZoomPredictor(base, margin=1.5)
+    plain.set_image(image)
+    expected = plain.predict(box=padded, return_logits=True)[0]
+    tight = ZoomPredictor(base, margin=1.5)
+    answer_tight_boxes(tight, "test")
+    tight.set_image(image)
+    np.testing.assert_allclose(tight.predict(box=box, return_logits=True)[0], expected, atol=1e-6)
+    assert not np.allclose(plain.predict(box=box, return_logits=True)[0], expected)
+    with pytest.raises(ValueError, match="zoomed models"):
+        answer_tight_boxes(base, "preset:mini")
+    with pytest.raises(ValueError, match="padding"):
+        ZoomPredictor(base, box_padding=-1)
 
 
 def test_a_tap_runs_a_whole_image_pass_then_a_crop(base):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from uniultra.commands.runtime_option import add_runtime_arg, model_spec
+from uniultra.commands.tight_boxes import add_tight_boxes_arg
 
 
 def register(subparsers) -> None:
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
     parser.add_argument("--postprocess", action="store_true",
                         help="model methods: clip each object's mask to its box + 10 px (at 1024 scale), keep its "
                         "largest component, fill holes")
+    add_tight_boxes_arg(parser)
     parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
                         help="pixel size in mm, ROW_MM COL_MM (or one value for square pixels): HD and HD95 "
                         "are then reported in mm (default: in pixels)")
@@ -72,6 +74,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     method = make_method(spec, image_size=args.size, device=args.device, postprocess=args.postprocess,
                          modality=args.modality)
     check_method_prompt(method, args.prompt)
+    if args.tight_boxes:
+        from uniultra.inference.zoom import answer_tight_boxes
+
+        answer_tight_boxes(getattr(method, "predictor", None), method.name)
 
     def save_overlay(item, prompt, prediction) -> None:
         path = args.overlays / item["dataset"] / f"{item['stem']}.png"
@@ -115,6 +121,8 @@ def canonical_command(args: argparse.Namespace) -> str:
         words += ["--runtime", args.runtime]
     if args.postprocess:
         words.append("--postprocess")
+    if args.tight_boxes:
+        words.append("--tight-boxes")
     if args.spacing:
         words += ["--spacing", *(str(value) for value in args.spacing)]
     if args.out:

@@ -11,6 +11,7 @@ import numpy as np
 
 from uniultra.atomic import atomic_write_bytes
 from uniultra.commands.runtime_option import add_runtime_arg, model_spec
+from uniultra.commands.tight_boxes import add_tight_boxes_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,13 +87,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--postprocess", action="store_true",
                    help="clip each object's mask to its box + margin, keep its largest component, fill holes")
+    add_tight_boxes_arg(p)
 
 
 def _predictor(args: argparse.Namespace):
     from uniultra.inference.loading import load_predictor
+    from uniultra.inference.zoom import answer_tight_boxes
 
     spec = model_spec(args, automatic=getattr(args, "prompt", None) == "none")
-    return load_predictor(spec, image_size=args.size, device=args.device)
+    predictor = load_predictor(spec, image_size=args.size, device=args.device)
+    if args.tight_boxes:
+        answer_tight_boxes(predictor, args.model)
+    return predictor
 
 
 def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):

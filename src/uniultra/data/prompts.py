@@ -81,14 +81,27 @@ def jitter_boxes(
     boxes: np.ndarray, shape: tuple[int, int], jitter: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Push each side outward by uniform [0, J * max(H, W) / 1024] px and clip to the image."""
-    height, width = shape[:2]
     boxes = np.asarray(boxes, dtype=np.float64).copy()
     if jitter > 0 and len(boxes):
-        scaled = jitter * max(height, width) / REFERENCE_SIZE
-        shift = rng.uniform(0.0, scaled, size=boxes.shape)
+        shift = rng.uniform(0.0, jitter * max(shape[:2]) / REFERENCE_SIZE, size=boxes.shape)
         boxes += shift * np.array([-1.0, -1.0, 1.0, 1.0])
-    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width - 1)
-    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height - 1)
+    return _clip_boxes(boxes, shape)
+
+
+def pad_boxes(boxes: np.ndarray, shape: tuple[int, int], padding: float) -> np.ndarray:
+    """Push each side outward by `padding * max(H, W) / 1024` px (the jitter's scale), clipped to the image
+    but never inside the given box."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    padded = _clip_boxes(boxes + padding * max(shape[:2]) / REFERENCE_SIZE * np.array([-1.0, -1.0, 1.0, 1.0]),
+                         shape)
+    return np.concatenate([np.minimum(padded[..., :2], boxes[..., :2]), np.maximum(padded[..., 2:], boxes[..., 2:])],
+                          axis=-1)
+
+
+def _clip_boxes(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    height, width = shape[:2]
+    boxes[..., [0, 2]] = np.clip(boxes[..., [0, 2]], 0, width - 1)
+    boxes[..., [1, 3]] = np.clip(boxes[..., [1, 3]], 0, height - 1)
     return boxes
 
 

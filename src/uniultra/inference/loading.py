@@ -388,5 +388,5 @@ def fresh_predictor(predictor: Any):
     one per image where several images stay encoded at once (the web app's cache)."""
     if isinstance(predictor, ZoomPredictor):
         return ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales,
-                             predictor.refine_auto)
+                             predictor.refine_auto, predictor.box_padding)
     return predictor.fork()
