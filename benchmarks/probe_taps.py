@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import load_sample
 from uniultra.data.prompts import make_prompt
 from uniultra.evaluation.evaluate import load_datasets
@@ -46,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--multimask", action="store_true",
                         help="each crop's three multimask answers are candidates (a lone point is ambiguous)")
     parser.add_argument("--name", default=None, help="result file name (default probe-taps-<split>)")
+    parser.add_argument("--rows-out", type=Path, default=None,
+                        help="also write every tap's candidates (scores, areas, agreement; no masks) as JSON, "
+                        "the input of benchmarks/fit_tap_selector.py")
     return parser.parse_args()
 
 
@@ -75,7 +79,7 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, multimask: b
     iou = [[float((m & o).sum() / u) if u else 1.0 for o, u in zip(masks, row, strict=True)]
            for m, row in zip(masks, union, strict=True)]
     return {"dice": [dice(m, truth) for m in masks], "iou": iou, "area": [int(m.sum()) for m in masks],
-            "crop_sides": list(zoom.tap_scales),
+            "crop_sides": list(zoom.tap_scales), "image_hw": list(truth.shape),
             **{k: [c[k] for c in candidates] for k in ("predicted_iou", "cut_off", "crop")}}
 
 
@@ -148,8 +152,9 @@ def main() -> None:
                              for crop in ["first pass box"] + [f"square {s}" for s in zoom.tap_scales]
                              for k in range(3 if args.multimask else 1)],
               "multimask": args.multimask, "datasets": {}}
+    every_row = {}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
-        start, rows = time.perf_counter(), []
+        start, rows = time.perf_counter(), every_row.setdefault(ds.name, [])
         for sample in ds.samples:
             item = load_sample(sample)
             prompt = make_prompt(item["mask"], "point", stem=sample.stem)
@@ -162,6 +167,9 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
     print(f"wrote {out}")
+    if args.rows_out:
+        atomic_write_text(args.rows_out, json.dumps({"model": args.model, "split": args.split, "rows": every_row}))
+        print(f"wrote {args.rows_out}")
 
 
 if __name__ == "__main__":
