@@ -32,11 +32,21 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Per-mask soft dice loss; (..., H, W) -> (...)."""
-    prob = logits.sigmoid().flatten(-2)
-    targets = targets.flatten(-2)
+    return dice_loss_of_probabilities(logits.sigmoid().flatten(-2), targets.flatten(-2), smooth)
+
+
+def projection_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean soft dice loss of the mask's x and y projections (max over the other axis) against the
+    truth's; (..., H, W) -> (...)."""
+    prob = logits.sigmoid()
+    return (dice_loss_of_probabilities(prob.amax(-2), targets.amax(-2))
+            + dice_loss_of_probabilities(prob.amax(-1), targets.amax(-1))) / 2
+
+
+def dice_loss_of_probabilities(prob: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft dice loss over the last axis; (..., N) -> (...)."""
     numerator = 2 * (prob * targets).sum(-1) + smooth
-    denominator = prob.sum(-1) + targets.sum(-1) + smooth
-    return 1 - numerator / denominator
+    return 1 - numerator / (prob.sum(-1) + targets.sum(-1) + smooth)
 
 
 def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,6 +74,8 @@ def segmentation_loss(
         real_iou = mask_iou(logits, targets)
     iou_loss = F.mse_loss(iou_pred.float(), real_iou, reduction="none").mean(-1)  # every candidate
     mask_loss = cfg.focal * focal + cfg.dice * dice
+    if cfg.projection:
+        mask_loss = mask_loss + cfg.projection * projection_loss(logits, targets)
     best = mask_loss.argmin(dim=1, keepdim=True)  # one candidate unless multimask
     pick = lambda t: t.gather(1, best).squeeze(1)  # noqa: E731
     total = pick(mask_loss) + cfg.iou * iou_loss
