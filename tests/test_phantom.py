@@ -122,6 +122,27 @@ def test_lesion_contrast_sign(geometry, seed):
     assert means["cyst"] < -40 and means["cyst"] < means["hypoechoic"]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_complex_lesion_is_labelled_whole_around_its_dark_fluid(seed):
+    phantom = make_phantom(seed, 256, "complex")
+    (lesion,) = phantom.lesions
+    assert lesion.kind == "complex" and lesion.core is not None
+    y, x = np.nonzero(phantom.mask)
+    fluid = lesion.core_contains(x.astype(np.float32), y.astype(np.float32))
+    wall = ~fluid & ~lesion.rim_contains(x.astype(np.float32), y.astype(np.float32))
+    assert 0.1 < fluid.mean() < 0.8  # the mask holds the fluid AND a solid wall around it
+    # the fluid is anechoic; the wall is near the tissue's level, far brighter than the fluid
+    tissue = phantom.image[_surroundings(phantom)].mean()
+    assert phantom.image[y[fluid], x[fluid]].mean() < tissue - 30
+    assert phantom.image[y[wall], x[wall]].mean() > phantom.image[y[fluid], x[fluid]].mean() + 15
+
+
+def test_mixed_draws_no_complex_lesion_and_mixed_complex_does():
+    kinds = lambda kind: {l.kind for seed in range(30) for l in make_phantom(seed, 96, kind, 2).lesions}  # noqa: E731,E741
+    assert "complex" not in kinds("mixed")
+    assert {"complex", "cyst", "hypoechoic"} <= kinds("mixed-complex")
+
+
 @pytest.mark.parametrize("kind", ["hypoechoic", "cyst"])
 def test_posterior_shadow_and_enhancement_follow_attenuation(kind):
     checked = 0

@@ -4,8 +4,9 @@ The image is simulated the way a scanner forms it, in *beam space* (axial sample
 then scan-converted to the display grid:
 
 1. reflectivity: tissue (superficial layers with bright interfaces, smooth echotexture) and
-   lesions (hypoechoic, hyperechoic or anechoic cyst) whose border is an ellipse perturbed by
-   a radial Fourier series, at a random orientation;
+   lesions (hypoechoic, hyperechoic, anechoic cyst, or complex: a near-isoechoic solid wall around
+   an anechoic fluid part, labelled whole) whose border is an ellipse perturbed by a radial
+   Fourier series, at a random orientation;
 2. scatterers: a complex Gaussian per sample with variance = reflectivity (fully developed
    speckle), times the round-trip transmission: tissue attenuation plus each lesion's own
    attenuation, which is what casts a posterior shadow behind solid lesions and posterior
@@ -33,11 +34,16 @@ from scipy import ndimage
 
 from uniultra.atomic import atomic_write_bytes, atomic_write_text
 
-KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "mixed")
+KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "mixed", "mixed-complex")
 GEOMETRIES: tuple[str, ...] = ("linear", "sector", "random")
-LESION_KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst")
-# How often each lesion kind is drawn for kind="mixed".
-_MIXED_WEIGHTS = (0.5, 0.2, 0.3)
+LESION_KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex")
+# How often each lesion kind is drawn for kind="mixed" (never complex: the phantoms of earlier recipes
+# stay as they were) and for "mixed-complex".
+_MIXED_WEIGHTS = {"mixed": (0.5, 0.2, 0.3, 0.0), "mixed-complex": (0.35, 0.15, 0.2, 0.3)}
+# A complex lesion's fluid part: its semi-axes as a share of the lesion's, and how far its centre may
+# sit off the lesion's (a share of the semi-axes); the solid wall is what is left, at least ~1/5 thick.
+_CORE_SCALE = (0.45, 0.8)
+_CORE_OFFSET = 0.2
 
 SOUND_SPEED_MM_PER_US = 1.54
 # What scanners assume for soft tissue when setting the default time-gain compensation.
@@ -67,6 +73,12 @@ class Lesion:
     harmonics: tuple[tuple[int, float, float], ...]
     contrast_db: float
     attenuation_db_cm_mhz: float
+    # A complex lesion's anechoic fluid part, with its centre relative to the lesion's (None: solid or cyst).
+    core: Lesion | None = None
+    # Echo level (dB, relative to the lesion's) of a rim inside its border, and the rim's width as a share
+    # of the semi-axes: a bright capsule or a dark halo (0 dB: none).
+    rim_db: float = 0.0
+    rim_width: float = 0.0
 
     @property
     def bounding_radius_px(self) -> float:
@@ -83,6 +95,20 @@ class Lesion:
         for order, amplitude, phase in self.harmonics:
             border += amplitude * np.cos(order * phi + phase)
         return np.hypot(u, v) <= border
+
+    def rim_contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Membership of points in the rim (inside the border, outside the border shrunk by the rim width)."""
+        if not self.rim_db:
+            return np.zeros(np.broadcast(x, y).shape, dtype=bool)
+        shrunk = replace(self, semi_axes_px=tuple(a * (1 - self.rim_width) for a in self.semi_axes_px))
+        return self.contains(x, y) & ~shrunk.contains(x, y)
+
+    def core_contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Membership of points in the fluid part (all False without one)."""
+        if self.core is None:
+            return np.zeros(np.broadcast(x, y).shape, dtype=bool)
+        cx, cy = self.center_xy
+        return self.core.contains(x - cx, y - cy)
 
 
 @dataclass(frozen=True, eq=False)
@@ -279,6 +305,9 @@ def _draw_lesion(rng: np.random.Generator, kind: str, size_px: float, tissue_db_
     elif kind == "hyperechoic":  # smooth-ish, attenuating like tissue -> no posterior effect
         contrast, irregularity = rng.uniform(6.0, 14.0), rng.uniform(0.02, 0.12)
         attenuation = tissue_db_cm_mhz
+    elif kind == "complex":  # solid wall near the tissue's echo level around a fluid part
+        contrast, irregularity = rng.uniform(-8.0, 3.0), rng.uniform(0.02, 0.12)
+        attenuation = tissue_db_cm_mhz
     else:  # cyst: anechoic fluid, nearly no attenuation -> posterior enhancement
         contrast, irregularity = -40.0, rng.uniform(0.0, 0.04)
         attenuation = 0.002
@@ -289,13 +318,38 @@ def _draw_lesion(rng: np.random.Generator, kind: str, size_px: float, tissue_db_
     phases = rng.uniform(0, 2 * np.pi, size=orders.size)
     semi_major = rng.uniform(0.08, 0.2) * size_px
     semi_minor = semi_major * rng.uniform(0.5, 1.0)
-    return Lesion(
+    lesion = Lesion(
         kind=kind, center_xy=(0.0, 0.0), semi_axes_px=(semi_major, max(semi_minor, 2.0)),
         angle_rad=float(rng.uniform(0, np.pi)),
         harmonics=tuple(
             (int(k), float(a), float(p)) for k, a, p in zip(orders, amplitudes, phases, strict=True)
         ),
         contrast_db=float(contrast), attenuation_db_cm_mhz=float(attenuation),
+    )
+    if kind != "complex":
+        return lesion
+    # Half have a bright capsule, a quarter a dark halo, the rest no rim: the wall's outline is faint or absent.
+    rim = rng.choice(3, p=(0.5, 0.25, 0.25))
+    rim_db = (rng.uniform(8.0, 14.0), rng.uniform(-14.0, -8.0), 0.0)[int(rim)]
+    return replace(lesion, core=_draw_core(rng, lesion), rim_db=float(rim_db), rim_width=float(rng.uniform(0.1, 0.2)))
+
+
+def _draw_core(rng: np.random.Generator, lesion: Lesion) -> Lesion:
+    """The fluid part of a complex lesion: a smaller, rougher shape off its centre (relative coordinates)."""
+    scale = rng.uniform(*_CORE_SCALE)
+    offset = rng.uniform(-_CORE_OFFSET, _CORE_OFFSET, size=2) * (1 - scale) / (1 - _CORE_SCALE[0])
+    cos_t, sin_t = math.cos(lesion.angle_rad), math.sin(lesion.angle_rad)
+    du, dv = offset[0] * lesion.semi_axes_px[0], offset[1] * lesion.semi_axes_px[1]
+    orders = np.arange(2, 9)
+    amplitudes = rng.normal(size=orders.size) / orders
+    amplitudes *= rng.uniform(0.05, 0.25) / max(float(np.linalg.norm(amplitudes)), 1e-9)
+    return Lesion(
+        kind="fluid", center_xy=(du * cos_t - dv * sin_t, du * sin_t + dv * cos_t),
+        semi_axes_px=(lesion.semi_axes_px[0] * scale, lesion.semi_axes_px[1] * scale),
+        angle_rad=lesion.angle_rad,
+        harmonics=tuple((int(k), float(a), float(p)) for k, a, p in
+                        zip(orders, amplitudes, rng.uniform(0, 2 * np.pi, size=orders.size), strict=True)),
+        contrast_db=-40.0, attenuation_db_cm_mhz=0.002,
     )
 
 
@@ -411,6 +465,12 @@ def _reflectivity(rng, scan: _Scan, labels: np.ndarray, lesions: list[Lesion], h
         # set relative to the surrounding echotexture.
         inside = labels == i + 1
         level_db = np.where(inside, texture_db + internal_db + lesion.contrast_db, level_db)
+        if lesion.core is not None:
+            where = np.flatnonzero(inside)
+            x, y = scan.x.reshape(-1)[where], scan.y.reshape(-1)[where]
+            rim, fluid = where[lesion.rim_contains(x, y)], where[lesion.core_contains(x, y)]
+            level_db.reshape(-1)[rim] += lesion.rim_db
+            level_db.reshape(-1)[fluid] = texture_db.reshape(-1)[fluid] + lesion.core.contrast_db
         specular[inside] = 0.0
     return _power(level_db) + specular
 
@@ -486,8 +546,9 @@ def _lesion_kinds(rng: np.random.Generator, kind: str, n_lesions: int) -> list[s
         raise ValueError(f"unknown lesion kind {kind!r}; choose one of {', '.join(KINDS)}")
     if n_lesions < 0:
         raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
-    drawn = [str(k) for k in rng.choice(LESION_KINDS, size=n_lesions, p=_MIXED_WEIGHTS)]
-    return drawn if kind == "mixed" else [kind] * n_lesions
+    weights = _MIXED_WEIGHTS.get(kind, _MIXED_WEIGHTS["mixed"])  # drawn for every kind: one random stream
+    drawn = [str(k) for k in rng.choice(LESION_KINDS, size=n_lesions, p=weights)]
+    return drawn if kind in _MIXED_WEIGHTS else [kind] * n_lesions
 
 
 def make_phantom(
@@ -502,7 +563,9 @@ def make_phantom(
     """Simulate one B-mode image; the same arguments always give the same phantom.
 
     `size` is HxW (an int for square). `kind`: "hypoechoic" (solid, casts a shadow),
-    "hyperechoic", "cyst" (anechoic, posterior enhancement) or "mixed" (drawn per lesion).
+    "hyperechoic", "cyst" (anechoic, posterior enhancement), "complex" (a near-isoechoic solid
+    wall around an anechoic part; the mask is the whole lesion), "mixed" (drawn per lesion among
+    the first three) or "mixed-complex" (among all four).
     `n_lesions` may be 0 (a normal image, empty mask). `geometry`: "linear" (rectangular,
     high frequency), "sector" (curvilinear fan, black outside) or "random" (35% sector).
     `homogeneous=True` gives a calibration-style phantom: uniform background without layers,
