@@ -178,8 +178,14 @@ class TrainPromptConfig:
     # Probability that a positive point is the farthest-interior pixel (what evaluation uses);
     # otherwise it is uniform inside the object.
     center_point_prob: float = 0.5
+    # Probability that a sample with a box gets the object's exact box (J = 0) given with the
+    # exact-box tokens (labels 4, 5) instead of a jittered plain box; needs a model built with
+    # `decoder.exact_box_tokens`. 0 keeps every recipe's random stream as it was.
+    exact_box: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.exact_box <= 1.0:
+            raise ValueError(f"exact_box must be a probability in [0, 1], got {self.exact_box}")
         bad = sorted(set(self.modes) - set(TRAIN_PROMPT_MODES))
         if bad:
             raise ValueError(f"unknown training prompt modes {bad}; choose from {list(TRAIN_PROMPT_MODES)}")

@@ -47,7 +47,7 @@ from uniultra.data.subset import restrict_to_subset
 from uniultra.engine.config import TRAIN_PROMPT_MODES, AugmentConfig, DataEntry, TrainPromptConfig
 from uniultra.inference.coords import prompt_tokens
 from uniultra.inference.transforms import resize_for_model
-from uniultra.models.prompt_labels import BOX_CORNER_LABELS
+from uniultra.models.prompt_labels import BOX_CORNER_LABELS, EXACT_BOX_CORNER_LABELS
 
 CACHE_VERSION = 1
 
@@ -250,11 +250,12 @@ def training_prompt(mask: np.ndarray, cfg: TrainPromptConfig, rng: np.random.Gen
     if "box" in kind:
         rows, cols = np.nonzero(obj)
         box = np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], dtype=np.float64)
-        jitter = float(cfg.jitter[int(rng.integers(len(cfg.jitter)))])
+        exact = cfg.exact_box > 0 and rng.random() < cfg.exact_box
+        jitter = 0.0 if exact else float(cfg.jitter[int(rng.integers(len(cfg.jitter)))])
         x0, y0, x1, y1 = jitter_boxes(box, obj.shape, jitter, rng)[0]
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)  # a one-pixel object still gets a proper box
         coords += [np.array([x0, y0]), np.array([x1, y1])]
-        labels += list(BOX_CORNER_LABELS)
+        labels += list(EXACT_BOX_CORNER_LABELS if exact else BOX_CORNER_LABELS)
     if kind in ("point", "box+point"):
         if rng.random() < cfg.center_point_prob:
             coords.append(farthest_interior_points(obj)[0])

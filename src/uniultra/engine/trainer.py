@@ -133,6 +133,14 @@ def resolve_model_config(config: TrainConfig, source: str = "config") -> ImageMo
 
 def build_model(config: TrainConfig, source: str = "config") -> tuple[SAM2ImageModel, dict[str, Any]]:
     """The starting model and the identity of its weights (base file + sha256, or random init)."""
+    model, identity = _starting_model(config, source)
+    if config.prompts.train.exact_box > 0 and not model.config.decoder.exact_box_tokens:
+        raise ConfigError(f"{source}: prompts.train.exact_box needs a model with exact-box tokens "
+                          "(model.config.decoder.exact_box_tokens: true)")
+    return model, identity
+
+
+def _starting_model(config: TrainConfig, source: str) -> tuple[SAM2ImageModel, dict[str, Any]]:
     wanted = resolve_model_config(config, source)
     base = config.model.base
     if base:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from uniultra.models.prompt_labels import BOX_CORNER_LABELS
+from uniultra.models.prompt_labels import BOX_CORNER_LABELS, EXACT_BOX_CORNER_LABELS
 
 
 def to_model_coords(xy: np.ndarray, orig_hw: tuple[int, int], size: int) -> np.ndarray:
@@ -20,13 +20,15 @@ def to_model_coords(xy: np.ndarray, orig_hw: tuple[int, int], size: int) -> np.n
 
 
 def prompt_tokens(boxes: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None,
-                  orig_hw: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per object: box corners first (labels 2, 3), then clicks -> ((N, P, 2) float32, (N, P) int32)."""
+                  orig_hw: tuple[int, int], size: int, exact_box: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per object: box corners first (labels 2, 3; 4, 5 for an exact box), then clicks -> ((N, P, 2)
+    float32, (N, P) int32)."""
     parts_xy, parts_lbl = [], []
     if boxes is not None:
         corners = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
         parts_xy.append(to_model_coords(corners, orig_hw, size))
-        parts_lbl.append(np.broadcast_to(np.array(BOX_CORNER_LABELS, np.int32), (len(corners), 2)))
+        corner_labels = EXACT_BOX_CORNER_LABELS if exact_box else BOX_CORNER_LABELS
+        parts_lbl.append(np.broadcast_to(np.array(corner_labels, np.int32), (len(corners), 2)))
     if points is not None:
         parts_xy.append(to_model_coords(points, orig_hw, size))
         parts_lbl.append(np.asarray(labels).astype(np.int32))

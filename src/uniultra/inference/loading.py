@@ -387,6 +387,8 @@ def fresh_predictor(predictor: Any):
     """A twin of an export-backed predictor with no image set, sharing its compiled graphs (zoom kept):
     one per image where several images stay encoded at once (the web app's cache)."""
     if isinstance(predictor, ZoomPredictor):
-        return ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales,
+        twin = ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales,
                              predictor.refine_auto, predictor.box_padding)
+        twin.exact_boxes = predictor.exact_boxes
+        return twin
     return predictor.fork()

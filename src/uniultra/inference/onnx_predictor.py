@@ -20,7 +20,7 @@ import numpy as np
 
 from uniultra.inference import onnx_format as md
 from uniultra.inference.coords import prompt_tokens
-from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
+from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet, check_exact_box
 from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms_numpy import image_to_model, upsample_logits
 
@@ -44,6 +44,8 @@ class ExportedPredictor(ImageSession):
         self.auto_info = self.metadata.get("auto")
         self.modality: str | None = None  # the channel `predict_without_prompt` decodes through
         self.has_box_decoder = "box_decoder" in self.metadata["files"]
+        decoder_config = self.metadata.get("model", {}).get("config", {}).get("decoder", {})
+        self.supports_exact_box = bool(decoder_config.get("exact_box_tokens", False))
 
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """(1, 3, S, S) model input -> the encoder's outputs by name."""
@@ -134,6 +136,7 @@ class ExportedPredictor(ImageSession):
         mask_input: np.ndarray | None = None,
         multimask: bool = False,
         return_logits: bool = False,
+        exact_box: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for box and/or point prompts on the current image (see `Predictor.predict`).
 
@@ -144,7 +147,8 @@ class ExportedPredictor(ImageSession):
         """
         self._require_image()
         prompts = PromptSet.from_user(box, points, labels, self.orig_hw)
-        coords, point_labels = self.prompt_arrays(prompts)
+        check_exact_box(exact_box, self.supports_exact_box, prompts.boxes)
+        coords, point_labels = self.prompt_arrays(prompts, exact_box)
         feeds, box = self.decoder_feeds(coords, point_labels, mask_input)
         wanted = ["multimask_masks", "multimask_iou_scores"] if multimask else ["masks", "iou_scores"]
         logits, scores = self._decode(wanted, feeds, box)
@@ -165,12 +169,14 @@ class ExportedPredictor(ImageSession):
         mask, has_mask = self._mask_arrays(mask_input, coords.shape[0])
         return {**_encoder_outputs(features), **prompts, "mask_input": mask, "has_mask_input": has_mask}, False
 
-    def prompt_arrays(self, prompts: PromptSet) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_arrays(self, prompts: PromptSet, exact_box: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Validated prompts -> decoder inputs: (N, P, 2) float32 model-input coords, (N, P) int32 labels.
 
-        Box corners come first (labels 2, 3), then clicks, as the torch predictor merges them.
+        Box corners come first (labels 2, 3; 4, 5 for an exact box), then clicks, as the torch
+        predictor merges them.
         """
-        return prompt_tokens(prompts.boxes, prompts.points, prompts.labels, self.orig_hw, self.image_size)
+        return prompt_tokens(prompts.boxes, prompts.points, prompts.labels, self.orig_hw, self.image_size,
+                             exact_box)
 
     def _mask_arrays(self, mask_input: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         low = self.low_res_size

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from uniultra.inference.coords import prompt_tokens
-from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
+from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet, check_exact_box
 from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms import image_to_model, upsample_logits
 from uniultra.models.image_model import SAM2ImageModel
@@ -87,6 +87,10 @@ class Predictor(ImageSession):
     def _encode(self, x: torch.Tensor):
         return self.model.encode_image(x)
 
+    @property
+    def supports_exact_box(self) -> bool:
+        return self.model.config.decoder.exact_box_tokens
+
     @torch.inference_mode()
     def predict(
         self,
@@ -96,17 +100,21 @@ class Predictor(ImageSession):
         mask_input: np.ndarray | None = None,
         multimask: bool = False,
         return_logits: bool = False,
+        exact_box: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for box and/or point prompts on the current image.
 
         box: (4,) or (N, 4) xyxy; points: (P, 2) or (N, P, 2) xy; labels: 1 positive, 0 negative.
+        exact_box: the boxes touch their objects (a reference mask's or a detector's box, not a
+        hand-drawn one); only for models with exact-box tokens (`supports_exact_box`).
         Returns (masks (C, H, W) or (N, C, H, W), scores (C,) or (N, C), low-res logits), where C is
         3 with `multimask` else 1; a batched prompt (N, ...) keeps its leading axis even when N is 1.
         """
         self._require_image()
         prompts = PromptSet.from_user(box, points, labels, self.orig_hw)
+        check_exact_box(exact_box, self.supports_exact_box, prompts.boxes)
         coords, point_labels = prompt_tokens(prompts.boxes, prompts.points, prompts.labels, self.orig_hw,
-                                             self.model.image_size)
+                                             self.model.image_size, exact_box)
         tokens = (torch.from_numpy(coords).to(self.device), torch.from_numpy(point_labels).to(self.device))
         mask_t = _tensor(mask_input, self.device) if mask_input is not None else None
         if mask_t is not None and mask_t.ndim == 3:

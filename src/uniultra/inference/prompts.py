@@ -29,6 +29,17 @@ class PromptSet:
         return cls(boxes, pts, lbl, batched_box or batched_pts)
 
 
+def check_exact_box(exact_box: bool, supported: bool, boxes: np.ndarray | None) -> None:
+    """`exact_box` needs a box and a model trained with exact-box tokens (`decoder.exact_box_tokens`)."""
+    if not exact_box:
+        return
+    if not supported:
+        raise ValueError("exact_box: this model has no exact-box tokens (decoder.exact_box_tokens); "
+                         "its boxes are always read as possibly loose")
+    if boxes is None:
+        raise ValueError("exact_box says the box touches the object, but no box was given")
+
+
 def _check_boxes(box, hw: tuple[int, int]) -> tuple[np.ndarray, bool]:
     arr = np.asarray(box, dtype=np.float64)
     if arr.shape not in {(4,)} and not (arr.ndim == 2 and arr.shape[1] == 4):

@@ -73,6 +73,8 @@ class ZoomPredictor(ImageSession):
         self.tap_scales = tuple(tap_scales)
         # Px at 1024 scale added to each side of every box before it is answered (TIGHT_BOX_PADDING).
         self.box_padding = box_padding
+        # Boxes touch their objects: answered with the exact-box tokens of a model that has them.
+        self.exact_boxes = False
         # Automatic mode, optionally: the head's whole-image mask only finds the object and its box is
         # answered on a crop like a user's box (see `_predict_auto`). Off by default: with the default's
         # head it LOWERED the val Dice on all six sets (busi lesion images 45.2 -> 43.7, carotid 70.4
@@ -176,6 +178,8 @@ class ZoomPredictor(ImageSession):
         kwargs = {"multimask": multimask, "return_logits": True}
         if box is not None:
             kwargs["box"] = box - np.tile(offset, 2)
+            if self.exact_boxes:
+                kwargs["exact_box"] = True
         if points is not None:
             kwargs["points"], kwargs["labels"] = _points_in_roi(points, labels, roi)
         logits, scores, low = self.predictor.predict(**kwargs)
@@ -210,12 +214,16 @@ class ZoomPredictor(ImageSession):
 
 
 def answer_tight_boxes(predictor, spec: str) -> None:
-    """Make `predictor` loosen every box by TIGHT_BOX_PADDING first (`--tight-boxes`): only a zoomed
-    model's padding was measured, so any other predictor (or a baseline: None) is refused."""
+    """Tell `predictor` that its boxes touch their objects (`--tight-boxes`): a zoomed model with
+    exact-box tokens gets them; one without loosens every box by TIGHT_BOX_PADDING first. Only zoomed
+    models were measured, so any other predictor (or a baseline: None) is refused."""
     if not isinstance(predictor, ZoomPredictor):
         raise ValueError(f"{spec}: --tight-boxes is for zoomed models (trained on loosened boxes, so a tight box "
                          "is loosened for them first); this one takes boxes as they are drawn")
-    predictor.box_padding = TIGHT_BOX_PADDING
+    if predictor.supports_exact_box:
+        predictor.exact_boxes = True
+    else:
+        predictor.box_padding = TIGHT_BOX_PADDING
 
 
 def _most_agreed(answers: list[tuple], threshold: float, logits: bool) -> int:

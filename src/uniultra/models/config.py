@@ -64,6 +64,9 @@ class DecoderConfig:
     # The box's inscribed ellipse as the dense mask prompt of every box prompt given no mask
     # (uniultra.models.box_prior). No weights either; off by default (SAM2's behaviour).
     box_prior: bool = False
+    # Two more learned point types (labels 4, 5: uniultra.models.prompt_labels) for the corners of
+    # an exact box. Off by default: official checkpoints have the four SAM types only.
+    exact_box_tokens: bool = False
 
 
 @dataclass(frozen=True)

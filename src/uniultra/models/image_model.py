@@ -52,12 +52,7 @@ class SAM2ImageModel(nn.Module):
         dim = config.neck.d_model
         dec = config.decoder
         self.image_encoder = ImageEncoder(config)
-        self.sam_prompt_encoder = PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(config.embedding_size, config.embedding_size),
-            input_image_size=(config.image_size, config.image_size),
-            mask_in_chans=dec.mask_in_chans,
-        )
+        self.sam_prompt_encoder = PromptEncoder.from_config(config)
         self.sam_mask_decoder = MaskDecoder(
             num_multimask_outputs=dec.num_multimask_outputs,
             transformer=TwoWayTransformer(

@@ -3,7 +3,8 @@
 Parameter and buffer names follow the official SAM2 checkpoints (`sam_prompt_encoder.*`),
 so an official state dict loads here with ``strict=True``.
 
-Point labels: -1 padding, 0 negative click, 1 positive click, 2 box top-left, 3 box bottom-right.
+Point labels: -1 padding, 0 negative click, 1 positive click, 2 box top-left, 3 box bottom-right;
+with `exact_box_tokens`, 4 / 5 the corners of an exact box (uniultra.models.prompt_labels).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class PromptEncoder(nn.Module):
         input_image_size: (H, W) of the (padded) model input, in pixels.
         mask_in_chans: hidden width of the mask downscaling path (16 in SAM2).
         activation: activation of the mask downscaling path.
+        exact_box_tokens: two more point types (labels 4, 5) for the corners of an exact box.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class PromptEncoder(nn.Module):
         input_image_size: int | tuple[int, int],
         mask_in_chans: int,
         activation: type[nn.Module] = nn.GELU,
+        exact_box_tokens: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -84,7 +87,7 @@ class PromptEncoder(nn.Module):
         self.input_image_size = _pair(input_image_size)
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
 
-        # One learned offset per point type (label 0..3), plus the token that stands in for padding.
+        # One learned offset per point type (label 0..3; 4..5 below), plus the token that stands in for padding.
         self.num_point_embeddings = NUM_POINT_TYPES
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(NUM_POINT_TYPES))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
@@ -102,6 +105,14 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        if exact_box_tokens:
+            # Start as copies of the plain box corners (no random draw, so every other parameter is
+            # initialised as in a model without them): an exact box first reads as a box, and
+            # training learns what "exact" adds.
+            corners = self.point_embeddings[2:NUM_POINT_TYPES]
+            self.point_embeddings.extend(nn.Embedding.from_pretrained(c.weight.detach().clone(), freeze=False)
+                                         for c in corners)
+            self.num_point_embeddings = len(self.point_embeddings)
 
     @classmethod
     def from_config(cls, config: ImageModelConfig) -> PromptEncoder:
@@ -111,6 +122,7 @@ class PromptEncoder(nn.Module):
             image_embedding_size=(size, size),
             input_image_size=(config.image_size, config.image_size),
             mask_in_chans=config.decoder.mask_in_chans,
+            exact_box_tokens=config.decoder.exact_box_tokens,
         )
 
     def get_dense_pe(self) -> torch.Tensor:
