@@ -7,6 +7,7 @@ targets are NOT asserted here: they live in BENCHMARKS.md (`uniultra bench speed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -405,3 +406,37 @@ def test_box_decoder_answers_prompts_without_a_mask_and_old_exports_still_run(ex
         new_logits = onnx_pred.predict(**prompt, multimask=True, return_logits=True)[0]
         old_logits = old_pred.predict(**prompt, multimask=True, return_logits=True)[0]
         assert np.abs(new_logits - old_logits).max() < 1e-3
+
+
+def test_exact_box_tokens_survive_export(tmp_path):
+    """A model with exact-box tokens (prompt labels 4, 5) answers exact boxes alike in both runtimes;
+    the export says it has them, and an export without them refuses an exact box."""
+    torch.manual_seed(1)
+    config = SAM2ImageModel.from_preset("mini", SIZE).config
+    model = SAM2ImageModel(dataclasses.replace(config, decoder=dataclasses.replace(config.decoder,
+                                                                                   exact_box_tokens=True)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    checkpoint, out = tmp_path / "exact.pt", tmp_path / "onnx"
+    save_model(model, checkpoint)
+    assert main(["export", "onnx", "--model", str(checkpoint), "--out", str(out)]) == 0
+    torch_pred, onnx_pred = Predictor(load_model(checkpoint)), OnnxPredictor(out, threads=1)
+    assert torch_pred.supports_exact_box and onnx_pred.supports_exact_box
+    image, prompt = phantom_cases()[0]
+    torch_pred.set_image(image)
+    onnx_pred.set_image(image)
+    exact = torch_pred.predict(**prompt, exact_box=True, return_logits=True)[0]
+    plain = torch_pred.predict(**prompt, return_logits=True)[0]
+    assert np.abs(exact - plain).max() > 1e-2  # the tokens matter, so the comparison below means something
+    np.testing.assert_allclose(onnx_pred.predict(**prompt, exact_box=True, return_logits=True)[0], exact,
+                               atol=LOGIT_ATOL)
+
+
+def test_an_export_without_exact_box_tokens_refuses_an_exact_box(predictors):
+    _, onnx_pred = predictors
+    image, prompt = phantom_cases()[0]
+    onnx_pred.set_image(image)
+    assert not onnx_pred.supports_exact_box
+    with pytest.raises(ValueError, match="exact_box_tokens"):
+        onnx_pred.predict(**prompt, exact_box=True)

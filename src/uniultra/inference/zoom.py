@@ -15,6 +15,7 @@ its logits, at crop size, are pasted into an image-sized canvas of background lo
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 from scipy import ndimage
@@ -224,6 +225,20 @@ def answer_tight_boxes(predictor, spec: str) -> None:
         predictor.exact_boxes = True
     else:
         predictor.box_padding = TIGHT_BOX_PADDING
+
+
+@contextmanager
+def tight_boxes_for(predictor, tight: bool, spec: str):
+    """`answer_tight_boxes` for the duration of one request (the web app's predictors are shared by
+    requests that may differ); nothing changes when `tight` is false."""
+    if not tight:
+        yield predictor
+        return
+    answer_tight_boxes(predictor, spec)  # refuses any predictor but a zoomed one, before changing it
+    try:
+        yield predictor
+    finally:
+        predictor.box_padding, predictor.exact_boxes = 0.0, False  # a shared predictor answers loose boxes
 
 
 def _most_agreed(answers: list[tuple], threshold: float, logits: bool) -> int:

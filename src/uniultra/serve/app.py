@@ -30,6 +30,7 @@ from uniultra import __version__
 from uniultra.data.spacing import check_spacing
 from uniultra.inference.measurements import measurements_table
 from uniultra.inference.propagation import Propagation, propagate
+from uniultra.inference.zoom import tight_boxes_for
 from uniultra.serve.apidocs import DOCS_CSS, DOCS_CSS_PATH, reference_html
 from uniultra.serve.dicom_seg import SegError, write_seg
 from uniultra.serve.guard import DEFAULT_ALLOWED_HOSTS, DecodeSlots, Guard
@@ -100,6 +101,11 @@ class PredictRequest(BaseModel):
     )
     multimask: bool = Field(
         default=False, description="Let the decoder propose 3 masks and return the best-scoring one",
+    )
+    tight_box: bool = Field(
+        default=False, description="The box touches the object (a reference mask's or a detector's box, not one "
+                                   "drawn by hand): a zoomed model answers it as exact (its exact-box tokens, or "
+                                   "the box loosened by a few pixels first); 422 for other models",
     )
     spacing: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
         default=None, min_length=1, max_length=2,
@@ -334,7 +340,8 @@ def create_app(
         box, points, labels = _prompt_arrays(request)
         start = time.perf_counter()
         try:
-            with model_lock:
+            with model_lock, tight_boxes_for(entry.predictor, request.tight_box and box is not None,
+                                             model_info["name"]):
                 entry.use_frame(request.frame)
                 masks, scores, _ = entry.predictor.predict(box=box, points=points, labels=labels,
                                                            multimask=request.multimask)
@@ -375,6 +382,9 @@ def create_app(
     def propagate_loop(image_id: str, request: PropagateRequest) -> PropagateResponse:
         entry = cache.get(image_id)
         box, points, labels = _prompt_arrays(request)
+        if request.tight_box:
+            raise HTTPException(422, "tight_box is for one frame (predict): the boxes propagated to the other "
+                                     "frames are loosened on purpose")
         count = len(entry.frames) if entry.frames else 1
         start_frame = entry.frame if request.frame is None else request.frame
         if not 0 <= start_frame < count:
