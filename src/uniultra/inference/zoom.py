@@ -214,7 +214,7 @@ class ZoomPredictor(ImageSession):
         return np.concatenate([anchor - half, anchor + half])
 
 
-def answer_tight_boxes(predictor, spec: str) -> None:
+def answer_tight_boxes(predictor, spec: str = "this model") -> None:
     """Tell `predictor` that its boxes touch their objects (`--tight-boxes`): a zoomed model with
     exact-box tokens gets them; one without loosens every box by TIGHT_BOX_PADDING first. Only zoomed
     models were measured, so any other predictor (or a baseline: None) is refused."""
