@@ -139,8 +139,28 @@ def test_a_complex_lesion_is_labelled_whole_around_its_dark_fluid(seed):
 
 def test_mixed_draws_no_complex_lesion_and_mixed_complex_does():
     kinds = lambda kind: {l.kind for seed in range(30) for l in make_phantom(seed, 96, kind, 2).lesions}  # noqa: E731,E741
-    assert "complex" not in kinds("mixed")
-    assert {"complex", "cyst", "hypoechoic"} <= kinds("mixed-complex")
+    assert not {"complex", "wrapping"} & kinds("mixed")
+    assert {"complex", "cyst", "hypoechoic"} <= kinds("mixed-complex") and "wrapping" not in kinds("mixed-complex")
+    assert {"wrapping", "cyst", "hypoechoic"} <= kinds("mixed-wrapping") and "complex" not in kinds("mixed-wrapping")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_wrapping_lesion_is_carved_around_an_unlabelled_neighbour(seed):
+    phantom = make_phantom(seed, 256, "wrapping")
+    (lesion,) = phantom.lesions
+    assert lesion.kind == "wrapping" and lesion.neighbour is not None
+    yy, xx = np.mgrid[:256, :256].astype(np.float32)
+    neighbour = lesion.neighbour_contains(xx, yy) & phantom.fov
+    outline = lesion._outline_contains(xx, yy) & phantom.fov
+    # the neighbour is not labelled, yet it lies inside the object's outline (so inside its box) in part
+    assert not (phantom.mask & neighbour).any()
+    assert (neighbour & outline).sum() > 0.05 * outline.sum()
+    x0, y0, x1, y1 = phantom.boxes[0]
+    in_box = neighbour[y0:y1 + 1, x0:x1 + 1].sum()
+    assert in_box > 0.1 * phantom.mask.sum()
+    # it has an echo of its own: darker than the tissue around (vessel, airway or muscle)
+    core = neighbour & ~lesion.neighbour.rim_contains(xx - lesion.center_xy[0], yy - lesion.center_xy[1])
+    assert phantom.image[core].mean() < phantom.image[_surroundings(phantom)].mean() - 5
 
 
 @pytest.mark.parametrize("kind", ["hypoechoic", "cyst"])

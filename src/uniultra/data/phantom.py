@@ -34,16 +34,27 @@ from scipy import ndimage
 
 from uniultra.atomic import atomic_write_bytes, atomic_write_text
 
-KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "mixed", "mixed-complex")
+KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "wrapping", "mixed", "mixed-complex",
+                          "mixed-wrapping")
 GEOMETRIES: tuple[str, ...] = ("linear", "sector", "random")
-LESION_KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex")
-# How often each lesion kind is drawn for kind="mixed" (never complex: the phantoms of earlier recipes
-# stay as they were) and for "mixed-complex".
-_MIXED_WEIGHTS = {"mixed": (0.5, 0.2, 0.3, 0.0), "mixed-complex": (0.35, 0.15, 0.2, 0.3)}
+LESION_KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "wrapping")
+# How often each lesion kind is drawn for kind="mixed" (never complex or wrapping: the phantoms of earlier
+# recipes stay as they were; a zero weight at the end leaves the draws unchanged), "mixed-complex" and
+# "mixed-wrapping".
+_MIXED_WEIGHTS = {"mixed": (0.5, 0.2, 0.3, 0.0, 0.0), "mixed-complex": (0.35, 0.15, 0.2, 0.3, 0.0),
+                  "mixed-wrapping": (0.3, 0.15, 0.2, 0.0, 0.35)}
 # A complex lesion's fluid part: its semi-axes as a share of the lesion's, and how far its centre may
 # sit off the lesion's (a share of the semi-axes); the solid wall is what is left, at least ~1/5 thick.
 _CORE_SCALE = (0.45, 0.8)
 _CORE_OFFSET = 0.2
+# A wrapping lesion's neighbour (what it is carved around, as a thyroid lobe around the trachea or tissue
+# around a vessel): its centre's distance from the lesion's, as a share of the lesion's radius in that
+# direction (past 1 - radius share it opens to the outside: a crescent, else a hole), its radius as a
+# share of the lesion's smaller semi-axis, and its echo: anechoic like a vessel, dark with a bright ring
+# like an airway, or darker tissue like a muscle.
+_NEIGHBOUR_DISTANCE = (0.4, 1.0)
+_NEIGHBOUR_SCALE = (0.5, 0.95)
+_NEIGHBOUR_ECHO = {"vessel": (-40.0, 0.0), "airway": (-20.0, 14.0), "muscle": (-8.0, 0.0)}  # (contrast, ring) dB
 
 SOUND_SPEED_MM_PER_US = 1.54
 # What scanners assume for soft tissue when setting the default time-gain compensation.
@@ -79,13 +90,30 @@ class Lesion:
     # of the semi-axes: a bright capsule or a dark halo (0 dB: none).
     rim_db: float = 0.0
     rim_width: float = 0.0
+    # A wrapping lesion's neighbour, centre relative to the lesion's: carved out of the lesion (not
+    # labelled) and drawn with its own echo level, inside the lesion's outline and beyond it.
+    neighbour: Lesion | None = None
 
     @property
     def bounding_radius_px(self) -> float:
-        return max(self.semi_axes_px) * (1.0 + sum(abs(a) for _, a, _ in self.harmonics))
+        own = max(self.semi_axes_px) * (1.0 + sum(abs(a) for _, a, _ in self.harmonics))
+        if self.neighbour is None:
+            return own
+        return max(own, math.hypot(*self.neighbour.center_xy) + self.neighbour.bounding_radius_px)
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Exact membership of points (x, y), as a bool array of their broadcast shape."""
+        inside = self._outline_contains(x, y)
+        return inside if self.neighbour is None else inside & ~self.neighbour_contains(x, y)
+
+    def neighbour_contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Membership of points in the neighbour a wrapping lesion is carved around (all False without one)."""
+        if self.neighbour is None:
+            return np.zeros(np.broadcast(x, y).shape, dtype=bool)
+        cx, cy = self.center_xy
+        return self.neighbour.contains(x - cx, y - cy)
+
+    def _outline_contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         cos_t, sin_t = math.cos(self.angle_rad), math.sin(self.angle_rad)
         dx, dy = x - self.center_xy[0], y - self.center_xy[1]
         u = (dx * cos_t + dy * sin_t) / self.semi_axes_px[0]
@@ -308,6 +336,9 @@ def _draw_lesion(rng: np.random.Generator, kind: str, size_px: float, tissue_db_
     elif kind == "complex":  # solid wall near the tissue's echo level around a fluid part
         contrast, irregularity = rng.uniform(-8.0, 3.0), rng.uniform(0.02, 0.12)
         attenuation = tissue_db_cm_mhz
+    elif kind == "wrapping":  # smooth organ tissue near the surroundings' level, carved around a neighbour
+        contrast, irregularity = rng.uniform(-6.0, 6.0), rng.uniform(0.02, 0.1)
+        attenuation = tissue_db_cm_mhz
     else:  # cyst: anechoic fluid, nearly no attenuation -> posterior enhancement
         contrast, irregularity = -40.0, rng.uniform(0.0, 0.04)
         attenuation = 0.002
@@ -326,6 +357,8 @@ def _draw_lesion(rng: np.random.Generator, kind: str, size_px: float, tissue_db_
         ),
         contrast_db=float(contrast), attenuation_db_cm_mhz=float(attenuation),
     )
+    if kind == "wrapping":
+        return replace(lesion, neighbour=_draw_neighbour(rng, lesion))
     if kind != "complex":
         return lesion
     # Half have a bright capsule, a quarter a dark halo, the rest no rim: the wall's outline is faint or absent.
@@ -350,6 +383,25 @@ def _draw_core(rng: np.random.Generator, lesion: Lesion) -> Lesion:
         harmonics=tuple((int(k), float(a), float(p)) for k, a, p in
                         zip(orders, amplitudes, rng.uniform(0, 2 * np.pi, size=orders.size), strict=True)),
         contrast_db=-40.0, attenuation_db_cm_mhz=0.002,
+    )
+
+
+def _draw_neighbour(rng: np.random.Generator, lesion: Lesion) -> Lesion:
+    """What a wrapping lesion is carved around: a round structure off its centre (relative coordinates)."""
+    direction = rng.uniform(0, 2 * np.pi)
+    a, b = lesion.semi_axes_px
+    t = direction - lesion.angle_rad  # the lesion's ellipse radius in that direction
+    reach = a * b / math.hypot(b * math.cos(t), a * math.sin(t))
+    distance = rng.uniform(*_NEIGHBOUR_DISTANCE) * reach
+    radius = rng.uniform(*_NEIGHBOUR_SCALE) * min(a, b)
+    echo = list(_NEIGHBOUR_ECHO)[int(rng.integers(len(_NEIGHBOUR_ECHO)))]
+    contrast, ring = _NEIGHBOUR_ECHO[echo]
+    attenuation = 0.002 if echo == "vessel" else lesion.attenuation_db_cm_mhz
+    return Lesion(
+        kind=echo, center_xy=(distance * math.cos(direction), distance * math.sin(direction)),
+        semi_axes_px=(radius, radius * rng.uniform(0.8, 1.0)), angle_rad=float(rng.uniform(0, np.pi)),
+        harmonics=(), contrast_db=contrast, attenuation_db_cm_mhz=attenuation,
+        rim_db=ring, rim_width=float(rng.uniform(0.15, 0.25)) if ring else 0.0,
     )
 
 
@@ -472,7 +524,24 @@ def _reflectivity(rng, scan: _Scan, labels: np.ndarray, lesions: list[Lesion], h
             level_db.reshape(-1)[rim] += lesion.rim_db
             level_db.reshape(-1)[fluid] = texture_db.reshape(-1)[fluid] + lesion.core.contrast_db
         specular[inside] = 0.0
+        if lesion.neighbour is not None:
+            _draw_neighbour_echo(scan, lesion, texture_db, level_db, specular)
     return _power(level_db) + specular
+
+
+def _draw_neighbour_echo(scan: _Scan, lesion: Lesion, texture_db: np.ndarray, level_db: np.ndarray,
+                         specular: np.ndarray) -> None:
+    """A wrapping lesion's neighbour, in place: its own level (and ring) over its whole disc."""
+    cx, cy = lesion.center_xy
+    ncx, ncy = cx + lesion.neighbour.center_xy[0], cy + lesion.neighbour.center_xy[1]
+    reach = lesion.neighbour.bounding_radius_px + 1
+    near = np.flatnonzero((np.abs(scan.x - ncx) <= reach) & (np.abs(scan.y - ncy) <= reach))
+    x, y = scan.x.reshape(-1)[near] - cx, scan.y.reshape(-1)[near] - cy
+    where = near[lesion.neighbour.contains(x, y)]
+    level_db.reshape(-1)[where] = texture_db.reshape(-1)[where] + lesion.neighbour.contrast_db
+    ring = near[lesion.neighbour.rim_contains(x, y)]
+    level_db.reshape(-1)[ring] += lesion.neighbour.rim_db
+    specular.reshape(-1)[where] = 0.0
 
 
 def _round_trip_db(probe: _Probe, scan: _Scan, labels: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
