@@ -4,8 +4,9 @@ The image is simulated the way a scanner forms it, in *beam space* (axial sample
 then scan-converted to the display grid:
 
 1. reflectivity: tissue (superficial layers with bright interfaces, smooth echotexture) and
-   lesions (hypoechoic, hyperechoic, anechoic cyst, or complex: a near-isoechoic solid wall around
-   an anechoic fluid part, labelled whole) whose border is an ellipse perturbed by a radial
+   lesions (hypoechoic, hyperechoic, anechoic cyst, complex: a near-isoechoic solid wall around
+   an anechoic fluid part, labelled whole, or wrapping: smooth tissue carved around an unlabelled
+   round neighbour, a vessel, an airway or a muscle) whose border is an ellipse perturbed by a radial
    Fourier series, at a random orientation;
 2. scatterers: a complex Gaussian per sample with variance = reflectivity (fully developed
    speckle), times the round-trip transmission: tissue attenuation plus each lesion's own
@@ -633,8 +634,10 @@ def make_phantom(
 
     `size` is HxW (an int for square). `kind`: "hypoechoic" (solid, casts a shadow),
     "hyperechoic", "cyst" (anechoic, posterior enhancement), "complex" (a near-isoechoic solid
-    wall around an anechoic part; the mask is the whole lesion), "mixed" (drawn per lesion among
-    the first three) or "mixed-complex" (among all four).
+    wall around an anechoic part; the mask is the whole lesion), "wrapping" (near-isoechoic tissue
+    carved around a round neighbour that lies partly inside its box and is not labelled), "mixed"
+    (drawn per lesion among the first three), "mixed-complex" (the first four) or "mixed-wrapping"
+    (the first three and wrapping).
     `n_lesions` may be 0 (a normal image, empty mask). `geometry`: "linear" (rectangular,
     high frequency), "sector" (curvilinear fan, black outside) or "random" (35% sector).
     `homogeneous=True` gives a calibration-style phantom: uniform background without layers,
