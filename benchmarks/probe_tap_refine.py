@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from probe_taps import add_tap_probe_arguments, dice
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import load_sample
@@ -29,25 +30,15 @@ from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="a zoomed model: default or a checkpoint path")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--split", default="val")
+    add_tap_probe_arguments(parser)
     parser.add_argument("--paddings", type=float, nargs="+", default=[0.0, 10.0, 20.0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None, help="result file name (default probe-tap-refine-<split>)")
     return parser.parse_args()
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
 
 
 def refine(zoom: ZoomPredictor, mask: np.ndarray, tap: np.ndarray, padding: float, with_tap: bool) -> np.ndarray:

@@ -37,13 +37,18 @@ SCORE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PENALTIES = (0.0, 0.25, 0.5, 1.0)  # besides the shipped BORDER_PENALTY, with the shipped score weight
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_tap_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which zoomed model answers the taps of which split (shared by the tap probes)."""
     parser.add_argument("--model", default="default", help="a zoomed model: default or a checkpoint path")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--split", default="val")
     parser.add_argument("--threads", type=int, default=1)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_tap_probe_arguments(parser)
     parser.add_argument("--multimask", action="store_true",
                         help="each crop's three multimask answers are candidates (a lone point is ambiguous)")
     parser.add_argument("--name", default=None, help="result file name (default probe-taps-<split>)")
