@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     add_tap_probe_arguments(parser)
     parser.add_argument("--paddings", type=float, nargs="+", default=[0.0, 10.0, 20.0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--square-sides", type=float, nargs="+", default=[0.08, 0.12, 0.2, 0.3, 0.45],
+                        help="also answer the tap as a box: squares centred on it, these shares of the image's "
+                        "longer side (box + tap); the smallest whose answer stays off its edges is a rule")
     parser.add_argument("--name", default=None, help="result file name (default probe-tap-refine-<split>)")
     return parser.parse_args()
 
@@ -51,11 +54,29 @@ def refine(zoom: ZoomPredictor, mask: np.ndarray, tap: np.ndarray, padding: floa
     return zoom.predict(box=box, **points)[0][0]
 
 
-def probe_image(zoom: ZoomPredictor, item: dict, tap: np.ndarray, paddings: list[float], rounds: int) -> dict:
+def square_answers(zoom: ZoomPredictor, truth: np.ndarray, tap: np.ndarray, sides: list[float]) -> dict:
+    """Dice of the answer to each square box centred on the tap (box + tap), whether that answer
+    reaches the square's edges (the object goes on past it), and the smallest-whole rule."""
+    dices, cut = [], []
+    for side in sides:
+        half = side * max(truth.shape) / 2
+        box = np.clip(np.concatenate([tap - half, tap + half]), 0, [truth.shape[1] - 1, truth.shape[0] - 1] * 2)
+        mask = zoom.predict(box=box, points=tap[None], labels=[1])[0][0]
+        dices.append(dice(mask, truth))
+        x0, y0, x1, y1 = np.round(box).astype(int)
+        edge = mask[y0, x0:x1 + 1].any() or mask[y1, x0:x1 + 1].any() or mask[y0:y1 + 1, x0].any() \
+            or mask[y0:y1 + 1, x1].any()
+        cut.append(bool(edge))
+    whole = next((i for i, c in enumerate(cut) if not c), len(sides) - 1)
+    return {"square": dices, "square oracle": [max(dices)], "square smallest whole": [dices[whole]]}
+
+
+def probe_image(zoom: ZoomPredictor, item: dict, tap: np.ndarray, paddings: list[float], rounds: int,
+                sides: list[float]) -> dict:
     truth = item["mask"] > 0
     zoom.set_image(item["image"])
     first = zoom.predict(points=tap[None], labels=[1])[0][0]
-    row = {"tap": dice(first, truth)}
+    row = {"tap": dice(first, truth), **(square_answers(zoom, truth, tap, sides) if sides else {})}
     for padding in paddings:
         for with_tap in (True, False):
             mask, dices = first, []
@@ -85,14 +106,15 @@ def main() -> None:
     if not isinstance(zoom, ZoomPredictor):
         raise SystemExit(f"{args.model}: not a zoomed model")
     result = {"model": args.model, "split": args.split, "paddings": args.paddings, "rounds": args.rounds,
-              "datasets": {}}
+              "square_sides": args.square_sides, "datasets": {}}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
         start, rows = time.perf_counter(), []
         for sample in ds.samples:
             item = load_sample(sample)
             prompt = make_prompt(item["mask"], "point", stem=sample.stem)
             if prompt is not None and len(prompt.points) == 1:
-                rows.append(probe_image(zoom, item, prompt.points[0, 0], args.paddings, args.rounds))
+                rows.append(probe_image(zoom, item, prompt.points[0, 0], args.paddings, args.rounds,
+                                        args.square_sides))
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
     out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-tap-refine-{args.split}'}.json"
