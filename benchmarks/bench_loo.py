@@ -27,14 +27,15 @@ from uniultra.engine.config import load_train_config
 from uniultra.engine.trainer import train
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
-from uniultra.inference.zoom import TIGHT_BOX_PADDING
+from uniultra.inference.zoom import tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FOLDS = {"busi": ("busi",), "ddti": ("ddti",), "tg3k": ("tg3k",), "carotid": ("carotid",),
          "usgra": ("usgra_nerve", "usgra_vessel")}
 # (row label, prompt mode, jitter, tight boxes); the ellipse answers the untightened box modes only.
-# "tight boxes": the exact boxes answered as `--tight-boxes` does (uniultra.inference.zoom.TIGHT_BOX_PADDING).
+# "tight boxes": the exact boxes answered as `--tight-boxes` does (the model's exact-box tokens, or each box
+# loosened by uniultra.inference.zoom.TIGHT_BOX_PADDING for a model without them).
 PROTOCOL = (("box J=0", "box", 0.0, False), ("box J=0, tight boxes", "box", 0.0, True),
             ("box J=20", "box", 20.0, False), ("one tap", "point", 0.0, False),
             ("box J=20 + click", "box+click", 20.0, False))
@@ -73,10 +74,9 @@ def run_fold(args: argparse.Namespace) -> None:
         for row, mode, jitter, tight in PROTOCOL:
             if (label == "ellipse" and (mode != "box" or tight)) or (args.rows and row not in args.rows):
                 continue
-            if label == "model":
-                method.predictor.box_padding = TIGHT_BOX_PADDING if tight else 0.0
             t0 = time.perf_counter()
-            results = evaluate(method, datasets, prompt_mode=mode, jitter=jitter, seed=0, progress=False)
+            with tight_boxes_for(getattr(method, "predictor", None), tight, spec):
+                results = evaluate(method, datasets, prompt_mode=mode, jitter=jitter, seed=0, progress=False)
             rows.setdefault(label, {})[row] = {r.name: r.summary() for r in results}
             rows[label][row]["seconds"] = time.perf_counter() - t0
             print(f"{args.fold} {label} {row}: " + ", ".join(

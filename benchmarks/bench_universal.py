@@ -25,7 +25,7 @@ from scipy import ndimage
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
-from uniultra.inference.zoom import TIGHT_BOX_PADDING, ZoomPredictor
+from uniultra.inference.zoom import ZoomPredictor, tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
@@ -102,10 +102,9 @@ def main() -> None:
         for row, mode, jitter, tight in ROWS:
             if (label == "ellipse" and mode != "box") or (args.rows and row not in args.rows) or (tight and not zoomed):
                 continue
-            if zoomed:
-                method.predictor.box_padding = TIGHT_BOX_PADDING if tight else 0.0
             start = time.perf_counter()
-            rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
+            with tight_boxes_for(getattr(method, "predictor", None), tight, args.model):
+                rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
             rows[label][row]["seconds"] = time.perf_counter() - start
             print(f"{label} {row}: " + ", ".join(f"{k} {100 * v['dice']['mean']:.2f}"
                                                   for k, v in rows[label][row].items() if k != "seconds"), flush=True)
