@@ -6,7 +6,7 @@ with the official parameter names so official checkpoints load key for key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -83,6 +83,12 @@ class SAM2ImageModel(nn.Module):
     @classmethod
     def from_preset(cls, name: str, image_size: int = 1024) -> SAM2ImageModel:
         return cls(preset(name, image_size))
+
+    def add_exact_box_tokens(self) -> None:
+        """Give a model built without them the exact-box tokens (`decoder.exact_box_tokens`), e.g. to
+        fine-tune a trained model for exact boxes; its answers to every other prompt are unchanged."""
+        self.sam_prompt_encoder.add_exact_box_tokens()
+        self.config = replace(self.config, decoder=replace(self.config.decoder, exact_box_tokens=True))
 
     @property
     def image_size(self) -> int:

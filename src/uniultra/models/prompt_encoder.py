@@ -106,13 +106,19 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
         if exact_box_tokens:
-            # Start as copies of the plain box corners (no random draw, so every other parameter is
-            # initialised as in a model without them): an exact box first reads as a box, and
-            # training learns what "exact" adds.
-            corners = self.point_embeddings[2:NUM_POINT_TYPES]
-            self.point_embeddings.extend(nn.Embedding.from_pretrained(c.weight.detach().clone(), freeze=False)
-                                         for c in corners)
-            self.num_point_embeddings = len(self.point_embeddings)
+            self.add_exact_box_tokens()
+
+    def add_exact_box_tokens(self) -> None:
+        """Two more point types (labels 4, 5) for an exact box's corners, starting as copies of the plain
+        box corners (no random draw, so every other parameter is initialised as in a model without
+        them; a trained model keeps its answers to every other prompt): an exact box first reads as a
+        box, and training learns what "exact" adds."""
+        if len(self.point_embeddings) != NUM_POINT_TYPES:
+            raise ValueError("this prompt encoder already has exact-box tokens")
+        corners = self.point_embeddings[2:NUM_POINT_TYPES]
+        self.point_embeddings.extend(nn.Embedding.from_pretrained(c.weight.detach().clone(), freeze=False)
+                                     for c in corners)
+        self.num_point_embeddings = len(self.point_embeddings)
 
     @classmethod
     def from_config(cls, config: ImageModelConfig) -> PromptEncoder:
