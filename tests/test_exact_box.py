@@ -188,3 +188,29 @@ def test_the_web_api_answers_a_tight_box_per_request(exact_model):
     assert refused.status_code == 422 and "zoomed models" in refused.json()["detail"]
     refused = client.post(f"/api/images/{image_id}/propagate", json={"box": BOX.tolist(), "tight_box": True})
     assert refused.status_code == 422 and "one frame" in refused.json()["detail"]
+
+
+def test_tokens_added_to_a_trained_model_change_nothing_else(tmp_path):
+    from uniultra.models.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = SAM2ImageModel(model_config(False))
+    predictor = Predictor(model)
+    predictor.set_image(speckle())
+    before = predictor.predict(box=BOX, return_logits=True)[0]
+    model.add_exact_box_tokens()
+    assert model.config.decoder.exact_box_tokens and predictor.supports_exact_box
+    # an untrained exact box reads as the plain box; plain prompts are answered as before
+    np.testing.assert_array_equal(predictor.predict(box=BOX, return_logits=True)[0], before)
+    np.testing.assert_array_equal(predictor.predict(box=BOX, return_logits=True, exact_box=True)[0], before)
+    with pytest.raises(ValueError, match="already has exact-box tokens"):
+        model.add_exact_box_tokens()
+    # a training config that asks for the tokens on a base checkpoint without them gets them added
+    torch.manual_seed(0)
+    base = tmp_path / "base.pt"
+    save_model(SAM2ImageModel(model_config(False)), base)
+    config = TrainConfig.from_dict({"model": {"preset": "mini", "image_size": 64, "base": str(base),
+                                              "config": {"decoder": {"exact_box_tokens": True}}},
+                                    "data": [{"path": "unused"}], "prompts": {"train": {"exact_box": 0.25}}}, "f.yaml")
+    tuned, identity = build_model(config, "f.yaml")
+    assert tuned.sam_prompt_encoder.num_point_embeddings == 6 and "exact-box tokens" in identity["added"]
