@@ -147,10 +147,8 @@ def _starting_model(config: TrainConfig, source: str) -> tuple[SAM2ImageModel, d
         if not Path(base).is_file():
             raise FileNotFoundError(f"base checkpoint {base} does not exist (model.base in {source}; "
                                     "pass the file with --base)")
-        model, identity = load_base_model(base, config.model.image_size)
-        if wanted is not None and wanted.decoder.exact_box_tokens and not model.config.decoder.exact_box_tokens:
-            model.add_exact_box_tokens()  # a model of its own is fine-tuned to tell exact boxes
-            identity = {**identity, "added": "exact-box tokens (copies of the box corners)"}
+        model, identity = load_base_model(base, config.model.image_size,
+                                          exact_box_tokens=wanted is not None and wanted.decoder.exact_box_tokens)
         arch = ("trunk", "neck", "decoder", "backbone_stride")
         if wanted is not None and any(getattr(wanted, k) != getattr(model.config, k) for k in arch):
             raise ConfigError(f"{source}: model: the base checkpoint {base} is a '{model.config.name}' model, "

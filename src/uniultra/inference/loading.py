@@ -109,9 +109,10 @@ def base_identity(path: str | os.PathLike, kind: str) -> dict[str, Any]:
 
 
 def load_base_model(
-    path: str | os.PathLike, image_size: int | None = None
+    path: str | os.PathLike, image_size: int | None = None, *, exact_box_tokens: bool = False
 ) -> tuple[SAM2ImageModel, dict[str, Any]]:
-    """A starting point for training: an official SAM2 file or a UniUltra checkpoint, plus its identity."""
+    """A starting point for training: an official SAM2 file or a UniUltra checkpoint, plus its identity.
+    `exact_box_tokens`: add them when the file's model has none (a model fine-tuned to tell exact boxes)."""
     data = read_checkpoint(path)
     if "model" in data and "format" not in data:
         model, _ = load_official(path, image_size or 1024)
@@ -119,7 +120,11 @@ def load_base_model(
     else:
         model, _ = load_uniultra(path, image_size, data)
         kind = FORMAT_NAME
-    return model, base_identity(path, kind)
+    identity = base_identity(path, kind)
+    if exact_box_tokens and not model.config.decoder.exact_box_tokens:
+        model.add_exact_box_tokens()
+        identity["added"] = "exact-box tokens (copies of the box corners)"
+    return model, identity
 
 
 def _apply_peft(model: SAM2ImageModel, peft: dict[str, Any], path: str | os.PathLike):
@@ -174,7 +179,7 @@ def _load_trained_subset(
             f"{path}: was trained on a base with sha256 {recorded['sha256']} ({recorded.get('path')}), "
             f"but {base_path} has sha256 {digest}: not the same base checkpoint"
         )
-    model, _ = load_base_model(base_path, config.image_size)
+    model, _ = load_base_model(base_path, config.image_size, exact_box_tokens=config.decoder.exact_box_tokens)
     arch = ("trunk", "neck", "decoder", "backbone_stride")
     if any(getattr(model.config, k) != getattr(config, k) for k in arch):
         raise CheckpointError(f"{path}: base {base_path} has another architecture than the trained model")
