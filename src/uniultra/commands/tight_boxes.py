@@ -10,7 +10,8 @@ import argparse
 
 TIGHT_BOXES_HELP = (
     "the boxes touch the object (drawn from a reference mask or by a detector, as with --jitter 0): a zoomed "
-    "model, trained on boxes loosened by 0-30 px, answers each box pushed outward by a few px first "
+    "model with exact-box tokens (decoder.exact_box_tokens) is given them; one without, trained on boxes "
+    "loosened by 0-30 px, answers each box pushed outward by a few px first "
     "(uniultra.inference.zoom.TIGHT_BOX_PADDING). Leave it off for hand-drawn boxes: on loose boxes it costs Dice"
 )
 
