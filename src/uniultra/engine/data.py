@@ -238,6 +238,16 @@ def augment(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, rng: np.ran
     return warped.astype(np.float32), warped_mask
 
 
+def draw_box_kind(cfg: TrainPromptConfig, rng: np.random.Generator, can_be_exact: bool = True
+                  ) -> tuple[float, tuple[int, int]]:
+    """(jitter J, corner labels) of one training box: with probability `cfg.exact_box` (and only when
+    `can_be_exact`) the exact box with the exact-box tokens, else a box jittered by a J of `cfg.jitter`.
+    The exact draw is skipped when `exact_box` is 0, so recipes without it keep their random stream."""
+    if can_be_exact and cfg.exact_box > 0 and rng.random() < cfg.exact_box:
+        return 0.0, EXACT_BOX_CORNER_LABELS
+    return float(cfg.jitter[int(rng.integers(len(cfg.jitter)))]), BOX_CORNER_LABELS
+
+
 def training_prompt(mask: np.ndarray, cfg: TrainPromptConfig, rng: np.random.Generator):
     """(target object mask, coords (P, 2) xy, labels (P,), kind) for one random object of `mask`."""
     components, count = label_components(mask)
@@ -250,12 +260,11 @@ def training_prompt(mask: np.ndarray, cfg: TrainPromptConfig, rng: np.random.Gen
     if "box" in kind:
         rows, cols = np.nonzero(obj)
         box = np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], dtype=np.float64)
-        exact = cfg.exact_box > 0 and rng.random() < cfg.exact_box
-        jitter = 0.0 if exact else float(cfg.jitter[int(rng.integers(len(cfg.jitter)))])
+        jitter, corner_labels = draw_box_kind(cfg, rng)
         x0, y0, x1, y1 = jitter_boxes(box, obj.shape, jitter, rng)[0]
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)  # a one-pixel object still gets a proper box
         coords += [np.array([x0, y0]), np.array([x1, y1])]
-        labels += list(EXACT_BOX_CORNER_LABELS if exact else BOX_CORNER_LABELS)
+        labels += list(corner_labels)
     if kind in ("point", "box+point"):
         if rng.random() < cfg.center_point_prob:
             coords.append(farthest_interior_points(obj)[0])

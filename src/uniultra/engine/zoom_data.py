@@ -33,10 +33,9 @@ from uniultra.data.prompts import (
 )
 from uniultra.data.regions import cache_dataset_regions, load_dataset_regions, regions_cache_path, sample_region
 from uniultra.engine.config import TRAIN_PROMPT_MODES, DataEntry, TrainPromptConfig, ZoomConfig
-from uniultra.engine.data import corrective_click
+from uniultra.engine.data import corrective_click, draw_box_kind
 from uniultra.inference.roi import TAP_SIDES, Roi, crop, full_roi, mask_box, roi_around_box, tap_square
 from uniultra.inference.transforms import resize_for_model
-from uniultra.models.prompt_labels import BOX_CORNER_LABELS, EXACT_BOX_CORNER_LABELS
 
 # Point-only samples cut around the object use a looser crop than boxes: the second pass of a tap
 # crops around a first-pass mask that may be too small or too large.
@@ -148,15 +147,14 @@ class ZoomTrainSet(Dataset):
 
     def _prompt(self, target: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[Roi, np.ndarray, np.ndarray]:
         """(crop window, prompt coords in native pixels (P, 2), labels (P,)) for one sample."""
-        jitters = self.prompts.jitter
-        exact = "box" in kind and self.prompts.exact_box > 0 and rng.random() < self.prompts.exact_box
-        jitter = 0.0 if exact else float(jitters[int(rng.integers(len(jitters)))])
+        # Every sample draws a box: a point-only sample's crop is cut around it.
+        jitter, corner_labels = draw_box_kind(self.prompts, rng, can_be_exact="box" in kind)
         box = jitter_boxes(mask_box(target)[None], target.shape, jitter, rng)[0]
         box[2:] = np.maximum(box[2:], box[:2] + 1)
         coords, labels = [], []
         if "box" in kind:
             coords += [box[:2], box[2:]]
-            labels += list(EXACT_BOX_CORNER_LABELS if exact else BOX_CORNER_LABELS)
+            labels += list(corner_labels)
             roi = roi_around_box(box, target.shape, rng.uniform(*self.zoom.margin))
         elif rng.random() < self.zoom.whole_image_points:
             roi = full_roi(target.shape)
