@@ -9,6 +9,14 @@ usgra sets share their images, so they are held out together.
     python benchmarks/bench_loo.py --config configs/cpu/universal-zoom.yaml --fold carotid
     python benchmarks/bench_loo.py --table            # the markdown table of every finished fold
 
+A two-stage recipe (a stage that fine-tunes a `model.base`) gives its first stage with --stage1: the fold
+trains (or reuses) the first stage without the held-out set(s), packs it (fp16, with the second stage's
+decoder blur, as `uniultra pack --half --decoder-blur` does for the full recipe) and starts the second
+stage from that file instead of the config's `model.base`:
+
+    python benchmarks/bench_loo.py --config configs/cpu/two-stage-complex.yaml \
+        --stage1 configs/cpu/universal-zoom-complex.yaml --fold ddti
+
 Writes runs/loo/<recipe>/<fold>/ (config.yaml, training logs, best.pt) and
 benchmarks/results/loo-<recipe>-<fold>.json. A fold whose best.pt exists is not retrained.
 """
@@ -27,6 +35,7 @@ from uniultra.engine.config import load_train_config
 from uniultra.engine.trainer import train
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
+from uniultra.inference.loading import pack_model
 from uniultra.inference.zoom import tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,16 +64,41 @@ def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epo
     return document
 
 
+def train_fold(config: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None,
+               base: Path | None = None) -> dict:
+    """Train `config` without the held-out set(s) into out_dir (skipped when its best.pt exists);
+    `base` replaces the config's model.base (a two-stage recipe's fold-specific first stage)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = fold_config(config, held_out, out_dir, epochs)
+    if base is not None:
+        document["model"]["base"] = str(base)
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+    if not (out_dir / "best.pt").is_file():
+        train(load_train_config(out_dir / "config.yaml"), resume=True)
+    return document
+
+
+def packed_first_stage(stage1: Path, second: Path, held_out: tuple[str, ...], out_root: Path, fold: str) -> Path:
+    """The fold's first stage, trained (or reused) and packed as the second stage expects its base."""
+    stage1_dir = out_root / stage1.stem / fold
+    train_fold(stage1, held_out, stage1_dir, None)
+    blur = ((yaml.safe_load(second.read_text())["model"].get("config") or {}).get("decoder") or {}).get("upscale_blur")
+    packed = stage1_dir / f"packed-blur{blur}.safetensors"
+    if not packed.is_file():
+        pack_model(stage1_dir / "best.pt", packed, half=True, decoder_blur=blur,
+                   meta={"loo_fold": fold, "stage1": str(stage1)})
+    return packed
+
+
 def run_fold(args: argparse.Namespace) -> None:
     recipe = Path(args.config).stem
     held_out = FOLDS[args.fold]
     out_dir = Path(args.out) / recipe / args.fold
-    out_dir.mkdir(parents=True, exist_ok=True)
-    document = fold_config(Path(args.config), held_out, out_dir, args.epochs)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
     start = time.perf_counter()
-    if not (out_dir / "best.pt").is_file():
-        train(load_train_config(out_dir / "config.yaml"), resume=True)
+    base = None
+    if args.stage1:
+        base = packed_first_stage(Path(args.stage1), Path(args.config), held_out, Path(args.out), args.fold)
+    document = train_fold(Path(args.config), held_out, out_dir, args.epochs, base)
     train_seconds = time.perf_counter() - start
     datasets = load_datasets([Path(args.data_root) / name for name in held_out], None, None)
     result_file = RESULTS / f"loo-{recipe}-{args.fold}.json"
@@ -84,10 +118,13 @@ def run_fold(args: argparse.Namespace) -> None:
     document = {"benchmark": f"loo-{recipe}-{args.fold}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": machine_info(), "recipe": args.config, "held_out": list(held_out),
                 "train_config": document, "train_seconds_this_call": train_seconds,
-                "train_minutes": _train_minutes(out_dir),
+                "train_minutes": _train_minutes(out_dir), "stage1": args.stage1,
+                "stage1_train_minutes": _train_minutes(Path(args.out) / Path(args.stage1).stem / args.fold)
+                if args.stage1 else None,
                 "train_log": str(out_dir), "protocol": [list(p) for p in PROTOCOL], "seed": 0,
                 "command": f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
-                           + (f" --epochs {args.epochs}" if args.epochs is not None else ""),
+                           + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+                           + (f" --stage1 {args.stage1}" if args.stage1 else ""),
                 "rows": rows}
     if args.rows:
         document["rows_re_evaluated"] = {"rows": args.rows, "date": document["date"]}
@@ -105,6 +142,8 @@ def table(recipe: str) -> str:
         doc = json.loads(path.read_text())
         # the JSON keeps the minutes: the run directory with its log is not committed
         minutes = doc.get("train_minutes") or _train_minutes(Path(doc["train_log"]))
+        if doc.get("stage1_train_minutes"):
+            minutes = f"{doc['stage1_train_minutes']} + {minutes}"
         for name in doc["held_out"]:
             cells = [_cell(doc["rows"][label][row][name]) if row in doc["rows"][label] else "-"
                      for label, row in TABLE_COLUMNS]
@@ -131,6 +170,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/cpu/universal-zoom.yaml")
     parser.add_argument("--fold", choices=sorted(FOLDS))
     parser.add_argument("--epochs", type=int, default=None, help="override optim.epochs (same for every fold)")
+    parser.add_argument("--stage1", default=None,
+                        help="first-stage config of a two-stage recipe (trained per fold, packed, used as model.base)")
     parser.add_argument("--out", default="runs/loo")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--table", action="store_true", help="print the table of finished folds and exit")
