@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--multimask", action="store_true",
                         help="each crop's three multimask answers are candidates (a lone point is ambiguous)")
     parser.add_argument("--name", default=None, help="result file name (default probe-taps-<split>)")
+    parser.add_argument("--no-stability-swap", action="store_true",
+                        help="answer with the single-mask output always (SAM2 swaps in the best multimask "
+                        "output when it is unstable, dynamic_multimask_via_stability)")
     parser.add_argument("--rows-out", type=Path, default=None,
                         help="also write every tap's candidates (scores, areas, agreement; no masks) as JSON, "
                         "the input of benchmarks/fit_tap_selector.py")
@@ -150,9 +153,12 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     zoom = load_predictor(args.model)
+    if args.no_stability_swap:
+        zoom.model.sam_mask_decoder.dynamic_multimask_via_stability = False
     if not isinstance(zoom, ZoomPredictor):
         raise SystemExit(f"{args.model}: not a zoomed model; its taps are answered on the whole image only")
-    result = {"model": args.model, "split": args.split, "tap_scales": list(zoom.tap_scales),
+    result = {"model": args.model, "split": args.split, "stability_swap": not args.no_stability_swap,
+              "tap_scales": list(zoom.tap_scales),
               "candidates": [f"{crop}{f' token {k}' if args.multimask else ''}"
                              for crop in ["first pass box"] + [f"square {s}" for s in zoom.tap_scales]
                              for k in range(3 if args.multimask else 1)],

@@ -38,3 +38,17 @@ def test_the_projection_weight_adds_the_term_to_every_candidate():
     weighted, _ = segmentation_loss(low_res, iou, truth, LossConfig(projection=2.0))
     expected = 2.0 * projection_loss(low_res[0], truth)
     torch.testing.assert_close(weighted - plain, expected.reshape(1), atol=1e-5, rtol=1e-4)
+
+
+def test_the_whole_object_iou_counts_what_the_crop_cut_off_as_missed():
+    truth = square(16, 0, 8)[None]  # 64 px inside the crop
+    low_res = logits_of(square(16, 0, 8))[None, None]  # a perfect answer within the crop
+    iou = torch.ones(1, 1)
+    outside = torch.tensor([64.0])  # as much again beyond the crop
+    _, within = segmentation_loss(low_res, iou, truth, LossConfig(), outside)
+    _, whole = segmentation_loss(low_res, iou, truth, LossConfig(iou_whole_object=True), outside)
+    assert within["real_iou"].item() == 1.0 and within["iou"].item() == 0.0
+    assert abs(whole["real_iou"].item() - 0.5) < 1e-6 and abs(whole["iou"].item() - 0.25) < 1e-6
+    # the mask terms are the same: only the IoU head's target changes
+    _, none_outside = segmentation_loss(low_res, iou, truth, LossConfig(iou_whole_object=True), torch.zeros(1))
+    assert none_outside["real_iou"].item() == 1.0 and whole["dice"].item() == within["dice"].item()

@@ -271,6 +271,20 @@ def test_tap_crops_centre_the_tap_and_may_cut_the_object_off():
     assert not any(_touches_border(whole[(epoch, i)]["target"]) for epoch in range(4) for i in range(8))
 
 
+def test_a_sample_counts_the_object_area_its_crop_cut_off():
+    points = TrainPromptConfig(modes={"point": 1.0}, center_point_prob=0.0)
+    taps = ZoomTrainSet([native_set(weight=8.0)], points, ZoomConfig(tap_crops=1.0, intensity=0.0), 64, seed=0,
+                        hflip=0.0)
+    items = [taps[(epoch, i)] for epoch in range(4) for i in range(8)]
+    # an object clear of the crop's border is all inside it; most that touch it go on beyond it
+    assert all(item["outside"] == 0 for item in items if not _touches_border(item["target"]))
+    cut = [item["outside"] > 0 for item in items if _touches_border(item["target"])]
+    assert len(cut) >= 8 and sum(cut) >= len(cut) - 1
+    boxes = ZoomTrainSet([native_set()], TrainPromptConfig(modes={"box": 1.0}), ZoomConfig(intensity=0.0), 64,
+                         seed=0, hflip=0.0)
+    assert all(boxes[(epoch, 0)]["outside"] == 0 for epoch in range(4))
+
+
 def test_tap_crops_leave_box_samples_alone():
     prompts = TrainPromptConfig(modes={"box": 1.0}, jitter=(0.0,))
     plain, taps = (ZoomTrainSet([native_set()], prompts, ZoomConfig(tap_crops=p, intensity=0.0), 64, seed=0,

@@ -136,6 +136,10 @@ class LossConfig:
     # One positive point is ambiguous: predict the 3 multimask candidates and train the best one
     # (SAM/SAM2 practice); every other prompt trains the single-mask output.
     multimask_for_points: bool = True
+    # The IoU head learns the IoU with the WHOLE object, the part a crop cut off counting as missed
+    # (only tap-crop samples, `zoom.tap_crops`, cut objects off): then predicted IoUs of one tap's
+    # answers on crops of different sizes can be compared, which the tap selection does.
+    iou_whole_object: bool = False
 
 
 @dataclass(frozen=True)

@@ -349,15 +349,18 @@ class Batch:
     groups: list[PromptGroup] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     sets: torch.Tensor | None = None  # (B,) each sample's cached set (TrainSet.sets): its data entry
+    outside: torch.Tensor | None = None  # (B,) object pixels (S x S scale) the sample's crop cut off
 
     def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.groups, self.indices, self.sets)
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.groups, self.indices, self.sets,
+                     self.outside)
 
     def to(self, device: torch.device) -> Batch:
         groups = [PromptGroup(g.kind, g.index.to(device), g.coords.to(device), g.labels.to(device))
                   for g in self.groups]
         return Batch(self.images.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                     groups, self.indices, None if self.sets is None else self.sets.to(device))
+                     groups, self.indices, None if self.sets is None else self.sets.to(device),
+                     None if self.outside is None else self.outside.to(device))
 
 
 def collate(items: list[dict]) -> Batch:
@@ -370,7 +373,10 @@ def collate(items: list[dict]) -> Batch:
             groups.append(PromptGroup(kind, torch.tensor(members),
                                       torch.stack([items[i]["coords"] for i in members]),
                                       torch.stack([items[i]["labels"] for i in members])))
-    return Batch(images, targets, groups, [it["index"] for it in items], torch.tensor([it["set"] for it in items]))
+    # Only zoomed samples can cut their object off (uniultra.engine.zoom_data); elsewhere nothing is outside.
+    outside = torch.tensor([float(it.get("outside", 0.0)) for it in items])
+    return Batch(images, targets, groups, [it["index"] for it in items], torch.tensor([it["set"] for it in items]),
+                 outside)
 
 
 class EpochSampler(DistributedSampler):

@@ -49,21 +49,27 @@ def dice_loss_of_probabilities(prob: torch.Tensor, targets: torch.Tensor, smooth
     return 1 - numerator / (prob.sum(-1) + targets.sum(-1) + smooth)
 
 
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Real IoU of the thresholded prediction (logit > 0) with the truth; (..., H, W) -> (...)."""
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor, outside: torch.Tensor | None = None) -> torch.Tensor:
+    """Real IoU of the thresholded prediction (logit > 0) with the truth; (..., H, W) -> (...).
+    `outside` (broadcast to (...)): pixels of the object beyond the crop, counted in the union only."""
     pred = (logits > 0).flatten(-2)
     truth = targets.flatten(-2) > 0.5
     inter = (pred & truth).sum(-1).float()
     union = (pred | truth).sum(-1).float()
+    if outside is not None:
+        union = union + outside
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
 def segmentation_loss(
-    low_res_logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, cfg: LossConfig
+    low_res_logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, cfg: LossConfig,
+    outside: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample loss terms for one prompt group.
 
     low_res_logits (n, M, h, w), iou_pred (n, M), targets (n, S, S) -> (total (n,), terms {name: (n,)}).
+    outside (n,): object pixels (at S x S scale) a crop cut off; with `cfg.iou_whole_object` the IoU
+    head's target counts them as missed.
     """
     size = targets.shape[-2:]
     logits = upsample_logits(low_res_logits, size)
@@ -71,7 +77,8 @@ def segmentation_loss(
     focal = sigmoid_focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma)  # (n, M)
     dice = dice_loss(logits, targets)
     with torch.no_grad():
-        real_iou = mask_iou(logits, targets)
+        whole = outside[:, None] if cfg.iou_whole_object and outside is not None else None
+        real_iou = mask_iou(logits, targets, whole)
     iou_loss = F.mse_loss(iou_pred.float(), real_iou, reduction="none").mean(-1)  # every candidate
     mask_loss = cfg.focal * focal + cfg.dice * dice
     if cfg.projection:

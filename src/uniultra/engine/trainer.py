@@ -505,7 +505,9 @@ class Trainer(EpochLoop):
         totals, terms = [], {"focal": [], "dice": [], "iou": [], "real_iou": []}
         for g, passes in zip(batch.groups, outputs, strict=True):
             # Every pass counts alike; the logged terms stay those of the first (the prompt's answer).
-            losses = [segmentation_loss(logits, iou, batch.targets[g.index], cfg.loss) for logits, iou in passes]
+            outside = None if batch.outside is None else batch.outside[g.index]
+            losses = [segmentation_loss(logits, iou, batch.targets[g.index], cfg.loss, outside)
+                      for logits, iou in passes]
             totals.append(torch.stack([total for total, _ in losses]).mean(dim=0))
             for k in terms:
                 terms[k].append(losses[0][1][k])

@@ -133,10 +133,13 @@ class ZoomTrainSet(Dataset):
         roi, coords, labels = self._prompt(target, kind, rng)
         pixels = resize_for_model(crop(np.ascontiguousarray(image), roi), self.size)
         pixels = random_intensity(pixels, self.zoom.intensity, rng)
-        truth = resize_mask(crop(target, roi), (self.size, self.size))
+        cropped = crop(target, roi)
+        truth = resize_mask(cropped, (self.size, self.size))
         scale = np.array([self.size / roi.width, self.size / roi.height])
+        # The object's area beyond the crop, at model-input scale (a tap crop may cut the object off).
+        outside = (np.count_nonzero(target) - np.count_nonzero(cropped)) * float(scale[0] * scale[1])
         return {"image": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)),
-                "target": torch.from_numpy(truth.astype(np.float32)),
+                "target": torch.from_numpy(truth.astype(np.float32)), "outside": outside,
                 "coords": torch.from_numpy(((coords - roi.offset) * scale).astype(np.float32)),
                 "labels": torch.from_numpy(labels), "kind": kind, "set": si, "index": index}
 
