@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from box_rows import box_row
 from scipy import ndimage
 
 from uniultra.atomic import atomic_write_text
-from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
+from uniultra.evaluation.evaluate import load_datasets, make_method
 from uniultra.evaluation.report import machine_info
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
 from uniultra.inference.roi import crop, mask_box, mask_edges, paste
@@ -153,15 +154,8 @@ def main() -> None:
         if args.tight and variant != "ellipse":
             answer_tight_boxes(method.predictor)
         for jitter in ((0.0,) if args.tight else (0.0, 20.0)):
-            start = time.perf_counter()
-            results = evaluate(method, datasets, prompt_mode="box", jitter=jitter, seed=0, progress=False)
-            dice = {r.name: 100 * r.summary()["dice"]["mean"] for r in results}
-            hd95 = {r.name: r.summary()["hd95"]["mean"] for r in results}
             key = f"{variant} J={jitter:g}" + (", tight boxes" if args.tight and variant != "ellipse" else "")
-            rows[key] = {"dice": dice, "hd95": hd95, "mean_dice": float(np.mean(list(dice.values()))),
-                         "seconds": time.perf_counter() - start}
-            print(f"{key}: " + ", ".join(f"{k} {v:.2f} / {hd95[k]:.1f}" for k, v in dice.items())
-                  + f"; mean {rows[key]['mean_dice']:.2f}", flush=True)
+            rows[key] = box_row(method, datasets, jitter, key)
     name = args.name or args.split
     document = {"benchmark": f"probe-box-fit-{name}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": machine_info(), "model": args.model, "split": args.split, "tie": args.tie, "rows": rows,

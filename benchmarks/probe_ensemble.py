@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from box_rows import box_row
 
 from uniultra.atomic import atomic_write_text
-from uniultra.evaluation.evaluate import ModelMethod, evaluate, load_datasets, make_method
+from uniultra.evaluation.evaluate import ModelMethod, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
 from uniultra.inference.zoom import ZoomPredictor
 
@@ -84,15 +85,7 @@ def main() -> None:
     rows = {}
     for label, method in methods:
         for jitter in (0.0, 20.0):
-            start = time.perf_counter()
-            results = evaluate(method, datasets, prompt_mode="box", jitter=jitter, seed=0, progress=False)
-            dice = {r.name: 100 * r.summary()["dice"]["mean"] for r in results}
-            hd95 = {r.name: r.summary()["hd95"]["mean"] for r in results}
-            mean = float(np.mean(list(dice.values())))
-            rows[f"{label} J={jitter:g}"] = {"dice": dice, "hd95": hd95, "mean_dice": mean,
-                                            "seconds": time.perf_counter() - start}
-            print(f"{label} J={jitter:g}: " + ", ".join(f"{k} {v:.2f} / {hd95[k]:.1f}" for k, v in dice.items())
-                  + f"; mean {rows[f'{label} J={jitter:g}']['mean_dice']:.2f}", flush=True)
+            rows[f"{label} J={jitter:g}"] = box_row(method, datasets, jitter, f"{label} J={jitter:g}")
     name = args.name or args.split
     document = {"benchmark": f"probe-ensemble-{name}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": machine_info(), "models": args.models, "split": args.split, "rows": rows,

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from box_rows import box_row
 
 from uniultra.atomic import atomic_write_text
-from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
+from uniultra.evaluation.evaluate import load_datasets, make_method
 from uniultra.evaluation.report import machine_info
 from uniultra.inference.prompts import LOGIT_CLAMP
 from uniultra.inference.roi import crop, paste
@@ -67,15 +68,8 @@ def main() -> None:
         if variant == "mirrored":
             method.predictor.__class__ = MirroredZoomPredictor
         for jitter in (0.0, 20.0):
-            start = time.perf_counter()
-            results = evaluate(method, datasets, prompt_mode="box", jitter=jitter, seed=0, progress=False)
-            dice = {r.name: 100 * r.summary()["dice"]["mean"] for r in results}
-            hd95 = {r.name: r.summary()["hd95"]["mean"] for r in results}
-            mean = float(np.mean(list(dice.values())))
-            rows[f"{variant} J={jitter:g}"] = {"dice": dice, "hd95": hd95, "mean_dice": mean,
-                                              "seconds": time.perf_counter() - start}
-            print(f"{variant} J={jitter:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items())
-                  + f"; mean {mean:.2f}", flush=True)
+            label = f"{variant} J={jitter:g}"
+            rows[label] = box_row(method, datasets, jitter, label)
     document = {"benchmark": f"probe-flip-tta-{args.split}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": machine_info(), "model": args.model, "split": args.split,
                 "command": f"python benchmarks/probe_flip_tta.py --model {args.model} --split {args.split}",
