@@ -6,6 +6,7 @@ phantom datasets, one torch thread (the test box is a shared 2-core CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from torchrun_cli import run_two_processes
 from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
-from uniultra.engine.trainer import TrainHooks, train
+from uniultra.engine.trainer import TrainHooks, build_model, train
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_model
 from uniultra.inference.predictor import Predictor
@@ -333,3 +334,14 @@ def test_cached_images_match_the_predictor_preprocessing():
     predictor = Predictor(SAM2ImageModel(_tiny_image_config()))
     theirs = predictor.preprocess(image)[0] * predictor.model.pixel_std[0] + predictor.model.pixel_mean[0]
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_untrained_multimask_outputs_are_never_swapped_in():
+    config = TrainConfig.from_dict({"model": {"preset": "mini", "image_size": 64}, "data": [{"path": "unused"}],
+                                    "loss": {"multimask_for_points": False}}, "m.yaml")
+    with pytest.raises(ConfigError, match="m.yaml: loss.multimask_for_points: false .*dynamic_multimask"):
+        build_model(config, "m.yaml")
+    static = config.replace(model=dataclasses.replace(
+        config.model, config={"decoder": {"dynamic_multimask_via_stability": False}}))
+    model, _ = build_model(static, "m.yaml")
+    assert not model.sam_mask_decoder.dynamic_multimask_via_stability

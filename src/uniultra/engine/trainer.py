@@ -137,6 +137,13 @@ def build_model(config: TrainConfig, source: str = "config") -> tuple[SAM2ImageM
     if config.prompts.train.exact_box > 0 and not model.config.decoder.exact_box_tokens:
         raise ConfigError(f"{source}: prompts.train.exact_box needs a model with exact-box tokens "
                           "(model.config.decoder.exact_box_tokens: true)")
+    if (identity["kind"] == "random init" and not config.loss.multimask_for_points
+            and model.config.decoder.dynamic_multimask_via_stability):
+        # Nothing would train the multimask outputs, yet at inference the decoder swaps the best of them
+        # in for an unstable single mask (BENCHMARKS.md, "Its answers were not all its own": -4.3 tap Dice).
+        raise ConfigError(f"{source}: loss.multimask_for_points: false on a randomly initialised model leaves "
+                          "the multimask outputs untrained; set model.config.decoder."
+                          "dynamic_multimask_via_stability: false so that inference never swaps them in")
     return model, identity
 
 
