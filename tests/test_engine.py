@@ -18,8 +18,10 @@ import yaml
 from dataset_factory import write_pair
 from run_outputs import read_rows, same_state
 from torchrun_cli import run_two_processes
+from uniultra.auto.config import load_auto_config
 from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
+from uniultra.distill.config import load_distill_config
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
 from uniultra.engine.trainer import TrainHooks, build_model, train
 from uniultra.engine.weights_hash import state_hash
@@ -356,9 +358,6 @@ def _shipped_configs(kind: str) -> list[Path]:
 
 
 def test_every_shipped_config_loads():
-    from uniultra.auto.config import load_auto_config
-    from uniultra.distill.config import load_distill_config
-
     loaders = {"train": load_train_config, "distill": load_distill_config, "auto": load_auto_config}
     for kind, loader in loaders.items():
         paths = _shipped_configs(kind)
