@@ -23,6 +23,7 @@ from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.distill.config import load_distill_config
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
+from uniultra.engine.run_archive import pack_document, pack_run, restore_run, unpack_document
 from uniultra.engine.trainer import TrainHooks, build_model, train
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_model
@@ -376,3 +377,78 @@ def test_random_init_cpu_configs_build_their_model():
             assert identity["kind"] == "random init", path
             built += 1
     assert built >= 20
+
+
+# --- a run packed for the repository (uniultra archive) ------------------------------------------
+
+def test_archive_keeps_optimiser_moments_and_step_counts():
+    document = {"model": {"w": torch.randn(4096)},
+                "optimizer": {"state": {0: {"step": torch.tensor(1963.0), "exp_avg_sq": torch.full((2048,), 3e-20)}}},
+                "rng": {"torch": torch.arange(5000, dtype=torch.uint8)}}
+    packed = pack_document(document)
+    assert packed["packed"]["model"]["w"].dtype == torch.float16
+    assert packed["packed"]["optimizer"]["state"][0]["exp_avg_sq"].dtype == torch.bfloat16
+    back = unpack_document(packed, Path("x.pt"))
+    assert back["optimizer"]["state"][0]["step"].item() == 1963.0  # a 16-bit step count would read 1960
+    assert torch.allclose(back["optimizer"]["state"][0]["exp_avg_sq"], document["optimizer"]["state"][0]["exp_avg_sq"],
+                          rtol=1e-2, atol=0)  # float16 would have rounded them to zero
+    assert back["model"]["w"].dtype == torch.float32
+    assert torch.allclose(back["model"]["w"], document["model"]["w"], rtol=1e-3, atol=1e-4)
+    assert torch.equal(back["rng"]["torch"], document["rng"]["torch"])
+
+
+def test_archived_run_resumes_elsewhere_and_ends_like_the_uninterrupted_run(datasets, tmp_path):
+    def config(out: Path) -> TrainConfig:
+        document = resume_config(out, datasets).to_dict()
+        # A phantom entry: its data/ folder is not archived, the resumed trainer writes it again.
+        document["data"].append({"name": "pc", "phantom": {"n": 6, "size": 64, "seed": 3, "val_fraction": 0.34}})
+        return TrainConfig.from_dict(document, "test")
+
+    reference = train(config(tmp_path / "ref"))
+
+    def crash(state):
+        if state.step == 5:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(config(tmp_path / "crash"), hooks=TrainHooks(on_step_end=crash))
+    archive = pack_run(tmp_path / "crash", tmp_path / "weights" / "crash")
+    assert not archive.finished and {"last.pt", "best.pt", "steps.csv", "log.json"} <= set(archive.files)
+    assert archive.bytes_after < 0.8 * archive.bytes_before
+    assert not (tmp_path / "weights" / "crash" / "data").exists()
+    with pytest.raises(ValueError, match="already holds an archive"):
+        pack_run(tmp_path / "crash", tmp_path / "weights" / "crash")
+
+    restore_run(tmp_path / "weights" / "crash", tmp_path / "restored")
+    with pytest.raises(ValueError, match="already holds a run"):
+        restore_run(tmp_path / "weights" / "crash", tmp_path / "restored")
+    resumed = train(config(tmp_path / "restored"), resume=True)
+    assert resumed.state.step == reference.state.step
+    assert [r["step"] for r in read_rows(tmp_path / "restored" / "steps.csv")] == \
+        [r["step"] for r in read_rows(tmp_path / "ref" / "steps.csv")]
+    ref_state = reference.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.allclose(value.float(), ref_state[name].float(), rtol=0.05, atol=2e-3), name
+
+
+def test_archive_of_a_finished_run_keeps_the_best_model_only(short_run, tmp_path):
+    out, result = short_run
+    archive = pack_run(out, tmp_path / "archive")
+    assert archive.finished and "last.pt" not in archive.files and "best.pt" in archive.files
+    restore_run(tmp_path / "archive", tmp_path / "back")
+    assert not (tmp_path / "back" / "last.pt").exists()
+    original, restored = load_model(out / "best.pt"), load_model(tmp_path / "back" / "best.pt")
+    image = make_phantom(7, 64).image
+    answers = []
+    for model in (original, restored):
+        predictor = Predictor(model)
+        predictor.set_image(image)
+        answers.append(predictor.predict(box=[10, 10, 40, 40], return_logits=True)[2])
+    assert torch.allclose(torch.as_tensor(answers[0]), torch.as_tensor(answers[1]), atol=0.05)
+
+    damaged = tmp_path / "archive" / "best.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ValueError, match=r"best\.pt: sha256 differs"):
+        restore_run(tmp_path / "archive", tmp_path / "again")
+    with pytest.raises(FileNotFoundError, match="not a run archive"):
+        restore_run(out, tmp_path / "again")

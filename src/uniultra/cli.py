@@ -34,6 +34,8 @@ COMMANDS: dict[str, Command] = {
                        "segment an image (or a folder) with box / point prompts, or with none (automatic mode)"),
     "demo": Command("uniultra.commands.segment", "segment example images with the bundled model and print Dice"),
     "train": Command("uniultra.commands.train", "train / adapt a model (PEFT, DDP, resumable) from a YAML config"),
+    "archive": Command("uniultra.commands.archive",
+                       "pack a training run small enough to commit (resumable), or restore it"),
     "distill": Command("uniultra.commands.distill",
                        "distil UniUltra-mini from an adapted teacher (DSKD, or MDKD with a general teacher, then "
                        "optional fine-tuning; DDP, resumable)"),
