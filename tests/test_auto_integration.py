@@ -296,6 +296,7 @@ def test_serve_auto_errors_are_clear_and_the_server_goes_on(serve_client, auto_p
     assert client.post("/api/images/nope/auto", json={}).status_code == 404
     assert client.post(f"/api/images/{image_id}/auto", json={"modality": "ddti"}).status_code == 200
 
+    assert client.get("/api/health").json()["locates_taps"] is False  # a head, but not zoomed
     plain = serve_client(load_model(plain_path))
     assert plain.get("/api/health").json()["auto"] is False
     response = plain.post(f"/api/images/{_upload(plain, image)}/auto", json={"modality": None})
@@ -322,3 +323,39 @@ def test_any_checkpoint_file_is_read_once(auto_path, plain_path, monkeypatch):
     assert isinstance(load_any_model(auto_path), AutoSegmenter)
     assert type(load_any_model(plain_path)) is SAM2ImageModel
     assert reads == [str(auto_path), str(plain_path)]
+
+
+def test_serve_tap_is_located_through_the_chosen_channel_and_the_choice_is_per_request(serve_client, image):
+    import base64
+    import io
+
+    from uniultra.inference.zoom import ZoomPredictor
+
+    model = _auto_model()
+    model.base.inference = {"zoom": {"margin": 1.4}}  # a zoomed model with a head, as the bundled default
+    client = serve_client(model)
+    assert client.get("/api/health").json()["locates_taps"] is True  # the page then sends its modality with taps
+    image_id = _upload(client, image)
+    heads = []
+    decode_auto = model.decode_auto
+    model.decode_auto = lambda *a, **k: heads.append(1) or decode_auto(*a, **k)
+    tap = {"points": [[80, 60]], "labels": [1]}
+
+    def served(body) -> np.ndarray:
+        response = client.post(f"/api/images/{image_id}/predict", json=body)
+        assert response.status_code == 200, response.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["mask_png_base64"])))) > 127
+
+    located = served({**tap, "modality": "busi"})
+    assert len(heads) == 1  # the head was read for the tap
+    local = ZoomPredictor(AutoPredictor(model), 1.4)
+    local.set_image(image)
+    local.modality = "busi"
+    np.testing.assert_array_equal(located, local.predict(points=[[80, 60]], labels=[1])[0][0])
+    heads.clear()
+    served(tap)
+    assert heads == []  # no modality in the next request: the shared predictor did not keep it
+    for body, needle in (({**tap, "modality": "xyz"}, "unknown modality"),
+                         ({"box": [20, 15, 110, 95], "modality": "busi"}, "points only")):
+        response = client.post(f"/api/images/{image_id}/predict", json=body)
+        assert response.status_code == 422 and needle in response.json()["detail"], response.text

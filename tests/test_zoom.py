@@ -355,3 +355,90 @@ def test_touches_border_tells_each_mask_apart():
     masks[2, 4, -1] = True  # right column
     masks[3, 2:-2, 1:-1] = True  # one pixel short of every border
     assert touches_border(masks).tolist() == [False, True, True, False]
+
+
+# --- taps located by an automatic head -----------------------------------------------------------
+
+class HeadStub:
+    """A zoomed model's inner predictor with an automatic head of two channels. Its head finds
+    `head_mask`; on any crop, a box is answered with the box filled and a tap alone with a 5 x 5 blob."""
+
+    mask_threshold = 0.0
+    modality_choices = ("a", "b")
+
+    def __init__(self, head_mask: np.ndarray) -> None:
+        self.head_mask, self.modality, self.auto_calls = head_mask, None, []
+
+    def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
+        return automatic
+
+    def check_modality(self, name: str) -> None:
+        if name not in self.modality_choices:
+            raise ValueError(f"unknown modality {name}")
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.hw = image.shape[:2]
+
+    def predict_auto(self, modality=None, return_logits=False):
+        self.auto_calls.append(modality)
+        return self.head_mask, 1.0, np.zeros((16, 16))
+
+    def predict(self, box=None, points=None, labels=None, multimask=False, return_logits=False):
+        answer = np.zeros(self.hw, bool)
+        if box is not None:
+            x0, y0, x1, y1 = np.round(np.asarray(box, dtype=float).ravel()).astype(int)
+            answer[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+        else:
+            x, y = np.round(np.asarray(points, dtype=float).reshape(-1, 2)[0]).astype(int)
+            answer[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = True
+        logits = np.where(answer, 10.0, -10.0)[None].astype(np.float32)
+        return (logits if return_logits else answer[None]), np.array([0.9]), np.zeros((1, 16, 16))
+
+
+def _rectangle(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((H, W), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _tap(zoom: ZoomPredictor, x: float, y: float) -> np.ndarray:
+    zoom.set_image(speckle())
+    return zoom.predict(points=[[x, y]], labels=[1])[0][0]
+
+
+def test_a_tap_in_the_heads_part_is_answered_as_its_box():
+    head = _rectangle(40, 30, 100, 80)
+    stub = HeadStub(head)
+    zoom = ZoomPredictor(stub)
+    assert zoom.selects_modality(tap=True) and not zoom.selects_modality()
+    stub.modality = "b"
+    answer = _tap(zoom, 70, 55)
+    assert stub.auto_calls == ["b"]
+    assert answer[head].all()  # the part's box, loosened by TAP_LOCATOR_PADDING, filled by the box answer
+    assert answer.sum() < 1.2 * head.sum()
+    # Without the locator (or a modality, or a part under the tap) the crops answer: the 5 x 5 blob.
+    for modality, locator, x, y in (("b", False, 70, 55), (None, True, 70, 55), ("b", True, 20, 100)):
+        stub.modality, zoom.tap_locator = modality, locator
+        assert _tap(zoom, x, y).sum() <= 25
+    assert not ZoomPredictor(stub, tap_locator=False).selects_modality(tap=True)
+
+
+def test_a_located_answer_that_disagrees_with_the_part_is_not_kept():
+    head = _rectangle(20, 20, 30, 100) | _rectangle(20, 90, 140, 100)  # an L: its box is mostly not the part
+    stub = HeadStub(head)
+    stub.modality = "a"
+    answer = _tap(ZoomPredictor(stub), 25, 50)
+    assert stub.auto_calls == ["a"] and answer.sum() <= 25
+
+
+def test_taps_need_no_modality_where_boxes_need_none():
+    from uniultra.inference.auto_predictor import check_modality_option, choose_modality
+
+    zoom = ZoomPredictor(HeadStub(_rectangle(40, 30, 100, 80)))
+    assert choose_modality(zoom, None, "unknown-set", required=False) is None
+    assert choose_modality(zoom, None, "b", required=False) == "b"
+    with pytest.raises(ValueError, match="--modality"):
+        choose_modality(zoom, None, "unknown-set")
+    check_modality_option(zoom, "stub", "a", automatic=False, tap=True)  # a channel locates taps: accepted
+    with pytest.raises(ValueError, match="point prompts only"):
+        check_modality_option(zoom, "stub", "a", automatic=False)

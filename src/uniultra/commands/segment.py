@@ -37,7 +37,9 @@ def _register_predict(subparsers) -> None:
                    help="none: no prompt at all, the automatic head of a checkpoint from `uniultra auto train` "
                    "(folder mode: every image; Dice against DIR/masks when present)")
     p.add_argument("--modality", metavar="NAME", default=None,
-                   help="with --prompt none: the modality channel to decode with; with a modality controller "
+                   help="with --prompt none: the modality channel to decode with; with --point only (a tap) on a "
+                   "zoomed model with an automatic head: the channel whose mask locates the tapped object (none "
+                   "named: taps are answered without it); with a modality controller "
                    "(MDKD student): the modality to encode under (default: the --input folder's name if the "
                    "model knows it, else the model's only channel, or the controller's shared network)")
     p.add_argument("--out", help="output mask PNG (0/255) for --image")
@@ -108,13 +110,14 @@ def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
 
     predictor = _predictor(args)
     automatic = args.prompt == "none"
+    tap = not automatic and bool(getattr(args, "point", None)) and not getattr(args, "box", None)
     if automatic and not has_auto_head(predictor):
         raise ValueError(f"{args.model} has no automatic head, so --prompt none cannot segment with it: give "
                          "--box / --point prompts, or a checkpoint from `uniultra auto train`")
-    check_modality_option(predictor, args.model, args.modality, automatic)
-    if predictor.selects_modality(automatic):
+    check_modality_option(predictor, args.model, args.modality, automatic, tap=tap)
+    if predictor.selects_modality(automatic, tap=tap):
         try:
-            predictor.modality = choose_modality(predictor, args.modality, dataset)
+            predictor.modality = choose_modality(predictor, args.modality, dataset, required=not tap)
         except ValueError as exc:
             raise ValueError(f"{args.model}: {exc}") from exc
     return predictor

@@ -74,13 +74,14 @@ class ModelMethod:
     def selects_modality(self, prompt_mode: str) -> bool:
         """Whether the modality changes this method's predictions in `prompt_mode`."""
         selects = getattr(self.predictor, "selects_modality", None)
-        return selects is not None and selects(prompt_mode == "none")
+        return selects is not None and selects(prompt_mode == "none", tap=prompt_mode == "point")
 
-    def modality_for(self, dataset: str) -> str | None:
+    def modality_for(self, dataset: str, required: bool = True) -> str | None:
+        """`required` False (taps): a dataset no channel is named after runs without one."""
         from uniultra.inference.auto_predictor import choose_modality
 
         try:
-            return choose_modality(self.predictor, self.modality, dataset)
+            return choose_modality(self.predictor, self.modality, dataset, required=required)
         except ValueError as exc:
             raise ValueError(f"{self.spec}: {exc}") from exc
 
@@ -130,7 +131,8 @@ def check_method_prompt(method: Method, prompt_mode: str) -> None:
     if isinstance(method, ModelMethod):
         from uniultra.inference.auto_predictor import check_modality_option
 
-        check_modality_option(method.predictor, method.spec, method.modality, prompt_mode == "none")
+        check_modality_option(method.predictor, method.spec, method.modality, prompt_mode == "none",
+                              tap=prompt_mode == "point")
 
 
 # --- the evaluation loop -------------------------------------------------------------------
@@ -230,7 +232,7 @@ def _modalities(method: Method, datasets: Sequence[SegmentationDataset], prompt_
     """The modality per dataset: the automatic head's channel, or the controller's modality (None:
     neither in use, one shared channel, or the controller's shared network)."""
     if _selects_modality(method, prompt_mode):
-        return [method.modality_for(dataset.name) for dataset in datasets]
+        return [method.modality_for(dataset.name, required=prompt_mode != "point") for dataset in datasets]
     return [None] * len(datasets)
 
 

@@ -35,7 +35,8 @@ class AutoPredictor(Predictor):
     def check_modality(self, name: str) -> None:
         self.auto.modality_index(name)  # an unknown name fails here, listing the known ones
 
-    def selects_modality(self, automatic: bool = False) -> bool:
+    def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
+        # Taps: only a zoomed predictor around this one locates them with the head (ZoomPredictor).
         return automatic or super().selects_modality(automatic)
 
     def _encode(self, x: torch.Tensor):
@@ -69,7 +70,8 @@ def has_auto_head(predictor: object) -> bool:
     return callable(getattr(predictor, "predict_auto", None))
 
 
-def choose_modality(predictor: Predictor, requested: str | None, dataset: str | None = None) -> str | None:
+def choose_modality(predictor: Predictor, requested: str | None, dataset: str | None = None,
+                    required: bool = True) -> str | None:
     """The modality to run: `requested` if given, else the dataset's (folder) name when the model
     knows it, else the automatic head's only channel, or a controller's shared network (None; also
     the answer for one shared channel)."""
@@ -83,17 +85,23 @@ def choose_modality(predictor: Predictor, requested: str | None, dataset: str | 
         return None  # the controller's shared network: what every modality has in common
     if len(names) <= 1:
         return names[0] if names else None
+    if not required:  # taps: without a known modality they are answered without the head
+        return None
     shown = f"the dataset name {dataset!r} is none of them" if dataset else "none was named"
     raise ValueError(f"the model decodes each modality separately ({', '.join(names)}) and {shown}: "
                      "choose one with --modality NAME")
 
 
-def check_modality_option(predictor: object, spec: str, requested: str | None, automatic: bool) -> None:
+def check_modality_option(predictor: object, spec: str, requested: str | None, automatic: bool,
+                          tap: bool = False) -> None:
     """Refuse `--modality` where it selects nothing: a model with neither automatic head nor
-    modality controller, or an automatic head's channel with prompts (`automatic`: --prompt none)."""
-    if requested is None or getattr(predictor, "selects_modality", lambda _: False)(automatic):
+    modality controller, or an automatic head's channel with box prompts (`automatic`: --prompt none;
+    `tap`: point prompts only, which a zoomed model with a head locates through the channel)."""
+    selects = getattr(predictor, "selects_modality", None)
+    if requested is None or (selects is not None and selects(automatic, tap=tap)):
         return
     if has_auto_head(predictor):
-        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none")
+        raise ValueError("--modality selects a channel of the automatic head: use it with --prompt none, or with "
+                         "point prompts only (taps) on a zoomed model")
     raise ValueError(f"{spec} has no automatic head and no modality controller: --modality applies only to "
                      "checkpoints from `uniultra auto train` and to MDKD students (`uniultra distill` with mdkd)")

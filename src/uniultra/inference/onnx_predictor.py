@@ -59,7 +59,7 @@ class ExportedPredictor(ImageSession):
         """The automatic graph's (logits, presence) for `feeds`."""
         raise NotImplementedError
 
-    def selects_modality(self, automatic: bool = False) -> bool:
+    def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
         """Only the automatic head's channel (an export holds no modality controller)."""
         return automatic and self.auto_info is not None
 

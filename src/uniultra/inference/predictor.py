@@ -61,8 +61,9 @@ class Predictor(ImageSession):
         if modality_names(self.model):
             modality_ids(self.model, name)
 
-    def selects_modality(self, automatic: bool = False) -> bool:
-        """Whether a modality changes this model's output (`automatic`: for no-prompt prediction)."""
+    def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
+        """Whether a modality changes this model's output (`automatic`: for no-prompt prediction;
+        `tap`: for point prompts only)."""
         return bool(modality_names(self.model))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:

@@ -7,7 +7,9 @@ ONNX) and keeps that contract. Per object:
   answer is background anyway);
 - with points only (a tap): candidate crops are cut around what a first pass on the whole image
   segments for the points, and as squares of several sizes centred on them; the points are
-  answered on each, and the answer the candidates agree on most is kept (`DEFAULT_TAP_SCALES`).
+  answered on each, and the answer the candidates agree on most is kept (`DEFAULT_TAP_SCALES`);
+  a model with an automatic head and a chosen modality first tries the head's part under the tap as
+  a box (`TAP_LOCATOR_AGREEMENT`).
 The crop is resized to the model input by the wrapped predictor (one preprocessing for all), and
 its logits, at crop size, are pasted into an image-sized canvas of background logits.
 """
@@ -21,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from uniultra.data.prompts import pad_boxes
+from uniultra.inference.auto_predictor import has_auto_head
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
 from uniultra.inference.roi import (
     TAP_SIDES,
@@ -50,6 +53,16 @@ TAP_SCORE_WEIGHT = 0.5
 # Automatic mode: parts of the head's mask smaller than this share of its largest part are left out of
 # the box that is refined (fragments far from the object would stretch it).
 MAIN_PART_SHARE = 0.2
+# A tap says where, not how far. With an automatic head and a modality chosen, the head's mask (the
+# anatomy it was trained on, no prompt) is read first: its connected part under the tap, loosened by
+# TAP_LOCATOR_PADDING px at 1024 scale, is answered as a box with the tap, and that answer is kept when
+# it agrees with the part (IoU above TAP_LOCATOR_AGREEMENT; else the crops decide as without a head).
+# Chosen on the val splits with the default (benchmarks/probe_tap_locator.py, mean tap Dice over the six
+# sets 69.5 -> 73.2 at 0.7; 0.6 / 0.8: 73.0 / 73.0; padding 0 / 20: 72.2 / 73.2; always taking the part's
+# box: 68.5, since the head is a poor locator of carotid, nerves and vessels, where the agreement test
+# mostly leaves the crops' answer).
+TAP_LOCATOR_PADDING = 10.0
+TAP_LOCATOR_AGREEMENT = 0.7
 # Side of the crop around a tapped point whose first pass found nothing, as a fraction of the image.
 EMPTY_TAP_FRACTION = 0.25
 # Boxes drawn tight around the object (from a reference mask or a detector; `--tight-boxes`) are pushed
@@ -63,7 +76,7 @@ TIGHT_BOX_PADDING = 6.0
 class ZoomPredictor(ImageSession):
     def __init__(self, predictor, margin: float = DEFAULT_MARGIN,
                  tap_scales: tuple[float, ...] = DEFAULT_TAP_SCALES, refine_auto: bool = False,
-                 box_padding: float = 0.0) -> None:
+                 box_padding: float = 0.0, tap_locator: bool = True) -> None:
         super().__init__()
         if margin < 1.0:
             raise ValueError(f"zoom margin must be >= 1 (the crop must hold the box), got {margin}")
@@ -81,6 +94,9 @@ class ZoomPredictor(ImageSession):
         # head it LOWERED the val Dice on all six sets (busi lesion images 45.2 -> 43.7, carotid 70.4
         # -> 64.3; benchmarks/bench_auto.py): where the head's mask is wrong the box is wrong too.
         self.refine_auto = refine_auto
+        # Taps located by the automatic head's part first (TAP_LOCATOR_AGREEMENT), when there is a head
+        # and a modality is chosen.
+        self.tap_locator = tap_locator
         self._whole_image_set = False
 
     def __getattr__(self, name: str):
@@ -109,6 +125,14 @@ class ZoomPredictor(ImageSession):
         results = [self._predict_object(image, prompts, i, multimask, return_logits) for i in range(n)]
         masks, scores, low = (np.stack([r[k] for r in results]) for k in range(3))
         return (masks, scores, low) if prompts.batched else (masks[0], scores[0], low[0])
+
+    def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
+        """Whether a modality changes the output: the wrapped predictor's answer, and for taps the
+        automatic head's channel that locates them."""
+        return self.predictor.selects_modality(automatic) or (tap and self._locates_taps())
+
+    def _locates_taps(self) -> bool:
+        return self.tap_locator and has_auto_head(self.predictor) and bool(self.predictor.modality_choices)
 
     @property
     def modality(self):
@@ -160,11 +184,32 @@ class ZoomPredictor(ImageSession):
         box = None if prompts.boxes is None else prompts.boxes[i]
         points = None if prompts.points is None else prompts.points[i]
         labels = None if prompts.labels is None else prompts.labels[i]
+        tap = box is None and (labels == 1).any()
+        if tap and not multimask:
+            located = self._located_tap(image, points, labels, return_logits)
+            if located is not None:
+                return located
         rois = [self._roi(box, points, labels)]
-        if box is None and (labels == 1).any():
+        if tap:
             rois += self._tap_rois(points[labels == 1])
         answers = [self._answer_on(image, roi, box, points, labels, multimask, return_logits) for roi in rois]
         return answers[_most_agreed(answers, self.predictor.mask_threshold, return_logits)][:3]
+
+    def _located_tap(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
+                     return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The tap answered as the box of the automatic head's part under it, when that answer agrees
+        with the part (TAP_LOCATOR_AGREEMENT); None without a head, a modality or such a part."""
+        if not self._locates_taps() or self.predictor.modality is None:
+            return None
+        self._encode_whole_image()
+        found = np.asarray(self.predictor.predict_auto(self.predictor.modality)[0], dtype=bool)
+        part = parts_under(found, points[labels == 1])
+        if part is None:
+            return None
+        box = pad_boxes(mask_box(part), self.orig_hw, TAP_LOCATOR_PADDING)
+        answer = self._answer_on(image, self._roi(box, points, labels), box, points, labels, False, return_logits)
+        mask = answer[0][0] > self.predictor.mask_threshold if return_logits else answer[0][0]
+        return answer[:3] if _iou(mask, part) > TAP_LOCATOR_AGREEMENT else None
 
     def _tap_rois(self, positives: np.ndarray) -> list[Roi]:
         return [tap_square(positives, scale, self.orig_hw) for scale in self.tap_scales]
@@ -201,12 +246,8 @@ class ZoomPredictor(ImageSession):
         """Box of what a whole-image pass segments for the points (the part holding a positive point)."""
         self._encode_whole_image()
         mask = np.asarray(self.predictor.predict(points=points, labels=labels)[0][0], dtype=bool)
-        components, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-        hit = {int(components[int(y), int(x)]) for x, y in np.clip(positives, 0, None).astype(int)
-               if y < mask.shape[0] and x < mask.shape[1]} - {0}
-        if hit:
-            mask = np.isin(components, list(hit))
-        box = mask_box(mask)
+        part = parts_under(mask, positives)
+        box = mask_box(mask if part is None else part)
         if box is not None:
             return box
         anchor = positives.mean(0) if len(positives) else points.reshape(-1, 2).mean(0)
@@ -241,6 +282,27 @@ def tight_boxes_for(predictor, tight: bool, spec: str):
         predictor.box_padding, predictor.exact_boxes = 0.0, False  # a shared predictor answers loose boxes
 
 
+@contextmanager
+def tap_modality_for(predictor, modality: str | None, tap: bool):
+    """The automatic head's channel that locates one request's tap (`ZoomPredictor`'s tap locator), put
+    back afterwards (the web app's predictors are shared); nothing changes when `modality` is None. A
+    modality where it would select nothing (a box in the request, a model without the locator) is refused."""
+    if modality is None:
+        yield predictor
+        return
+    selects = getattr(predictor, "selects_modality", None)
+    if not (tap and selects is not None and selects(tap=True)):
+        raise ValueError("a modality locates a tap (points only, no box) on a zoomed model with an automatic head: "
+                         "this request has a box or the model has no such head")
+    predictor.check_modality(modality)
+    before = predictor.modality
+    predictor.modality = modality
+    try:
+        yield predictor
+    finally:
+        predictor.modality = before
+
+
 def _most_agreed(answers: list[tuple], threshold: float, logits: bool) -> int:
     """Index of the candidate mask with the highest mean IoU to the others plus TAP_SCORE_WEIGHT x
     its predicted IoU, less the border penalty."""
@@ -254,6 +316,14 @@ def _most_agreed(answers: list[tuple], threshold: float, logits: bool) -> int:
         scores.append(float(np.mean(ious)) + TAP_SCORE_WEIGHT * predicted
                       - BORDER_PENALTY * float(np.ravel(answers[i][3])[0]))
     return int(np.argmax(scores))
+
+
+def parts_under(mask: np.ndarray, points: np.ndarray) -> np.ndarray | None:
+    """The connected parts of `mask` (8-connected) that hold one of `points` (x, y), or None."""
+    components, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    hit = {int(components[int(y), int(x)]) for x, y in np.clip(points, 0, None).astype(int)
+           if y < mask.shape[0] and x < mask.shape[1]} - {0}
+    return np.isin(components, list(hit)) if hit else None
 
 
 def touches_border(masks: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from uniultra import __version__
 from uniultra.data.spacing import check_spacing
 from uniultra.inference.measurements import measurements_table
 from uniultra.inference.propagation import Propagation, propagate
-from uniultra.inference.zoom import tight_boxes_for
+from uniultra.inference.zoom import tap_modality_for, tight_boxes_for
 from uniultra.serve.apidocs import DOCS_CSS, DOCS_CSS_PATH, reference_html
 from uniultra.serve.dicom_seg import SegError, write_seg
 from uniultra.serve.guard import DEFAULT_ALLOWED_HOSTS, DecodeSlots, Guard
@@ -106,6 +106,13 @@ class PredictRequest(BaseModel):
         default=False, description="The box touches the object (a reference mask's or a detector's box, not one "
                                    "drawn by hand): a zoomed model answers it as exact (its exact-box tokens, or "
                                    "the box loosened by a few pixels first); 422 for other models",
+    )
+    modality: str | None = Field(
+        default=None,
+        description="A tap (points only, no box) on a zoomed model with an automatic head: the head's channel "
+                    "(one of /api/health's `modalities`) whose mask locates the tapped object; null: the tap is "
+                    "answered without it. 422 with a box or for other models",
+        examples=["ddti"],
     )
     spacing: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
         default=None, min_length=1, max_length=2,
@@ -199,6 +206,8 @@ class Health(BaseModel):
     auto: bool = Field(description="Whether the model segments without prompts (POST /api/images/{id}/auto)")
     modalities: list[str] = Field(description="Modality channels of the automatic head to choose from "
                                               "(empty when one channel serves every image)")
+    locates_taps: bool = Field(default=False, description="Whether a tap (points only) can name one of `modalities` "
+                                                          "(predict's `modality`) to be located by the head")
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -300,7 +309,8 @@ def create_app(
         return Health(status="ok", version=__version__, model=model_info["name"], image_size=model_info["size"],
                       cached_images=len(cache), cache_size=cache.capacity, cached_images_total=cache.total(),
                       total_cache_size=cache.total_capacity, max_upload_bytes=max_bytes,
-                      auto=model_info["auto"], modalities=model_info["modalities"])
+                      auto=model_info["auto"], modalities=model_info["modalities"],
+                      locates_taps=model_info["locates_taps"])
 
     @app.post(
         UPLOAD_PATH, response_model=ImageInfo, summary="Upload an image and compute its embedding once",
@@ -341,7 +351,8 @@ def create_app(
         start = time.perf_counter()
         try:
             with model_lock, tight_boxes_for(entry.predictor, request.tight_box and box is not None,
-                                             model_info["name"]):
+                                             model_info["name"]), \
+                    tap_modality_for(entry.predictor, request.modality, box is None):
                 entry.use_frame(request.frame)
                 masks, scores, _ = entry.predictor.predict(box=box, points=points, labels=labels,
                                                            multimask=request.multimask)
@@ -391,7 +402,7 @@ def create_app(
             raise HTTPException(422, f"frame {start_frame} out of range: the image has {count} frame(s)")
         start = time.perf_counter()
         try:
-            with model_lock:
+            with model_lock, tap_modality_for(entry.predictor, request.modality, box is None):
                 result = _propagate(entry, start_frame, box, points, labels)
         except ValueError as exc:
             raise HTTPException(422, _plain_numbers(str(exc))) from exc
@@ -561,5 +572,7 @@ def _model_info(predictor: Any) -> dict[str, Any]:
         metadata = getattr(predictor, "metadata", None) or {}
         name, size = (metadata.get("model") or {}).get("preset", "unknown"), metadata.get("image_size", 0)
     auto = callable(getattr(predictor, "predict_auto", None))
+    selects = getattr(predictor, "selects_modality", None)
     return {"name": str(name), "size": int(size or 0),
-            "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else []}
+            "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else [],
+            "locates_taps": bool(auto and selects is not None and selects(tap=True))}

@@ -26,7 +26,7 @@
     objects: [], active: -1, nextKey: 1,
     mode: "box", label: 1, drag: null, pan: null, pinch: null, pointers: new Map(), pending: 0,
     view: { zoom: 1, x: 0, y: 0 }, // CSS transform of the canvas: translate(x, y) scale(zoom)
-    auto: false, modalities: [], // automatic mode: from /api/health
+    auto: false, modalities: [], locatesTaps: false, // automatic mode: from /api/health
   };
 
   // --- status and buttons -----------------------------------------------------------------------
@@ -311,7 +311,14 @@
   }
 
   function promptBody(s) {
-    return { box: s.box, points: s.points.map((p) => [p.x, p.y]), labels: s.points.map((p) => p.label), ...common() };
+    const body = { box: s.box, points: s.points.map((p) => [p.x, p.y]), labels: s.points.map((p) => p.label), ...common() };
+    // A tap (points only): the chosen channel of the automatic head locates the object, when the model can.
+    if (isTap(s) && state.locatesTaps && state.modalities.length > 1) body.modality = $("modality").value;
+    return body;
+  }
+
+  function isTap(s) {
+    return !s.box && s.points.some((p) => p.label === 1);
   }
 
   function requestMask(obj = activeObject()) {
@@ -721,6 +728,7 @@
   $("modality").addEventListener("change", () => {
     const s = state.id ? activeObject().frames[state.frame] : null;
     if (s && s.autoShown) requestAutoMask();
+    else if (s && state.locatesTaps && isTap(s)) requestMask();
   });
   for (const id of ["wl-level", "wl-width", "opacity", "outline"]) $(id).addEventListener("input", compose);
   $("wl-reset").addEventListener("click", resetWindow);
@@ -755,6 +763,7 @@
       const health = await response.json();
       state.auto = Boolean(health.auto);
       state.modalities = health.modalities || [];
+      state.locatesTaps = Boolean(health.locates_taps);
     } catch (_) { return; } // the upload will report an unreachable server
     $("auto").hidden = !state.auto;
     const select = $("modality");

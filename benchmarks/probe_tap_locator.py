@@ -1,0 +1,139 @@
+"""The automatic head as a tap's locator: does knowing the anatomy turn a tap into a good box?
+
+    python benchmarks/probe_tap_locator.py --split val
+
+A lone tap says where, not how far: the zoomed predictor answers it on several crops and keeps the
+answer they agree on. A model with an automatic head (the bundled default: one channel per training
+set) already segments its known anatomies with no prompt at all. Here, per tap: the head's mask for
+the image's own set (its channel), the connected part of it holding the tap, and the box of that part
+answered like a user's box together with the tap (`ZoomPredictor.predict(box=..., points=...)`,
+loosened by --paddings px at 1024 scale). When the tap is in no part, the shipped tap answer stays.
+Rows: the shipped answer, the head's part itself, the locator always (+ each padding), and the locator
+kept only when its answer agrees with the part (IoU above each of AGREEMENTS; what
+`ZoomPredictor` ships with TAP_LOCATOR_AGREEMENT and TAP_LOCATOR_PADDING), Dice over the split's
+one-object images (tap = the farthest interior point, as `uniultra evaluate --prompt point`).
+Writes `benchmarks/results/probe-tap-locator-<split>.json` (or `--name`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from uniultra.atomic import atomic_write_text
+from uniultra.data.dataset import load_sample
+from uniultra.data.prompts import make_prompt, pad_boxes
+from uniultra.evaluation.evaluate import load_datasets
+from uniultra.inference.loading import load_predictor
+from uniultra.inference.roi import mask_box
+from uniultra.inference.zoom import ZoomPredictor
+
+ROOT = Path(__file__).resolve().parent.parent
+AGREEMENTS = (0.5, 0.6, 0.7, 0.8, 0.9)
+DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="a zoomed model with an automatic head")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--paddings", nargs="+", type=float, default=[0.0, 10.0, 20.0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None)
+    return parser.parse_args()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 1.0
+
+
+def tapped_part(mask: np.ndarray, point: np.ndarray) -> np.ndarray | None:
+    """The connected part of `mask` that holds the tap, or None."""
+    parts, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    x, y = (int(v) for v in np.clip(point, 0, np.array(mask.shape[::-1]) - 1))
+    label = parts[y, x]
+    return parts == label if label else None
+
+
+def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str, paddings: list[float]) -> dict:
+    truth = item["mask"] > 0
+    zoom.set_image(item["image"])
+    tap = dict(points=point[None], labels=np.ones(1, dtype=np.int64))
+    shipped = np.asarray(zoom.predict(**tap)[0][0], dtype=bool)
+    found, presence, _ = zoom.predict_auto(channel)
+    part = tapped_part(np.asarray(found, dtype=bool), point)
+    row = {"shipped": dice(shipped, truth), "tap_in_head_mask": part is not None, "presence": presence,
+           "head_part": dice(part, truth) if part is not None else 0.0}
+    for pad in paddings:
+        if part is None:
+            row[f"locator pad {pad:g}"] = row["shipped"]
+            continue
+        box = pad_boxes(mask_box(part)[None], truth.shape, pad)[0] if pad else mask_box(part)
+        masks, scores, _ = zoom.predict(box=box, **tap)
+        answer = np.asarray(masks[0], dtype=bool)
+        row[f"locator pad {pad:g}"] = dice(answer, truth)
+        # What a rule could read without the truth: agreement of the three answers, the locator's score.
+        row[f"features pad {pad:g}"] = {"iou_with_part": iou(answer, part), "iou_with_shipped": iou(answer, shipped),
+                                        "predicted_iou": float(np.ravel(scores)[0]),
+                                        "part_share": float(part.mean()), "shipped_share": float(shipped.mean())}
+    return row
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def gated(row: dict, pad: str, agreement: float) -> float:
+    """The Dice of the locator's answer when it agrees with the head's part, else the shipped answer's."""
+    features = row.get(f"features pad {pad}")
+    keep = features is not None and features["iou_with_part"] > agreement
+    return row[f"locator pad {pad}"] if keep else row["shipped"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if k not in ("tap_in_head_mask", "presence") and not k.startswith("features")]
+    inside = [r for r in rows if r["tap_in_head_mask"]]
+    pads = [k.removeprefix("locator pad ") for k in keys if k.startswith("locator pad ")]
+    return {"n": len(rows), "tap_in_head_mask": round(len(inside) / len(rows), 4),
+            "dice": {k: round(100 * float(np.mean([r[k] for r in rows])), 2) for k in keys},
+            "dice_locator_if_it_agrees_with_the_part": {
+                f"pad {pad}, IoU > {a}": round(100 * float(np.mean([gated(r, pad, a) for r in rows])), 2)
+                for pad in pads for a in AGREEMENTS},
+            "dice_where_tap_in_head_mask": {k: round(100 * float(np.mean([r[k] for r in inside])), 2)
+                                            for k in keys} if inside else {}}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    zoom = load_predictor(args.model)
+    if not isinstance(zoom, ZoomPredictor) or not zoom.modality_choices:
+        raise SystemExit(f"{args.model}: not a zoomed model with an automatic head of several channels")
+    result = {"model": args.model, "split": args.split, "channels": list(zoom.modality_choices), "datasets": {}}
+    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
+        start, rows = time.perf_counter(), []
+        for sample in ds.samples:
+            item = load_sample(sample)
+            prompt = make_prompt(item["mask"], "point", stem=sample.stem)
+            if prompt is not None and len(prompt.points) == 1:
+                rows.append(probe_image(zoom, item, prompt.points[0, 0], ds.name, args.paddings))
+        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
+        result.setdefault("rows", {})[ds.name] = rows
+        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
+    out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-tap-locator-{args.split}'}.json"
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
