@@ -69,18 +69,22 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str
     zoom.set_image(item["image"])
     tap = dict(points=point[None], labels=np.ones(1, dtype=np.int64))
     shipped = np.asarray(zoom.predict(**tap)[0][0], dtype=bool)
-    found, presence, _ = zoom.predict_auto(channel)
-    part = tapped_part(np.asarray(found, dtype=bool), point)
+    head_logits, presence, _ = zoom.predict_auto(channel, return_logits=True)
+    found = np.asarray(head_logits) > zoom.mask_threshold
+    part = tapped_part(found, point)
     row = {"shipped": dice(shipped, truth), "tap_in_head_mask": part is not None, "presence": presence,
            "head_part": dice(part, truth) if part is not None else 0.0}
     for pad in paddings:
         if part is None:
-            row[f"locator pad {pad:g}"] = row["shipped"]
+            row[f"locator pad {pad:g}"] = row[f"blend pad {pad:g}"] = row["shipped"]
             continue
         box = pad_boxes(mask_box(part)[None], truth.shape, pad)[0] if pad else mask_box(part)
-        masks, scores, _ = zoom.predict(box=box, **tap)
-        answer = np.asarray(masks[0], dtype=bool)
+        logits, scores, _ = zoom.predict(box=box, **tap, return_logits=True)
+        answer = np.asarray(logits[0]) > zoom.mask_threshold
         row[f"locator pad {pad:g}"] = dice(answer, truth)
+        # The head and the box answer together: their mean logit, the part under the tap.
+        blend = tapped_part((np.asarray(logits[0]) + np.asarray(head_logits)) / 2 > zoom.mask_threshold, point)
+        row[f"blend pad {pad:g}"] = dice(blend, truth) if blend is not None else 0.0
         # What a rule could read without the truth: agreement of the three answers, the locator's score.
         row[f"features pad {pad:g}"] = {"iou_with_part": iou(answer, part), "iou_with_shipped": iou(answer, shipped),
                                         "predicted_iou": float(np.ravel(scores)[0]),
@@ -93,11 +97,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
-def gated(row: dict, pad: str, agreement: float) -> float:
-    """The Dice of the locator's answer when it agrees with the head's part, else the shipped answer's."""
+def gated(row: dict, pad: str, agreement: float, answer: str = "locator") -> float:
+    """The Dice of the locator's answer (or `answer`: blend) when it agrees with the head's part, else the
+    shipped answer's."""
     features = row.get(f"features pad {pad}")
     keep = features is not None and features["iou_with_part"] > agreement
-    return row[f"locator pad {pad}"] if keep else row["shipped"]
+    return row[f"{answer} pad {pad}"] if keep else row["shipped"]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -108,6 +113,9 @@ def summarise(rows: list[dict]) -> dict:
             "dice": {k: round(100 * float(np.mean([r[k] for r in rows])), 2) for k in keys},
             "dice_locator_if_it_agrees_with_the_part": {
                 f"pad {pad}, IoU > {a}": round(100 * float(np.mean([gated(r, pad, a) for r in rows])), 2)
+                for pad in pads for a in AGREEMENTS},
+            "dice_blend_if_the_locator_agrees_with_the_part": {
+                f"pad {pad}, IoU > {a}": round(100 * float(np.mean([gated(r, pad, a, "blend") for r in rows])), 2)
                 for pad in pads for a in AGREEMENTS},
             "dice_where_tap_in_head_mask": {k: round(100 * float(np.mean([r[k] for r in inside])), 2)
                                             for k in keys} if inside else {}}
