@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from probe_taps import add_tap_probe_arguments, dice, single_object_taps
 from scipy import ndimage
 
 from uniultra.atomic import atomic_write_text
-from uniultra.data.dataset import load_sample
-from uniultra.data.prompts import make_prompt, pad_boxes
+from uniultra.data.prompts import pad_boxes
 from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
@@ -36,24 +36,14 @@ from uniultra.inference.zoom import ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
 AGREEMENTS = (0.5, 0.6, 0.7, 0.8, 0.9)
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="a zoomed model with an automatic head")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--split", default="val")
+    add_tap_probe_arguments(parser)
     parser.add_argument("--paddings", nargs="+", type=float, default=[0.0, 10.0, 20.0])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default=None)
     return parser.parse_args()
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
 
 
 def tapped_part(mask: np.ndarray, point: np.ndarray) -> np.ndarray | None:
@@ -130,11 +120,7 @@ def main() -> None:
     result = {"model": args.model, "split": args.split, "channels": list(zoom.modality_choices), "datasets": {}}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
         start, rows = time.perf_counter(), []
-        for sample in ds.samples:
-            item = load_sample(sample)
-            prompt = make_prompt(item["mask"], "point", stem=sample.stem)
-            if prompt is not None and len(prompt.points) == 1:
-                rows.append(probe_image(zoom, item, prompt.points[0, 0], ds.name, args.paddings))
+        rows += [probe_image(zoom, item, tap, ds.name, args.paddings) for item, tap in single_object_taps(ds)]
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         result.setdefault("rows", {})[ds.name] = rows
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)

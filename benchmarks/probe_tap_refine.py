@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_taps import add_tap_probe_arguments, dice
+from probe_taps import add_tap_probe_arguments, dice, single_object_taps
 
 from uniultra.atomic import atomic_write_text
-from uniultra.data.dataset import load_sample
-from uniultra.data.prompts import make_prompt, pad_boxes
+from uniultra.data.prompts import pad_boxes
 from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
@@ -109,12 +108,8 @@ def main() -> None:
               "square_sides": args.square_sides, "datasets": {}}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
         start, rows = time.perf_counter(), []
-        for sample in ds.samples:
-            item = load_sample(sample)
-            prompt = make_prompt(item["mask"], "point", stem=sample.stem)
-            if prompt is not None and len(prompt.points) == 1:
-                rows.append(probe_image(zoom, item, prompt.points[0, 0], args.paddings, args.rounds,
-                                        args.square_sides))
+        rows += [probe_image(zoom, item, tap, args.paddings, args.rounds, args.square_sides)
+                 for item, tap in single_object_taps(ds)]
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
     out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-tap-refine-{args.split}'}.json"

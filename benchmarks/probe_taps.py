@@ -61,6 +61,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def single_object_taps(dataset):
+    """(item, tap) for each image of `dataset` with exactly one object; the tap is its farthest interior
+    point, as `uniultra evaluate --prompt point` places it."""
+    for sample in dataset.samples:
+        item = load_sample(sample)
+        prompt = make_prompt(item["mask"], "point", stem=sample.stem)
+        if prompt is not None and len(prompt.points) == 1:
+            yield item, prompt.points[0, 0]
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return float(2 * (a & b).sum() / total) if total else 1.0
@@ -166,11 +176,7 @@ def main() -> None:
     every_row = {}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
         start, rows = time.perf_counter(), every_row.setdefault(ds.name, [])
-        for sample in ds.samples:
-            item = load_sample(sample)
-            prompt = make_prompt(item["mask"], "point", stem=sample.stem)
-            if prompt is not None and len(prompt.points) == 1:
-                rows.append(probe_image(zoom, item, prompt.points[0, 0], args.multimask))
+        rows += [probe_image(zoom, item, tap, args.multimask) for item, tap in single_object_taps(ds)]
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
     out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-taps-{args.split}'}.json"
