@@ -32,7 +32,7 @@ from uniultra.data.prompts import pad_boxes
 from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
-from uniultra.inference.zoom import ZoomPredictor
+from uniultra.inference.zoom import TAP_LOCATOR_AGREEMENT, ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
 AGREEMENTS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     add_tap_probe_arguments(parser)
     parser.add_argument("--paddings", nargs="+", type=float, default=[0.0, 10.0, 20.0])
     parser.add_argument("--name", default=None)
+    parser.add_argument("--every-channel", action="store_true",
+                        help="also: the anatomy NOT named; every channel locates, and the answer that agrees best "
+                        "with its channel's part is kept (above TAP_LOCATOR_AGREEMENT; first padding)")
     return parser.parse_args()
 
 
@@ -54,7 +57,8 @@ def tapped_part(mask: np.ndarray, point: np.ndarray) -> np.ndarray | None:
     return parts == label if label else None
 
 
-def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str, paddings: list[float]) -> dict:
+def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str, paddings: list[float],
+                every: bool) -> dict:
     truth = item["mask"] > 0
     zoom.set_image(item["image"])
     tap = dict(points=point[None], labels=np.ones(1, dtype=np.int64))
@@ -79,7 +83,26 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str
         row[f"features pad {pad:g}"] = {"iou_with_part": iou(answer, part), "iou_with_shipped": iou(answer, shipped),
                                         "predicted_iou": float(np.ravel(scores)[0]),
                                         "part_share": float(part.mean()), "shipped_share": float(shipped.mean())}
+    if every:
+        row.update(every_channel(zoom, truth, point, paddings[0], row["shipped"]))
     return row
+
+
+def every_channel(zoom: ZoomPredictor, truth: np.ndarray, point: np.ndarray, pad: float, shipped: float) -> dict:
+    """The tap located by each channel of the head; kept: the answer agreeing best with its part."""
+    tap = dict(points=point[None], labels=np.ones(1, dtype=np.int64))
+    best = (0.0, None, None)
+    for channel in zoom.modality_choices:
+        part = tapped_part(np.asarray(zoom.predict_auto(channel)[0], dtype=bool), point)
+        if part is None:
+            continue
+        box = pad_boxes(mask_box(part)[None], truth.shape, pad)[0]
+        answer = np.asarray(zoom.predict(box=box, **tap)[0][0], dtype=bool)
+        best = max(best, (iou(answer, part), channel, answer), key=lambda b: b[0])
+    agreement, channel, answer = best
+    kept = agreement > TAP_LOCATOR_AGREEMENT
+    return {"every channel": dice(answer, truth) if kept else shipped,
+            "every channel picked": channel if kept else None}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,7 +119,8 @@ def gated(row: dict, pad: str, agreement: float, answer: str = "locator") -> flo
 
 
 def summarise(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if k not in ("tap_in_head_mask", "presence") and not k.startswith("features")]
+    keys = [k for k in rows[0] if k not in ("tap_in_head_mask", "presence", "every channel picked")
+            and not k.startswith("features")]
     inside = [r for r in rows if r["tap_in_head_mask"]]
     pads = [k.removeprefix("locator pad ") for k in keys if k.startswith("locator pad ")]
     return {"n": len(rows), "tap_in_head_mask": round(len(inside) / len(rows), 4),
@@ -120,7 +144,8 @@ def main() -> None:
     result = {"model": args.model, "split": args.split, "channels": list(zoom.modality_choices), "datasets": {}}
     for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
         start, rows = time.perf_counter(), []
-        rows += [probe_image(zoom, item, tap, ds.name, args.paddings) for item, tap in single_object_taps(ds)]
+        rows += [probe_image(zoom, item, tap, ds.name, args.paddings, args.every_channel)
+                 for item, tap in single_object_taps(ds)]
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
         result.setdefault("rows", {})[ds.name] = rows
         print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
