@@ -42,7 +42,7 @@ def add_tap_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="a zoomed model: default or a checkpoint path")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--split", default="val", help="train, val, test, or all (every image)")
     parser.add_argument("--threads", type=int, default=1)
 
 
@@ -174,7 +174,8 @@ def main() -> None:
                              for k in range(3 if args.multimask else 1)],
               "multimask": args.multimask, "datasets": {}}
     every_row = {}
-    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
+    split = None if args.split == "all" else args.split  # all: every image of the sets (held-out folds)
+    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], split, None):
         start, rows = time.perf_counter(), every_row.setdefault(ds.name, [])
         rows += [probe_image(zoom, item, tap, args.multimask) for item, tap in single_object_taps(ds)]
         result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}

@@ -23,7 +23,7 @@ from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.distill.config import load_distill_config
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
-from uniultra.engine.run_archive import pack_document, pack_run, restore_run, unpack_document
+from uniultra.engine.run_archive import check_archive, pack_document, pack_run, restore_run, unpack_document
 from uniultra.engine.trainer import TrainHooks, build_model, train
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_model
@@ -452,3 +452,13 @@ def test_archive_of_a_finished_run_keeps_the_best_model_only(short_run, tmp_path
         restore_run(tmp_path / "archive", tmp_path / "again")
     with pytest.raises(FileNotFoundError, match="not a run archive"):
         restore_run(out, tmp_path / "again")
+
+
+def test_committed_run_archives_are_intact_and_load(tmp_path):
+    manifests = sorted((REPO / "weights").rglob("ARCHIVE.json"))
+    if not manifests:
+        pytest.skip("no run archive is committed under weights/")
+    for i, manifest in enumerate(manifests):
+        assert "best.pt" in check_archive(manifest.parent)["files"], manifest
+        restore_run(manifest.parent, tmp_path / str(i))
+        assert isinstance(load_model(tmp_path / str(i) / "best.pt"), SAM2ImageModel), manifest

@@ -161,17 +161,26 @@ def read_manifest(archive: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_archive(archive: str | Path) -> dict[str, Any]:
+    """The manifest of `archive`, after checking that every file it lists is there with its sha256."""
+    archive = Path(archive)
+    manifest = read_manifest(archive)
+    for name, digest in manifest["files"].items():
+        if not (archive / name).is_file():
+            raise FileNotFoundError(f"{archive / name}: listed in {MANIFEST} but missing")
+        if file_sha256(archive / name) != digest:
+            raise ValueError(f"{archive / name}: sha256 differs from {MANIFEST} (damaged or edited)")
+    return manifest
+
+
 def restore_run(archive: str | Path, run_dir: str | Path) -> list[Path]:
     """Write the archive's files into `run_dir` as a run folder (float32 again); refused when
     run_dir holds a run already. Returns the files written."""
     archive, run_dir = Path(archive), Path(run_dir)
-    manifest = read_manifest(archive)
+    manifest = check_archive(archive)
     taken = [run_dir / n for n in (LAST, BEST) if (run_dir / n).exists()]
     if taken:
         raise ValueError(f"{run_dir} already holds a run ({taken[0]}); restore into an empty folder")
-    for name, digest in manifest["files"].items():
-        if file_sha256(archive / name) != digest:
-            raise ValueError(f"{archive / name}: sha256 differs from {MANIFEST} (damaged or edited)")
     written = []
     # best.pt before last.pt: a restore cut short never leaves a resumable state without its best.
     for name in sorted(manifest["files"], key=lambda n: n == LAST):
