@@ -416,6 +416,9 @@ def test_a_tap_in_the_heads_part_is_answered_as_its_box():
     assert stub.auto_calls == ["b"]
     assert answer[head].all()  # the part's box, loosened by TAP_LOCATOR_PADDING, filled by the box answer
     assert answer.sum() < 1.2 * head.sum()
+    zoom.exact_boxes = True  # --tight-boxes: the part's loosened box still goes without the exact-box tokens
+    np.testing.assert_array_equal(_tap(zoom, 70, 55), answer)  # (the stub takes no exact_box argument)
+    zoom.exact_boxes = False
     # Without the locator (or a modality, or a part under the tap) the crops answer: the 5 x 5 blob.
     for modality, locator, x, y in (("b", False, 70, 55), (None, True, 70, 55), ("b", True, 20, 100)):
         stub.modality, zoom.tap_locator = modality, locator

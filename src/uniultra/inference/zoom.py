@@ -207,7 +207,9 @@ class ZoomPredictor(ImageSession):
         if part is None:
             return None
         box = pad_boxes(mask_box(part), self.orig_hw, TAP_LOCATOR_PADDING)
-        answer = self._answer_on(image, self._roi(box, points, labels), box, points, labels, False, return_logits)
+        # The part's box is loosened on purpose: never the exact-box tokens, even under --tight-boxes.
+        answer = self._answer_on(image, self._roi(box, points, labels), box, points, labels, False, return_logits,
+                                 exact_box=False)
         mask = answer[0][0] > self.predictor.mask_threshold if return_logits else answer[0][0]
         return answer[:3] if _iou(mask, part) > TAP_LOCATOR_AGREEMENT else None
 
@@ -215,16 +217,17 @@ class ZoomPredictor(ImageSession):
         return [tap_square(positives, scale, self.orig_hw) for scale in self.tap_scales]
 
     def _answer_on(self, image: np.ndarray, roi: Roi, box, points, labels, multimask: bool,
-                   return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   return_logits: bool, exact_box: bool | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(masks or logits at image size, scores, crop low-res logits, which masks touch the crop's
-        border (M,)) on one crop."""
+        border (M,)) on one crop. `exact_box`: the box touches its object (default: `exact_boxes`)."""
         self.predictor.set_image(crop(image, roi))
         self._whole_image_set = False
         offset = roi.offset
         kwargs = {"multimask": multimask, "return_logits": True}
         if box is not None:
             kwargs["box"] = box - np.tile(offset, 2)
-            if self.exact_boxes:
+            if self.exact_boxes if exact_box is None else exact_box:
                 kwargs["exact_box"] = True
         if points is not None:
             kwargs["points"], kwargs["labels"] = _points_in_roi(points, labels, roi)
