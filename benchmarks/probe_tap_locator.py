@@ -25,14 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from probe_taps import add_tap_probe_arguments, dice, single_object_taps
-from scipy import ndimage
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.prompts import pad_boxes
 from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
-from uniultra.inference.zoom import TAP_LOCATOR_AGREEMENT, ZoomPredictor
+from uniultra.inference.zoom import TAP_LOCATOR_AGREEMENT, ZoomPredictor, parts_under
 
 ROOT = Path(__file__).resolve().parent.parent
 AGREEMENTS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -50,11 +49,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def tapped_part(mask: np.ndarray, point: np.ndarray) -> np.ndarray | None:
-    """The connected part of `mask` that holds the tap, or None."""
-    parts, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    x, y = (int(v) for v in np.clip(point, 0, np.array(mask.shape[::-1]) - 1))
-    label = parts[y, x]
-    return parts == label if label else None
+    """The connected part of `mask` that holds the tap, or None (the shipped locator's rule)."""
+    return parts_under(mask, point[None])
 
 
 def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str, paddings: list[float],
