@@ -320,8 +320,8 @@ def _served_auto_mask(page, url: str, image_path: Path, modality: str) -> tuple[
     page.goto(url)
     page.get_by_label("Open image").first.set_input_files(str(image_path))
     expect(page.locator("#status")).to_contain_text("or press Auto")
-    options = page.get_by_label("Modality").locator("option").all_inner_texts()
-    page.get_by_label("Modality").select_option(modality)
+    options = page.get_by_label("Anatomy", exact=True).locator("option").all_inner_texts()
+    page.get_by_label("Anatomy", exact=True).select_option(modality)
     with page.expect_response(lambda r: r.url.endswith("/auto")) as response:
         page.get_by_role("button", name="Automatic segmentation").click()
     assert response.value.status == 200, response.value.text()
@@ -339,10 +339,40 @@ def test_serve_default_offers_auto_with_every_dataset_channel(page, phantom, tmp
     log_dir = tmp_path_factory.mktemp("default-auto")
     with _running_server("default", log_dir) as url:
         served, options = _served_auto_mask(page, url, image_path, "busi")
+        tap = [int(v) for v in np.argwhere(truth_phantom.mask).mean(axis=0)[::-1]]
+        located, unnamed = _served_taps_named_and_unnamed(page, tap, "busi")
+    assert options[0] == "not named", options  # a tap is located only when the user names the anatomy
     assert {"busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel"} <= set(options), options
     predictor = load_predictor("default")
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("busi")[0])
+    taps = {"points": np.asarray([tap], float), "labels": np.asarray([1])}
+    np.testing.assert_array_equal(unnamed, predictor.predict(**taps)[0][0])
+    predictor.modality = "busi"
+    np.testing.assert_array_equal(located, predictor.predict(**taps)[0][0])
+
+
+def _served_taps_named_and_unnamed(page, tap: list[int], modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """On the page as `_served_auto_mask` left it: Auto refuses while the anatomy is not named; a tap
+    is sent with `modality` while it is named and without one after "not named" is chosen (the
+    page asks again). (The two served masks.)"""
+    from playwright.sync_api import expect
+
+    menu = page.get_by_label("Anatomy", exact=True)
+    page.get_by_role("button", name="Point mode").click()  # Auto has put the prompts aside
+    rect = page.locator("#view").bounding_box()
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as response:
+        page.touchscreen.tap(rect["x"] + (tap[0] + 0.5) * rect["width"] / W,
+                             rect["y"] + (tap[1] + 0.5) * rect["height"] / H)
+    assert response.value.status == 200 and response.value.request.post_data_json["modality"] == modality
+    located = _served_mask(response.value.json())
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as response:
+        menu.select_option("")  # the shown tap is asked again
+    assert response.value.status == 200 and "modality" not in response.value.request.post_data_json
+    unnamed = _served_mask(response.value.json())
+    page.get_by_role("button", name="Automatic segmentation").click()
+    expect(page.locator("#status")).to_contain_text("Auto needs the anatomy")
+    return located, unnamed
 
 
 # --- issue #14: window/level, several objects, outline, zoom, downloads, cine loops, /docs --------

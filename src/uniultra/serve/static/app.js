@@ -291,6 +291,7 @@
     const s = slot();
     s.history.push(snapshot(s));
     mutate(s);
+    s.autoShown = false; // the prompts, not the automatic mode, now make the mask (and the menu's meaning)
     promptsChanged();
   }
 
@@ -313,7 +314,8 @@
   function promptBody(s) {
     const body = { box: s.box, points: s.points.map((p) => [p.x, p.y]), labels: s.points.map((p) => p.label), ...common() };
     // A tap (points only): the chosen channel of the automatic head locates the object, when the model can.
-    if (isTap(s) && state.locatesTaps && state.modalities.length > 1) body.modality = $("modality").value;
+    // "Not named" (the empty value) leaves the tap to the crops, as for anatomy the head was not trained on.
+    if (isTap(s) && state.locatesTaps && $("modality").value) body.modality = $("modality").value;
     return body;
   }
 
@@ -337,6 +339,10 @@
   // The automatic mode needs no prompt: the current ones are put aside (Undo brings them back).
   function requestAutoMask() {
     if (!state.id || !state.auto) return;
+    if (state.modalities.length > 1 && !$("modality").value) {
+      setStatus("Auto needs the anatomy: choose it in the Anatomy menu.");
+      return;
+    }
     const obj = activeObject();
     const s = slot(obj);
     if (hasPrompts(s)) s.history.push(snapshot(s));
@@ -766,9 +772,11 @@
       state.locatesTaps = Boolean(health.locates_taps);
     } catch (_) { return; } // the upload will report an unreachable server
     $("auto").hidden = !state.auto;
-    const select = $("modality");
-    select.replaceChildren(...state.modalities.map((name) => new Option(name, name)));
-    select.hidden = !state.auto || state.modalities.length < 2;
+    // A tapped object is located only when the user names its anatomy, so the menu starts unnamed.
+    const options = state.modalities.map((name) => new Option(name, name));
+    if (state.locatesTaps) options.unshift(new Option("not named", ""));
+    $("modality").replaceChildren(...options);
+    $("modality-label").hidden = !state.auto || state.modalities.length < 2;
     updateButtons();
   }
 
