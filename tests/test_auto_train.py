@@ -19,6 +19,7 @@ from uniultra.cli import main
 from uniultra.config_io import ConfigError
 from uniultra.engine.config import DataEntry, PhantomSpec
 from uniultra.engine.data import ensure_phantoms
+from uniultra.engine.run_archive import pack_run, restore_run
 from uniultra.inference.loading import load_auto_model, load_model
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -76,6 +77,13 @@ def test_one_epoch_writes_a_loadable_best_checkpoint_and_logs(phantom_sets, tmp_
     assert set(log["epochs"][0]) >= {"val_dice", "val_dice_pa", "val_dice_pb", "train_loss"}
     features = sorted(p.name for p in (out / "cache" / "auto-features").glob("*.npy"))
     assert len(features) == 4 * 3  # 2 sets x (train, val) x (embed, s0, s1)
+    # Packed for a repository (uniultra archive): the auto checkpoint and logs, not the feature cache.
+    archive = pack_run(out, tmp_path / "archive")
+    assert archive.finished and set(archive.files) == {"best.pt", "steps.csv", "epochs.csv", "log.json", "curves.png"}
+    restore_run(tmp_path / "archive", tmp_path / "back")
+    back = load_auto_model(tmp_path / "back" / "best.pt")
+    assert back.config.modalities == ("pa", "pb")
+    assert torch.load(tmp_path / "back" / "best.pt", weights_only=True)["meta"]["val_dice"] == meta["val_dice"]
 
 
 def test_cached_features_are_reused_and_a_run_resumes(phantom_sets, tmp_path):

@@ -31,6 +31,7 @@ from uniultra.distill.model import (
     teacher_taps,
 )
 from uniultra.distill.trainer import DistillHooks, distill
+from uniultra.engine.run_archive import pack_run, restore_run
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_model
 from uniultra.models.checkpoint import read_checkpoint, save_model
@@ -334,6 +335,29 @@ def test_teacher_cache_and_finetuning(teacher_file, teacher, phantoms, tmp_path)
     assert not same_state(student.image_encoder.neck.state_dict(), distilled.image_encoder.neck.state_dict())
     report = result.report
     assert report["finetune"]["epochs"] == 1 and report["dskd"]["teacher_cache"] is True
+    _check_distill_run_archive(out, student, tmp_path)
+
+
+def _check_distill_run_archive(out: Path, student: SAM2ImageModel, tmp_path: Path) -> None:
+    """`uniultra archive` on a finished distillation: every model and report, the fine-tuning sub-run,
+    no resume state and no teacher cache; restored, student.pt answers as before (fp16 rounding)."""
+    archive = pack_run(out, tmp_path / "archive")
+    assert archive.finished
+    assert {"student.pt", "distilled.pt", "distill_report.json", "epochs.csv", "finetune/best.pt",
+            "finetune/epochs.csv"} <= set(archive.files), archive.files
+    assert not [n for n in archive.files if n.endswith("last.pt") or n.startswith("teacher_cache")]
+    restore_run(tmp_path / "archive", tmp_path / "back")
+    back = load_model(tmp_path / "back" / "student.pt")
+    x = student.normalize(torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
+    box = torch.tensor([[8.0, 8, 40, 40]])
+    with torch.no_grad():
+        before, after = student(x, boxes=box).low_res_logits, back(x, boxes=box).low_res_logits
+    assert torch.allclose(before, after, atol=0.05 * before.abs().max().item())
+    # Before its fine-tuning phase starts, a distillation is not finished: its DSKD state is kept.
+    pending = tmp_path / "pending"
+    shutil.copytree(out, pending, ignore=shutil.ignore_patterns("finetune", "student.pt", "teacher_cache"))
+    archive = pack_run(pending, tmp_path / "archive-pending")
+    assert not archive.finished and "last.pt" in archive.files
 
 
 def test_one_teacher_cache_serves_every_levels_ablation(teacher_file, phantoms, tmp_path):
