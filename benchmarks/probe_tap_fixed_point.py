@@ -25,17 +25,12 @@ Images: those with exactly one object (probe_taps.single_object_taps). Writes
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from probe_taps import ROOT, add_tap_probe_arguments, dice, single_object_taps, tap_candidates
+from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, tap_candidates
 
-from uniultra.atomic import atomic_write_text
 from uniultra.data.prompts import pad_boxes
-from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import (
@@ -131,16 +126,8 @@ def main() -> None:
     if not isinstance(zoom, ZoomPredictor):
         raise SystemExit(f"{args.model}: not a zoomed model")
     result = {"model": args.model, "split": args.split, "datasets": {}}
-    every_row = {}
-    split = None if args.split == "all" else args.split
-    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], split, None):
-        start, rows = time.perf_counter(), every_row.setdefault(ds.name, [])
-        rows += [probe_image(zoom, item, tap) for item, tap in single_object_taps(ds)]
-        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
-        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
-    out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-tap-fixed-point-{args.split}'}.json"
-    atomic_write_text(out, json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise,
+                  f"probe-tap-fixed-point-{args.split}")
 
 
 if __name__ == "__main__":

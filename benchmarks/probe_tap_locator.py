@@ -18,17 +18,13 @@ Writes `benchmarks/results/probe-tap-locator-<split>.json` (or `--name`).
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from probe_taps import add_tap_probe_arguments, dice, single_object_taps
+from probe_taps import add_tap_probe_arguments, dice, run_tap_probe
 
-from uniultra.atomic import atomic_write_text
 from uniultra.data.prompts import pad_boxes
-from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import TAP_LOCATOR_AGREEMENT, ZoomPredictor, parts_under
@@ -138,16 +134,9 @@ def main() -> None:
     if not isinstance(zoom, ZoomPredictor) or not zoom.modality_choices:
         raise SystemExit(f"{args.model}: not a zoomed model with an automatic head of several channels")
     result = {"model": args.model, "split": args.split, "channels": list(zoom.modality_choices), "datasets": {}}
-    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
-        start, rows = time.perf_counter(), []
-        rows += [probe_image(zoom, item, tap, ds.name, args.paddings, args.every_channel)
-                 for item, tap in single_object_taps(ds)]
-        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
-        result.setdefault("rows", {})[ds.name] = rows
-        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
-    out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-tap-locator-{args.split}'}.json"
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    run_tap_probe(args, result,
+                  lambda item, tap, name: probe_image(zoom, item, tap, name, args.paddings, args.every_channel),
+                  summarise, f"probe-tap-locator-{args.split}", keep_rows=True)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,13 @@ interior point (as `uniultra evaluate --prompt point`). Writes `benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from probe_taps import add_tap_probe_arguments, dice, single_object_taps
+from probe_taps import add_tap_probe_arguments, dice, run_tap_probe
 
-from uniultra.atomic import atomic_write_text
 from uniultra.data.prompts import pad_boxes
-from uniultra.evaluation.evaluate import load_datasets
 from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import ZoomPredictor
@@ -106,15 +102,9 @@ def main() -> None:
         raise SystemExit(f"{args.model}: not a zoomed model")
     result = {"model": args.model, "split": args.split, "paddings": args.paddings, "rounds": args.rounds,
               "square_sides": args.square_sides, "datasets": {}}
-    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], args.split, None):
-        start, rows = time.perf_counter(), []
-        rows += [probe_image(zoom, item, tap, args.paddings, args.rounds, args.square_sides)
-                 for item, tap in single_object_taps(ds)]
-        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
-        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
-    out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-tap-refine-{args.split}'}.json"
-    atomic_write_text(out, json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    run_tap_probe(args, result,
+                  lambda item, tap, _: probe_image(zoom, item, tap, args.paddings, args.rounds, args.square_sides),
+                  summarise, f"probe-tap-refine-{args.split}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,26 @@ def single_object_taps(dataset):
             yield item, prompt.points[0, 0]
 
 
+def run_tap_probe(args: argparse.Namespace, result: dict, probe, summarise, default_name: str,
+                  keep_rows: bool = False) -> dict:
+    """For each dataset of `args`: `probe(item, tap, dataset_name)` per one-object image, then
+    `summarise(rows)` into result["datasets"] (with `keep_rows`, the rows into result["rows"]); writes
+    benchmarks/results/<args.name or default_name>.json and returns every row by dataset."""
+    every_row = {}
+    split = None if args.split == "all" else args.split  # all: every image of the sets (held-out folds)
+    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], split, None):
+        start, rows = time.perf_counter(), every_row.setdefault(ds.name, [])
+        rows += [probe(item, tap, ds.name) for item, tap in single_object_taps(ds)]
+        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
+        if keep_rows:
+            result.setdefault("rows", {})[ds.name] = rows
+        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
+    out = ROOT / "benchmarks" / "results" / f"{args.name or default_name}.json"
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return every_row
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return float(2 * (a & b).sum() / total) if total else 1.0
@@ -173,18 +193,8 @@ def main() -> None:
                              for crop in ["first pass box"] + [f"square {s}" for s in zoom.tap_scales]
                              for k in range(3 if args.multimask else 1)],
               "multimask": args.multimask, "datasets": {}}
-    every_row = {}
-    split = None if args.split == "all" else args.split  # all: every image of the sets (held-out folds)
-    for ds in load_datasets([Path(args.data_root) / name for name in args.datasets], split, None):
-        start, rows = time.perf_counter(), every_row.setdefault(ds.name, [])
-        rows += [probe_image(zoom, item, tap, args.multimask) for item, tap in single_object_taps(ds)]
-        result["datasets"][ds.name] = {**summarise(rows), "seconds": round(time.perf_counter() - start, 1)}
-        print(ds.name, json.dumps(result["datasets"][ds.name]), flush=True)
-    out = ROOT / "benchmarks" / "results" / f"{args.name or f'probe-taps-{args.split}'}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    every_row = run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap, args.multimask),
+                              summarise, f"probe-taps-{args.split}")
     if args.rows_out:
         atomic_write_text(args.rows_out, json.dumps({"model": args.model, "split": args.split, "rows": every_row}))
         print(f"wrote {args.rows_out}")
