@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
-from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, tap_candidates
+from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, tap_candidates, zoomed_predictor
 
 from uniultra.data.prompts import pad_boxes
-from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import (
     BORDER_PENALTY,
@@ -121,10 +119,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    zoom = load_predictor(args.model)
-    if not isinstance(zoom, ZoomPredictor):
-        raise SystemExit(f"{args.model}: not a zoomed model")
+    zoom = zoomed_predictor(args)
     result = {"model": args.model, "split": args.split, "datasets": {}}
     run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise,
                   f"probe-tap-fixed-point-{args.split}")

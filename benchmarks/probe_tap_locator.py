@@ -21,11 +21,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
-from probe_taps import add_tap_probe_arguments, dice, run_tap_probe
+from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, zoomed_predictor
 
 from uniultra.data.prompts import pad_boxes
-from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import TAP_LOCATOR_AGREEMENT, ZoomPredictor, parts_under
 
@@ -129,9 +127,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    zoom = load_predictor(args.model)
-    if not isinstance(zoom, ZoomPredictor) or not zoom.modality_choices:
+    zoom = zoomed_predictor(args)
+    if not zoom.modality_choices:
         raise SystemExit(f"{args.model}: not a zoomed model with an automatic head of several channels")
     result = {"model": args.model, "split": args.split, "channels": list(zoom.modality_choices), "datasets": {}}
     run_tap_probe(args, result,

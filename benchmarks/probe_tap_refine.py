@@ -16,11 +16,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
-from probe_taps import add_tap_probe_arguments, dice, run_tap_probe
+from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, zoomed_predictor
 
 from uniultra.data.prompts import pad_boxes
-from uniultra.inference.loading import load_predictor
 from uniultra.inference.roi import mask_box
 from uniultra.inference.zoom import ZoomPredictor
 
@@ -96,10 +94,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    zoom = load_predictor(args.model)
-    if not isinstance(zoom, ZoomPredictor):
-        raise SystemExit(f"{args.model}: not a zoomed model")
+    zoom = zoomed_predictor(args)
     result = {"model": args.model, "split": args.split, "paddings": args.paddings, "rounds": args.rounds,
               "square_sides": args.square_sides, "datasets": {}}
     run_tap_probe(args, result,

@@ -71,6 +71,15 @@ def single_object_taps(dataset):
             yield item, prompt.points[0, 0]
 
 
+def zoomed_predictor(args: argparse.Namespace) -> ZoomPredictor:
+    """The zoomed predictor of `args.model`, on `args.threads` threads (exits for a model without zoom)."""
+    torch.set_num_threads(args.threads)
+    zoom = load_predictor(args.model)
+    if not isinstance(zoom, ZoomPredictor):
+        raise SystemExit(f"{args.model}: not a zoomed model; its taps are answered on the whole image only")
+    return zoom
+
+
 def run_tap_probe(args: argparse.Namespace, result: dict, probe, summarise, default_name: str,
                   keep_rows: bool = False) -> dict:
     """For each dataset of `args`: `probe(item, tap, dataset_name)` per one-object image, then
@@ -181,12 +190,9 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    zoom = load_predictor(args.model)
+    zoom = zoomed_predictor(args)
     if args.no_stability_swap:
         zoom.model.sam_mask_decoder.dynamic_multimask_via_stability = False
-    if not isinstance(zoom, ZoomPredictor):
-        raise SystemExit(f"{args.model}: not a zoomed model; its taps are answered on the whole image only")
     result = {"model": args.model, "split": args.split, "stability_swap": not args.no_stability_swap,
               "tap_scales": list(zoom.tap_scales),
               "candidates": [f"{crop}{f' token {k}' if args.multimask else ''}"
