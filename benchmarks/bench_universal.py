@@ -1,8 +1,9 @@
 """A model against the inscribed ellipse on the committed test splits of every shared set.
 
 Same prompts for every row (seed 0): box J = 20 and J = 0 (ellipse and model), one tap
-(`point`) and box J = 20 + one corrective click (model only). Per row and dataset: Dice, IoU,
-HD95 and, for the model's box rows, how clean the masks are:
+(`point`; the anatomy named by the dataset's folder, as `uniultra evaluate` does, and again not named,
+as for anatomy the model has no channel for) and box J = 20 + one corrective click (model only). Per row
+and dataset: Dice, IoU, HD95 and, for the model's box rows, how clean the masks are:
 - leak: share of images whose mask has more than 2 % of its area outside the prompt boxes
   enlarged by 10 % of their size on each side;
 - holes: share of images whose mask has a hole (background enclosed by the mask).
@@ -17,6 +18,7 @@ import argparse
 import json
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +31,12 @@ from uniultra.inference.zoom import ZoomPredictor, tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
-# (row, prompt mode, jitter, tight boxes): "tight boxes" answers the exact boxes as `--tight-boxes` does
-# (zoomed models only); the ellipse answers the untightened box rows.
-ROWS = (("box J=20", "box", 20.0, False), ("box J=0", "box", 0.0, False), ("box J=0, tight boxes", "box", 0.0, True),
-        ("one tap", "point", 0.0, False), ("box J=20 + click", "box+click", 20.0, False))
+# (row, prompt mode, jitter, setting), zoomed models only for a setting: "tight" answers the exact boxes as
+# `--tight-boxes` does; "unnamed" taps without naming the anatomy (no channel locates them). The ellipse
+# answers the plain box rows.
+ROWS = (("box J=20", "box", 20.0, None), ("box J=0", "box", 0.0, None), ("box J=0, tight boxes", "box", 0.0, "tight"),
+        ("one tap", "point", 0.0, None), ("one tap, anatomy not named", "point", 0.0, "unnamed"),
+        ("box J=20 + click", "box+click", 20.0, None))
 LEAK_AREA, BOX_MARGIN = 0.02, 0.10
 
 
@@ -56,6 +60,20 @@ def leaks(prediction: np.ndarray, boxes: np.ndarray | None) -> bool:
         inside[max(0, int(y0 - my)): min(h, int(np.ceil(y1 + my)) + 1),
                max(0, int(x0 - mx)): min(w, int(np.ceil(x1 + mx)) + 1)] = True
     return (prediction & ~inside).sum() > LEAK_AREA * prediction.sum()
+
+
+@contextmanager
+def taps_unnamed(predictor, unnamed: bool):
+    """Taps answered as if no anatomy were named: no modality, and the automatic head does not locate them."""
+    if not unnamed:
+        yield
+        return
+    before = predictor.tap_locator, predictor.modality
+    predictor.tap_locator, predictor.modality = False, None
+    try:
+        yield
+    finally:
+        predictor.tap_locator, predictor.modality = before
 
 
 def has_hole(prediction: np.ndarray) -> bool:
@@ -99,11 +117,13 @@ def main() -> None:
     rows: dict[str, dict] = json.loads(out.read_text())["rows"] if args.rows and out.is_file() else {}
     for label, method in methods.items():
         zoomed = isinstance(getattr(method, "predictor", None), ZoomPredictor)
-        for row, mode, jitter, tight in ROWS:
-            if (label == "ellipse" and mode != "box") or (args.rows and row not in args.rows) or (tight and not zoomed):
+        for row, mode, jitter, setting in ROWS:
+            if (label == "ellipse" and (mode != "box" or setting)) or (args.rows and row not in args.rows) or \
+                    (setting and not zoomed):
                 continue
             start = time.perf_counter()
-            with tight_boxes_for(getattr(method, "predictor", None), tight, args.model):
+            with tight_boxes_for(getattr(method, "predictor", None), setting == "tight", args.model), \
+                    taps_unnamed(method.predictor, setting == "unnamed"):
                 rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
             rows[label][row]["seconds"] = time.perf_counter() - start
             print(f"{label} {row}: " + ", ".join(f"{k} {100 * v['dice']['mean']:.2f}"

@@ -55,8 +55,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
-def box_answer(zoom: ZoomPredictor, mask: np.ndarray, point: np.ndarray) -> np.ndarray | None:
-    """The candidate `mask` asked again as the box of its part under the tap (loosened), with the tap."""
+def box_answer(zoom: ZoomPredictor, mask: np.ndarray, point: np.ndarray) -> tuple | None:
+    """The candidate `mask` asked again as the box of its part under the tap (loosened), with the tap:
+    (mask, predicted IoU, whether it touches its crop's border)."""
     part = parts_under(mask, point[None])
     if part is None:
         return None
@@ -64,7 +65,7 @@ def box_answer(zoom: ZoomPredictor, mask: np.ndarray, point: np.ndarray) -> np.n
     points, labels = point[None].astype(np.float64), np.ones(1, dtype=np.int64)
     answer = zoom._answer_on(zoom._require_image(), zoom._roi(box, points, labels), box, points, labels, False,
                              False, exact_box=False)
-    return answer[0][0]
+    return answer[0][0], float(np.ravel(answer[1])[0]), bool(np.ravel(answer[3])[0])
 
 
 def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray) -> dict:
@@ -72,6 +73,7 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray) -> dict:
     candidates = tap_candidates(zoom, item["image"], point, False)
     masks = [c["mask"] for c in candidates]
     boxed = [box_answer(zoom, m, point) for m in masks]
+    boxed = [None if b is None else b[0] for b in boxed]
     return {"dice": [dice(m, truth) for m in masks],
             "box_dice": [dice(m if b is None else b, truth) for m, b in zip(masks, boxed, strict=True)],
             "consistency": [iou(m, b) if b is not None else 0.0 for m, b in zip(masks, boxed, strict=True)],

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from uniultra.data.phantom import write_phantom_dataset
+from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.data.prompts import corrective_clicks, make_prompt, pad_boxes
+from uniultra.data.regions import region_label_maps, regions_holding
 from uniultra.engine.config import TrainConfig, TrainPromptConfig, ZoomConfig
 from uniultra.engine.trainer import train
 from uniultra.engine.zoom_data import NativeSet, ZoomTrainSet
@@ -136,7 +137,7 @@ def test_tight_boxes_are_answered_as_the_padded_box(base):
 
 def test_a_tap_runs_a_whole_image_pass_then_a_crop(base):
     counting = CountingPredictor(base)
-    zoom = ZoomPredictor(counting)
+    zoom = ZoomPredictor(counting, tap_regions=False)
     zoom.set_image(speckle())
     masks, scores, _ = zoom.predict(points=[[80, 60]], labels=[1])
     assert masks.shape == (1, H, W) and scores.shape == (1,)
@@ -409,7 +410,7 @@ def _tap(zoom: ZoomPredictor, x: float, y: float) -> np.ndarray:
 def test_a_tap_in_the_heads_part_is_answered_as_its_box():
     head = _rectangle(40, 30, 100, 80)
     stub = HeadStub(head)
-    zoom = ZoomPredictor(stub)
+    zoom = ZoomPredictor(stub, tap_regions=False)  # the crops alone answer what the head does not locate
     assert zoom.selects_modality(tap=True) and not zoom.selects_modality()
     stub.modality = "b"
     answer = _tap(zoom, 70, 55)
@@ -430,7 +431,7 @@ def test_a_located_answer_that_disagrees_with_the_part_is_not_kept():
     head = _rectangle(20, 20, 30, 100) | _rectangle(20, 90, 140, 100)  # an L: its box is mostly not the part
     stub = HeadStub(head)
     stub.modality = "a"
-    answer = _tap(ZoomPredictor(stub), 25, 50)
+    answer = _tap(ZoomPredictor(stub, tap_regions=False), 25, 50)
     assert stub.auto_calls == ["a"] and answer.sum() <= 25
 
 
@@ -445,3 +446,45 @@ def test_taps_need_no_modality_where_boxes_need_none():
     check_modality_option(zoom, "stub", "a", automatic=False, tap=True)  # a channel locates taps: accepted
     with pytest.raises(ValueError, match="point prompts only"):
         check_modality_option(zoom, "stub", "a", automatic=False)
+
+
+# --- taps answered on the unsupervised regions that hold them ---------------------------------------
+
+def test_regions_holding_a_point_fine_to_coarse_without_repeats():
+    maps = np.zeros((3, 8, 8), np.uint8)
+    maps[0, 2:4, 2:4] = 1  # a small region
+    maps[1, 2:4, 2:4] = 1  # the same region again: given once
+    maps[2, 0:6, 0:6] = 2  # a coarse one
+    regions = regions_holding(maps, np.array([[6.0, 6.0]]), (16, 16))  # (x, y) in a 16 x 16 image
+    assert [r.shape for r in regions] == [(16, 16), (16, 16)]
+    assert regions[0].sum() == 4 * 4 and regions[0][4:8, 4:8].all()
+    assert regions[1].sum() == 12 * 12
+    assert regions_holding(maps, np.array([[15.0, 15.0]]), (16, 16)) == []  # no region there (label 0)
+    # a region that also holds a negative point is left out
+    avoided = regions_holding(maps, np.array([[6.0, 6.0]]), (16, 16), avoid=np.array([[1.0, 1.0]]))
+    assert len(avoided) == 1 and avoided[0].sum() == 16
+
+
+def test_a_tap_is_also_answered_on_each_region_holding_it(base):
+    phantom = make_phantom(3, (H, W), n_lesions=1)
+    tap = np.argwhere(phantom.mask).mean(axis=0)[::-1]
+    regions = regions_holding(region_label_maps(phantom.image), tap[None], (H, W))
+    assert regions, "the phantom's lesion should lie in some region"
+    counting = CountingPredictor(base)
+    zoom = ZoomPredictor(counting)
+    zoom.set_image(phantom.image)
+    masks, _, _ = zoom.predict(points=[tap], labels=[1])
+    # the whole-image pass, the crops of the first pass and of each square, then one crop per region
+    assert len(counting.shapes) == 2 + len(zoom.tap_scales) + len(regions)
+    for prompt in ({"box": [40, 30, 100, 80]}, {"points": [tap], "labels": [1], "multimask": True}):
+        counting.shapes.clear()
+        zoom.predict(**prompt)
+        assert len(counting.shapes) <= 2 + len(zoom.tap_scales), prompt  # no region crops
+    # A named anatomy is one the model was trained on: its own crops answer there, not the regions.
+    counting.shapes.clear()
+    counting.inner.modality = "busi"
+    try:
+        zoom.predict(points=[tap], labels=[1])
+    finally:
+        counting.inner.modality = None
+    assert len(counting.shapes) == 2 + len(zoom.tap_scales)

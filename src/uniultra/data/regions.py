@@ -83,6 +83,30 @@ def sample_region(maps: np.ndarray, rng: np.random.Generator) -> np.ndarray | No
     return level == rng.choice(labels)
 
 
+def regions_holding(maps: np.ndarray, points: np.ndarray, image_hw: tuple[int, int],
+                    avoid: np.ndarray | None = None) -> list[np.ndarray]:
+    """The distinct regions of `maps` (levels, h, w) that hold one of `points` (x, y in image pixels) and
+    none of `avoid`, fine to coarse, as bool masks of the image's size `image_hw`."""
+    levels, h, w = maps.shape
+
+    def cells(xy: np.ndarray | None) -> list[tuple[int, int]]:
+        xy = np.zeros((0, 2)) if xy is None else np.asarray(xy, dtype=float).reshape(-1, 2)
+        return [(min(max(int(y * h / image_hw[0]), 0), h - 1), min(max(int(x * w / image_hw[1]), 0), w - 1))
+                for x, y in xy]
+
+    inside, outside = cells(points), cells(avoid)
+    found, seen = [], []
+    for level in maps:
+        for label in dict.fromkeys(int(level[c]) for c in inside) if inside else ():
+            small = level == label
+            if label == 0 or any(small[c] for c in outside) or any(np.array_equal(small, s) for s in seen):
+                continue
+            seen.append(small)
+            full = Image.fromarray(small.astype(np.uint8) * 255).resize((image_hw[1], image_hw[0]), Image.NEAREST)
+            found.append(np.asarray(full) > 0)
+    return found
+
+
 def _gray_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2 and image.dtype == np.uint8:
         return image

@@ -9,7 +9,8 @@ ONNX) and keeps that contract. Per object:
   segments for the points, and as squares of several sizes centred on them; the points are
   answered on each, and the answer the candidates agree on most is kept (`DEFAULT_TAP_SCALES`);
   a model with an automatic head and a chosen modality first tries the head's part under the tap as
-  a box (`TAP_LOCATOR_AGREEMENT`).
+  a box (`TAP_LOCATOR_AGREEMENT`); with no modality named, the unsupervised regions holding the tap
+  are answered as boxes too and compete with the crops (`_region_answers`).
 The crop is resized to the model input by the wrapped predictor (one preprocessing for all), and
 its logits, at crop size, are pasted into an image-sized canvas of background logits.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from uniultra.data.prompts import pad_boxes
+from uniultra.data.regions import region_label_maps, regions_holding
 from uniultra.inference.auto_predictor import has_auto_head
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
 from uniultra.inference.roi import (
@@ -63,6 +65,15 @@ MAIN_PART_SHARE = 0.2
 # mostly leaves the crops' answer).
 TAP_LOCATOR_PADDING = 10.0
 TAP_LOCATOR_AGREEMENT = 0.7
+# A tap with no anatomy named (the head cannot locate it, or there is no head) may be on anatomy the
+# model never saw, where its choice among the crops loses 14-25 Dice against the best crop. The region
+# maps of the foundation stage (uniultra.data.regions: no labels, no training, ~0.08 s an image) hold
+# such objects too: each distinct region holding the tap is answered as its box, loosened by
+# TAP_LOCATOR_PADDING, with the tap, and these answers join the crops' under the same score. Measured
+# with benchmarks/probe_tap_regions.py (BENCHMARKS.md, "Taps located by unsupervised regions"): on the
+# leave-one-out folds' held-out sets, one-object images, tg3k 43.7 -> 57.2, carotid 67.5 -> 71.5,
+# usgra_vessel 55.4 -> 57.8, usgra_nerve 46.5 -> 46.0; on the trained sets' val taps it costs 2.9 (mean 69.5
+# -> 66.6: there the model's own crops are better), hence only when no anatomy is named.
 # Side of the crop around a tapped point whose first pass found nothing, as a fraction of the image.
 EMPTY_TAP_FRACTION = 0.25
 # Boxes drawn tight around the object (from a reference mask or a detector; `--tight-boxes`) are pushed
@@ -76,7 +87,7 @@ TIGHT_BOX_PADDING = 6.0
 class ZoomPredictor(ImageSession):
     def __init__(self, predictor, margin: float = DEFAULT_MARGIN,
                  tap_scales: tuple[float, ...] = DEFAULT_TAP_SCALES, refine_auto: bool = False,
-                 box_padding: float = 0.0, tap_locator: bool = True) -> None:
+                 box_padding: float = 0.0, tap_locator: bool = True, tap_regions: bool = True) -> None:
         super().__init__()
         if margin < 1.0:
             raise ValueError(f"zoom margin must be >= 1 (the crop must hold the box), got {margin}")
@@ -97,6 +108,9 @@ class ZoomPredictor(ImageSession):
         # Taps located by the automatic head's part first (TAP_LOCATOR_AGREEMENT), when there is a head
         # and a modality is chosen.
         self.tap_locator = tap_locator
+        # Taps not located by the head: the unsupervised regions holding them compete with the crops.
+        self.tap_regions = tap_regions
+        self._region_maps: np.ndarray | None = None
         self._whole_image_set = False
 
     def __getattr__(self, name: str):
@@ -110,6 +124,7 @@ class ZoomPredictor(ImageSession):
         # Nothing is encoded yet: each object's crop is, in predict; the session keeps the image itself.
         self._remember(image, image)
         self._whole_image_set = False
+        self._region_maps = None
 
     def predict(self, box=None, points=None, labels=None, mask_input=None, multimask: bool = False,
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,7 +208,20 @@ class ZoomPredictor(ImageSession):
         if tap:
             rois += self._tap_rois(points[labels == 1])
         answers = [self._answer_on(image, roi, box, points, labels, multimask, return_logits) for roi in rois]
+        if tap and not multimask and self.tap_regions and getattr(self.predictor, "modality", None) is None:
+            answers += self._region_answers(image, points, labels, return_logits)
         return answers[_most_agreed(answers, self.predictor.mask_threshold, return_logits)][:3]
+
+    def _region_answers(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
+                        return_logits: bool) -> list[tuple]:
+        """Each unsupervised region (uniultra.data.regions) holding a positive point and no negative one,
+        answered as its box loosened by TAP_LOCATOR_PADDING, with the points (TAP_REGIONS)."""
+        if self._region_maps is None:  # once per image, for every tap on it
+            self._region_maps = region_label_maps(image)
+        regions = regions_holding(self._region_maps, points[labels == 1], self.orig_hw, points[labels == 0])
+        boxes = [pad_boxes(mask_box(region), self.orig_hw, TAP_LOCATOR_PADDING) for region in regions]
+        return [self._answer_on(image, self._roi(box, points, labels), box, points, labels, False, return_logits,
+                                exact_box=False) for box in boxes]
 
     def _located_tap(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
                      return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
