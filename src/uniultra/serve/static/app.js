@@ -314,7 +314,7 @@
   function promptBody(s) {
     const body = { box: s.box, points: s.points.map((p) => [p.x, p.y]), labels: s.points.map((p) => p.label), ...common() };
     // A tap (points only): the chosen channel of the automatic head locates the object, when the model can.
-    // "Not named" (the empty value) leaves the tap to the crops, as for anatomy the head was not trained on.
+    // "Not named" (the empty value): the crops and the regions answer, as for anatomy the head was not trained on.
     if (isTap(s) && state.locatesTaps && $("modality").value) body.modality = $("modality").value;
     return body;
   }
