@@ -69,11 +69,11 @@ TAP_LOCATOR_AGREEMENT = 0.7
 # model never saw, where its choice among the crops loses 14-25 Dice against the best crop. The region
 # maps of the foundation stage (uniultra.data.regions: no labels, no training, ~0.08 s an image) hold
 # such objects too: each distinct region holding the tap is answered as its box, loosened by
-# TAP_LOCATOR_PADDING, with the tap, and these answers join the crops' under the same score. Measured
-# with benchmarks/probe_tap_regions.py (BENCHMARKS.md, "Taps located by unsupervised regions"): on the
-# leave-one-out folds' held-out sets, one-object images, tg3k 43.7 -> 57.2, carotid 67.5 -> 71.5,
-# usgra_vessel 55.4 -> 57.8, usgra_nerve 46.5 -> 46.0; on the trained sets' val taps it costs 2.9 (mean 69.5
-# -> 66.6: there the model's own crops are better), hence only when no anatomy is named.
+# TAP_LOCATOR_PADDING, with the tap, and these answers join the crops' under the same score
+# (`_region_answers`). BENCHMARKS.md, "Taps located by unsupervised regions": on the leave-one-out folds'
+# held-out sets one tap goes busi 52.6 -> 63.0, ddti 38.9 -> 43.3, tg3k 43.6 -> 56.4, carotid 67.5 ->
+# 71.7, vessel +0.9, nerve -2.4; on trained anatomy the model's own crops are better (test, unnamed:
+# nerve 61.3 -> 49.7, vessel 80.0 -> 65.9), hence only when no anatomy is named.
 # Side of the crop around a tapped point whose first pass found nothing, as a fraction of the image.
 EMPTY_TAP_FRACTION = 0.25
 # Boxes drawn tight around the object (from a reference mask or a detector; `--tight-boxes`) are pushed
@@ -215,7 +215,7 @@ class ZoomPredictor(ImageSession):
     def _region_answers(self, image: np.ndarray, points: np.ndarray, labels: np.ndarray,
                         return_logits: bool) -> list[tuple]:
         """Each unsupervised region (uniultra.data.regions) holding a positive point and no negative one,
-        answered as its box loosened by TAP_LOCATOR_PADDING, with the points (TAP_REGIONS)."""
+        answered as its box loosened by TAP_LOCATOR_PADDING, with the points."""
         if self._region_maps is None:  # once per image, for every tap on it
             self._region_maps = region_label_maps(image)
         regions = regions_holding(self._region_maps, points[labels == 1], self.orig_hw, points[labels == 0])
