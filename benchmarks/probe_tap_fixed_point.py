@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, tap_candidates, zoomed_predictor
+from probe_taps import add_tap_probe_arguments, dice, probe_each_tap, tap_candidates
 
 from uniultra.data.prompts import pad_boxes
 from uniultra.inference.roi import mask_box
@@ -121,10 +121,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    zoom = zoomed_predictor(args)
-    result = {"model": args.model, "split": args.split, "datasets": {}}
-    run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise,
-                  f"probe-tap-fixed-point-{args.split}")
+    probe_each_tap(args, probe_image, summarise, f"probe-tap-fixed-point-{args.split}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from probe_tap_fixed_point import box_answer, iou, shipped_scores
-from probe_taps import add_tap_probe_arguments, dice, run_tap_probe, tap_candidates, zoomed_predictor
+from probe_taps import add_tap_probe_arguments, dice, probe_each_tap, tap_candidates
 
 from uniultra.data.regions import region_label_maps
 from uniultra.inference.zoom import ZoomPredictor
@@ -148,10 +148,7 @@ def main() -> None:
     if args.select:
         print(json.dumps(select_rule(args.select), indent=1))
         return
-    zoom = zoomed_predictor(args)
-    result = {"model": args.model, "split": args.split, "datasets": {}}
-    run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise,
-                  f"probe-tap-regions-{args.split}")
+    probe_each_tap(args, probe_image, summarise, f"probe-tap-regions-{args.split}")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ def zoomed_predictor(args: argparse.Namespace) -> ZoomPredictor:
     return zoom
 
 
+def probe_each_tap(args: argparse.Namespace, probe_image, summarise, default_name: str) -> None:
+    """The common main of a tap probe: `probe_image(zoom, item, tap)` on every one-object image of the
+    zoomed model of `args`, summarised per dataset into benchmarks/results/<name>.json."""
+    zoom = zoomed_predictor(args)
+    result = {"model": args.model, "split": args.split, "datasets": {}}
+    run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise, default_name)
+
+
 def run_tap_probe(args: argparse.Namespace, result: dict, probe, summarise, default_name: str,
                   keep_rows: bool = False) -> dict:
     """For each dataset of `args`: `probe(item, tap, dataset_name)` per one-object image, then
