@@ -307,9 +307,24 @@ def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_p
     truth_phantom, image_path = phantom
     with _running_server(path, path.parent) as url:
         served, _ = _served_auto_mask(page, url, image_path, "ddti")
+        _check_anatomy_remembered(page, url, "ddti", "busi")
     predictor = AutoPredictor(load_auto_model(path))
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("ddti")[0])
+
+
+def _check_anatomy_remembered(page, url: str, chosen: str, first: str) -> None:
+    """A reloaded page starts at the anatomy chosen last (not at the menu's first entry, `first`)."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    menu = page.get_by_label("Anatomy", exact=True)
+    expect(menu.locator("option").first).to_have_attribute("value", first)
+    expect(menu).to_have_value(chosen)
+    menu.select_option(first)
+    page.goto(url)
+    expect(menu.locator("option").first).to_have_attribute("value", first)
+    expect(menu).to_have_value(first)
 
 
 def _served_auto_mask(page, url: str, image_path: Path, modality: str) -> tuple[np.ndarray, list[str]]:

@@ -732,6 +732,7 @@
   $("help-toggle").addEventListener("click", toggleHelp);
   $("auto").addEventListener("click", requestAutoMask);
   $("modality").addEventListener("change", () => {
+    rememberAnatomy($("modality").value);
     const s = state.id ? activeObject().frames[state.frame] : null;
     if (s && s.autoShown) requestAutoMask();
     else if (s && state.locatesTaps && isTap(s)) requestMask();
@@ -761,6 +762,16 @@
     if (action) { event.preventDefault(); action(); }
   });
 
+  // A clinician scans one anatomy for hours: the menu starts at the last one chosen in this browser
+  // (per server address; storage may be off, as in some private windows).
+  const ANATOMY_KEY = "uniultra.anatomy";
+  function rememberAnatomy(value) {
+    try { localStorage.setItem(ANATOMY_KEY, value); } catch (_) { /* not remembered, nothing else lost */ }
+  }
+  function rememberedAnatomy() {
+    try { return localStorage.getItem(ANATOMY_KEY); } catch (_) { return null; }
+  }
+
   // The Auto button (and a modality choice when there are several) only for a model with that head.
   async function loadModelInfo() {
     try {
@@ -776,6 +787,8 @@
     const options = state.modalities.map((name) => new Option(name, name));
     if (state.locatesTaps) options.unshift(new Option("not named", ""));
     $("modality").replaceChildren(...options);
+    const remembered = rememberedAnatomy();
+    if (options.some((option) => option.value === remembered)) $("modality").value = remembered;
     $("modality-label").hidden = !state.auto || state.modalities.length < 2;
     updateButtons();
   }
