@@ -54,8 +54,11 @@ TABLE_COLUMNS = (("ellipse", "box J=0"), ("model", "box J=0"), ("model", "box J=
                  ("ellipse", "box J=20"), ("model", "box J=20"), ("model", "one tap"), ("model", "box J=20 + click"))
 
 
-def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None) -> dict:
+def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None,
+                seed: int | None = None) -> dict:
     document = yaml.safe_load(config_path.read_text())
+    if seed is not None:
+        document["seed"] = seed
     kept = [e for e in document["data"] if not e.get("path") or Path(e["path"]).name not in held_out]
     document["data"] = kept
     document["out_dir"] = str(out_dir)
@@ -65,11 +68,12 @@ def fold_config(config_path: Path, held_out: tuple[str, ...], out_dir: Path, epo
 
 
 def train_fold(config: Path, held_out: tuple[str, ...], out_dir: Path, epochs: int | None,
-               base: Path | None = None) -> dict:
+               base: Path | None = None, seed: int | None = None) -> dict:
     """Train `config` without the held-out set(s) into out_dir (skipped when its best.pt exists);
-    `base` replaces the config's model.base (a two-stage recipe's fold-specific first stage)."""
+    `base` replaces the config's model.base (a two-stage recipe's fold-specific first stage); `seed`
+    the config's seed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = fold_config(config, held_out, out_dir, epochs)
+    document = fold_config(config, held_out, out_dir, epochs, seed)
     if base is not None:
         document["model"]["base"] = str(base)
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
@@ -90,15 +94,20 @@ def packed_first_stage(stage1: Path, second: Path, held_out: tuple[str, ...], ou
     return packed
 
 
+def recipe_name(config: str, seed: int | None) -> str:
+    """The name of a recipe's runs and results: the config's stem, `-seedN` for another seed than its own."""
+    return Path(config).stem + ("" if seed is None else f"-seed{seed}")
+
+
 def run_fold(args: argparse.Namespace) -> None:
-    recipe = Path(args.config).stem
+    recipe = recipe_name(args.config, args.seed)
     held_out = FOLDS[args.fold]
     out_dir = Path(args.out) / recipe / args.fold
     start = time.perf_counter()
     base = None
     if args.stage1:
         base = packed_first_stage(Path(args.stage1), Path(args.config), held_out, Path(args.out), args.fold)
-    document = train_fold(Path(args.config), held_out, out_dir, args.epochs, base)
+    document = train_fold(Path(args.config), held_out, out_dir, args.epochs, base, args.seed)
     train_seconds = time.perf_counter() - start
     datasets = load_datasets([Path(args.data_root) / name for name in held_out], None, None)
     result_file = RESULTS / f"loo-{recipe}-{args.fold}.json"
@@ -122,9 +131,11 @@ def run_fold(args: argparse.Namespace) -> None:
                 "stage1_train_minutes": _train_minutes(Path(args.out) / Path(args.stage1).stem / args.fold)
                 if args.stage1 else None,
                 "train_log": str(out_dir), "protocol": [list(p) for p in PROTOCOL], "seed": 0,
+                "train_seed": document.get("seed", 0),
                 "command": f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
                            + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-                           + (f" --stage1 {args.stage1}" if args.stage1 else ""),
+                           + (f" --stage1 {args.stage1}" if args.stage1 else "")
+                           + (f" --seed {args.seed}" if args.seed is not None else ""),
                 "rows": rows}
     if args.rows:
         document["rows_re_evaluated"] = {"rows": args.rows, "date": document["date"]}
@@ -172,6 +183,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override optim.epochs (same for every fold)")
     parser.add_argument("--stage1", default=None,
                         help="first-stage config of a two-stage recipe (trained per fold, packed, used as model.base)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train with this seed instead of the config's; runs and results are named RECIPE-seedN")
     parser.add_argument("--out", default="runs/loo")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--table", action="store_true", help="print the table of finished folds and exit")
@@ -179,7 +192,7 @@ def main() -> None:
                         help="re-evaluate only these rows of a finished fold (the others are kept from its JSON)")
     args = parser.parse_args()
     if args.table:
-        print(table(Path(args.config).stem))
+        print(table(recipe_name(args.config, args.seed)))
         return
     if args.fold is None:
         parser.error("give --fold NAME (or --table)")

@@ -14,6 +14,9 @@ agreement is the IoU of that answer with the region. Rules scored against the cr
 - the best-agreeing region's answer when its agreement is above a threshold, else the crops';
 - the largest region whose answer agrees, else the crops';
 - the region answers pooled with the crops' answers under the crops' own score;
+- the same pool with near-identical answers (IoU above DUPLICATE_IOU) counted once in the agreement,
+  among the region answers only or among all (nested regions of several levels often give one answer
+  several times, and its copies then outvote the crops);
 - oracles over the region answers and over everything.
 Writes `benchmarks/results/probe-tap-regions-<split>.json` (or `--name`), with the region maps' time.
 """
@@ -30,10 +33,12 @@ from PIL import Image
 from probe_tap_fixed_point import box_answer, iou, shipped_scores
 from probe_taps import add_tap_probe_arguments, dice, probe_each_tap, tap_candidates
 
+from uniultra.atomic import atomic_write_text
 from uniultra.data.regions import region_label_maps
-from uniultra.inference.zoom import ZoomPredictor
+from uniultra.inference.zoom import BORDER_PENALTY, TAP_SCORE_WEIGHT, ZoomPredictor
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
+DUPLICATE_IOU = (0.85, 0.9, 0.95)
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +49,8 @@ def parse_args() -> argparse.Namespace:
                         help="no probing: choose a rule from these held-out result files, one fold left out at "
                         "a time (the rule with the best mean over the other folds' sets, scored on the fold "
                         "left out), and print the table")
+    parser.add_argument("--rows-out", type=Path, default=None,
+                        help="also write every tap's row (Dice, IoU matrix, scores; no masks) as JSON")
     return parser.parse_args()
 
 
@@ -110,12 +117,33 @@ def pooled(row: dict) -> float:
     return row["dice"][k] if k < n else row["region_dice"][k - n]
 
 
+def pooled_once(row: dict, duplicate_iou: float, regions_only: bool) -> float:
+    """`pooled`, with each candidate's agreement the mean over the OTHER groups of near-identical answers
+    (IoU above `duplicate_iou`, grouped greedily in order) of its mean IoU with a group's members."""
+    n = len(row["dice"])
+    iou = np.asarray(row["iou"])
+    groups: list[list[int]] = []
+    for k in range(len(iou)):
+        joinable = [g for g in groups if (k >= n and g[0] >= n) or not regions_only]
+        home = next((g for g in joinable if iou[k, g[0]] > duplicate_iou), None)
+        home.append(k) if home is not None else groups.append([k])
+    agreement = np.array([np.mean([iou[k, g].mean() for g in groups if k not in g] or [0.0])
+                          for k in range(len(iou))])
+    predicted = np.asarray(row["predicted_iou"] + row["region_predicted_iou"])
+    cut_off = np.asarray(row["cut_off"] + row["region_cut_off"], dtype=float)
+    k = int(np.argmax(agreement + TAP_SCORE_WEIGHT * predicted - BORDER_PENALTY * cut_off))
+    return row["dice"][k] if k < n else row["region_dice"][k - n]
+
+
 def summarise(rows: list[dict]) -> dict:
     def mean(values) -> float:
         return round(float(100 * np.mean(list(values))), 2)
 
     rules = {"crops only (shipped)": mean(r["dice"][int(np.argmax(shipped_scores(crops_only(r))))] for r in rows),
              "pooled with the crops": mean(pooled(r) for r in rows)}
+    for d in DUPLICATE_IOU:
+        rules[f"pooled, region copies once above {d}"] = mean(pooled_once(r, d, True) for r in rows)
+        rules[f"pooled, all copies once above {d}"] = mean(pooled_once(r, d, False) for r in rows)
     for t in THRESHOLDS:
         rules[f"best-agreeing region above {t}"] = mean(located(r, t, False) for r in rows)
         rules[f"largest agreeing region above {t}"] = mean(located(r, t, True) for r in rows)
@@ -148,7 +176,9 @@ def main() -> None:
     if args.select:
         print(json.dumps(select_rule(args.select), indent=1))
         return
-    probe_each_tap(args, probe_image, summarise, f"probe-tap-regions-{args.split}")
+    rows = probe_each_tap(args, probe_image, summarise, f"probe-tap-regions-{args.split}")
+    if args.rows_out:
+        atomic_write_text(args.rows_out, json.dumps(rows) + "\n")
 
 
 if __name__ == "__main__":

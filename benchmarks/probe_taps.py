@@ -80,12 +80,12 @@ def zoomed_predictor(args: argparse.Namespace) -> ZoomPredictor:
     return zoom
 
 
-def probe_each_tap(args: argparse.Namespace, probe_image, summarise, default_name: str) -> None:
+def probe_each_tap(args: argparse.Namespace, probe_image, summarise, default_name: str) -> dict:
     """The common main of a tap probe: `probe_image(zoom, item, tap)` on every one-object image of the
-    zoomed model of `args`, summarised per dataset into benchmarks/results/<name>.json."""
+    zoomed model of `args`, summarised per dataset into benchmarks/results/<name>.json; returns the rows."""
     zoom = zoomed_predictor(args)
     result = {"model": args.model, "split": args.split, "datasets": {}}
-    run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise, default_name)
+    return run_tap_probe(args, result, lambda item, tap, _: probe_image(zoom, item, tap), summarise, default_name)
 
 
 def run_tap_probe(args: argparse.Namespace, result: dict, probe, summarise, default_name: str,
