@@ -349,6 +349,20 @@ def test_tap_candidates_agreeing_alike_are_told_apart_by_the_predicted_iou():
     assert _most_agreed(answers, 0.0, logits=False) == 0  # cut off by its crop: penalised
 
 
+def test_region_answers_alike_vote_once():
+    """Three near-identical region answers (nested regions of several levels) do not outvote two crops
+    that agree with each other; without `copies_from` they would."""
+    square = np.zeros((40, 40), bool)
+    square[10:20, 10:20] = True
+    nearly = square.copy()
+    nearly[10:20, 19] = False
+    region = np.zeros((40, 40), bool)
+    region[5:35, 5:35] = True
+    answers = [_candidate(square, 0.5), _candidate(nearly, 0.5)] + [_candidate(region, 0.5) for _ in range(3)]
+    assert _most_agreed(answers, 0.0, logits=False) >= 2
+    assert _most_agreed(answers, 0.0, logits=False, copies_from=2) == 0
+
+
 def test_touches_border_tells_each_mask_apart():
     masks = np.zeros((4, 10, 12), bool)
     masks[0, 3:6, 3:6] = True  # inside
