@@ -391,7 +391,7 @@ def _served_taps_named_and_unnamed(page, tap: list[int], modality: str) -> tuple
 
 
 # --- issue #14: window/level, several objects, outline, zoom, downloads, cine loops, /docs --------
-# The tests below reuse the module's server (the previous test pointed the page elsewhere).
+# The tests below reuse the module's server; each opens a fresh page on it (_open).
 
 
 def _canvas_rgba(page) -> np.ndarray:
@@ -431,8 +431,7 @@ def _drag_box(page, box: list[int]) -> dict:
 def _open(page, server, path: Path, ready: str = "ready") -> None:
     from playwright.sync_api import expect
 
-    if not page.url.startswith(server):
-        page.goto(server)
+    page.goto(server)  # a fresh page: no mode, zoom or objects left by another test (any order, any -k)
     page.get_by_label("Open image").first.set_input_files(str(path))
     expect(page.locator("#status")).to_contain_text(ready)
 
