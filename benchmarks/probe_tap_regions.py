@@ -35,7 +35,7 @@ from probe_taps import add_tap_probe_arguments, dice, probe_each_tap, tap_candid
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.regions import region_label_maps
-from uniultra.inference.zoom import BORDER_PENALTY, TAP_SCORE_WEIGHT, ZoomPredictor
+from uniultra.inference.zoom import BORDER_PENALTY, TAP_SCORE_WEIGHT, ZoomPredictor, _voters
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 DUPLICATE_IOU = (0.85, 0.9, 0.95)
@@ -122,11 +122,7 @@ def pooled_once(row: dict, duplicate_iou: float, regions_only: bool) -> float:
     (IoU above `duplicate_iou`, grouped greedily in order) of its mean IoU with a group's members."""
     n = len(row["dice"])
     iou = np.asarray(row["iou"])
-    groups: list[list[int]] = []
-    for k in range(len(iou)):
-        joinable = [g for g in groups if (k >= n and g[0] >= n) or not regions_only]
-        home = next((g for g in joinable if iou[k, g[0]] > duplicate_iou), None)
-        home.append(k) if home is not None else groups.append([k])
+    groups = _voters(iou, n if regions_only else 0, duplicate_iou)  # the predictor's own grouping
     agreement = np.array([np.mean([iou[k, g].mean() for g in groups if k not in g] or [0.0])
                           for k in range(len(iou))])
     predicted = np.asarray(row["predicted_iou"] + row["region_predicted_iou"])

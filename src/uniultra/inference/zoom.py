@@ -359,12 +359,13 @@ def _most_agreed(answers: list[tuple], threshold: float, logits: bool, copies_fr
     return int(np.argmax(scores))
 
 
-def _voters(ious: np.ndarray, copies_from: int) -> list[list[int]]:
-    """Candidates before `copies_from` vote alone; later ones join the first later voter they copy."""
+def _voters(ious: np.ndarray, copies_from: int, copy_iou: float = REGION_COPY_IOU) -> list[list[int]]:
+    """Candidates before `copies_from` vote alone; later ones join the first later voter they copy
+    (IoU with its first member above `copy_iou`)."""
     voters: list[list[int]] = []
     for k in range(len(ious)):
         copied = next((v for v in voters if k >= copies_from and v[0] >= copies_from
-                       and ious[k, v[0]] > REGION_COPY_IOU), None)
+                       and ious[k, v[0]] > copy_iou), None)
         if copied is None:
             voters.append([k])
         else:
