@@ -10,6 +10,7 @@ from uniultra.data.regions import (
     DEFAULT_LEVELS,
     METHOD_VERSION,
     cache_dataset_regions,
+    grow_region,
     load_dataset_regions,
     region_label_maps,
     sample_region,
@@ -116,6 +117,16 @@ def test_sample_region_is_uniform_over_levels_then_regions():
     picks = [sample_region(maps, rng) for _ in range(2000)]
     level0 = np.mean([np.array_equal(m, maps[0] == 1) for m in picks])
     assert 0.45 < level0 < 0.55  # 1/2, not 1/10
+
+
+def test_grow_region_adds_every_pixel_within_the_distance():
+    region = np.zeros((21, 21), bool)
+    region[10, 10] = True
+    grown = grow_region(region, 3.0)
+    yy, xx = np.mgrid[:21, :21]
+    assert np.array_equal(grown, np.hypot(yy - 10, xx - 10) <= 3.0)
+    assert grow_region(region, 0.0) is region
+    assert not grow_region(np.zeros((5, 5), bool), 2.0).any()
 
 
 def test_sample_region_none_without_regions():

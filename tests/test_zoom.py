@@ -11,7 +11,7 @@ import torch
 
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.data.prompts import corrective_clicks, make_prompt, pad_boxes
-from uniultra.data.regions import region_label_maps, regions_holding
+from uniultra.data.regions import grow_region, region_label_maps, regions_holding
 from uniultra.engine.config import TrainConfig, TrainPromptConfig, ZoomConfig
 from uniultra.engine.trainer import train
 from uniultra.engine.zoom_data import NativeSet, ZoomTrainSet
@@ -292,6 +292,21 @@ def test_tap_crops_leave_box_samples_alone():
                                 hflip=0.0) for p in (0.0, 1.0))
     for epoch in range(3):
         assert torch.equal(plain[(epoch, 0)]["image"], taps[(epoch, 0)]["image"])
+
+
+def test_region_targets_grow_by_map_pixels_scaled_to_the_image():
+    maps = np.zeros((1, 32, 64), np.uint8)  # a 128 x 256 image's maps at half its size
+    maps[0, 10:20, 20:40] = 1
+    images = [np.zeros((128, 256), np.float32)]
+    plain = NativeSet("r", ["a"], images, None, [maps]).target(0, np.random.default_rng(0))
+    grown = NativeSet("r", ["a"], images, None, [maps], region_grow=2.0).target(0, np.random.default_rng(0))
+    assert plain.sum() == 10 * 20 * 16
+    assert np.array_equal(grown, grow_region(plain, 8.0))  # 2 map pixels = 8 image pixels
+
+
+def test_region_grow_is_checked():
+    with pytest.raises(ValueError, match="region_grow"):
+        ZoomConfig(region_grow=-1.0)
 
 
 @pytest.mark.parametrize("field", ["tap_crops", "whole_image_points", "intensity"])

@@ -83,6 +83,13 @@ def sample_region(maps: np.ndarray, rng: np.random.Generator) -> np.ndarray | No
     return level == rng.choice(labels)
 
 
+def grow_region(region: np.ndarray, pixels: float) -> np.ndarray:
+    """`region` (bool) with every pixel within `pixels` (Euclidean) of it added; 0 returns it unchanged."""
+    if pixels <= 0 or not region.any():
+        return region
+    return ndi.distance_transform_edt(~region) <= pixels
+
+
 def regions_holding(maps: np.ndarray, points: np.ndarray, image_hw: tuple[int, int],
                     avoid: np.ndarray | None = None) -> list[np.ndarray]:
     """The distinct regions of `maps` (levels, h, w) that hold one of `points` (x, y in image pixels) and

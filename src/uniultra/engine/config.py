@@ -235,6 +235,10 @@ class ZoomConfig:
     # place of the crop `whole_image_points` chose. 0: every point-only crop holds the whole object.
     tap_crops: float = 0.0
     intensity: float = 0.5  # probability of a random gamma / contrast change
+    # Grow every region target by this many pixels of its label map (longer side 256) before use:
+    # the unsupervised regions sit inside the outlines people draw (their borders follow a smoothed
+    # image), about 1-2 map pixels on the labelled objects of five sets of six (BENCHMARKS.md).
+    region_grow: float = 0.0
     regions_dir: str = "runs/cache/regions"  # where the region maps of `targets: regions` entries are cached
 
     def __post_init__(self) -> None:
@@ -243,6 +247,8 @@ class ZoomConfig:
             raise ValueError(f"zoom margin must be 1 <= low <= high, got {self.margin}")
         if self.inference_margin < 1.0:
             raise ValueError(f"zoom inference_margin must be >= 1, got {self.inference_margin}")
+        if self.region_grow < 0:
+            raise ValueError(f"zoom region_grow must be >= 0 map pixels, got {self.region_grow}")
         for name in ("whole_image_points", "tap_crops", "intensity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"zoom {name} must be a probability in [0, 1], got {getattr(self, name)}")

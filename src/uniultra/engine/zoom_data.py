@@ -31,7 +31,13 @@ from uniultra.data.prompts import (
     label_components,
     sample_interior_points,
 )
-from uniultra.data.regions import cache_dataset_regions, load_dataset_regions, regions_cache_path, sample_region
+from uniultra.data.regions import (
+    cache_dataset_regions,
+    grow_region,
+    load_dataset_regions,
+    regions_cache_path,
+    sample_region,
+)
 from uniultra.engine.config import TRAIN_PROMPT_MODES, DataEntry, TrainPromptConfig, ZoomConfig
 from uniultra.engine.data import corrective_click, draw_box_kind
 from uniultra.inference.roi import TAP_SIDES, Roi, crop, full_roi, mask_box, roi_around_box, tap_square
@@ -52,6 +58,7 @@ class NativeSet:
     masks: list[np.ndarray] | None  # (H, W) bool; None for a `targets: regions` entry
     regions: list[np.ndarray] | None  # (L, h, w) uint8 label maps; None for a labels entry
     weight: float = 1.0
+    region_grow: float = 0.0  # map pixels, see ZoomConfig.region_grow
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -67,8 +74,10 @@ class NativeSet:
         if self.masks is not None:
             components, count = label_components(self.masks[i])
             return components == int(rng.integers(count)) + 1
-        region = sample_region(self.regions[i], rng)
-        return resize_mask(region, self.images[i].shape[:2])
+        maps = self.regions[i]
+        shape = self.images[i].shape[:2]
+        region = resize_mask(sample_region(maps, rng), shape)
+        return grow_region(region, self.region_grow * max(shape) / max(maps.shape[1:]))
 
 
 def build_native_set(entry: DataEntry, dataset: SegmentationDataset, zoom: ZoomConfig,
@@ -87,7 +96,8 @@ def build_native_set(entry: DataEntry, dataset: SegmentationDataset, zoom: ZoomC
             raise ValueError(f"{regions_cache_path(zoom.regions_dir, key)}: no region maps for {missing[:3]}; "
                              "delete the file to recompute it")
         images = [normalize_intensity(read_image(s.image_path)) for s in _bar(samples, progress, entry.label)]
-        return NativeSet(entry.label, stems, images, None, [cache[stem] for stem in stems], entry.weight)
+        return NativeSet(entry.label, stems, images, None, [cache[stem] for stem in stems], entry.weight,
+                         zoom.region_grow)
     items = [load_sample(s) for s in _bar(samples, progress, entry.label)]
     # Mapped on the whole image, as ZoomPredictor does, before any crop is cut from it.
     images = [normalize_intensity(it["image"]) for it in items]
