@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import SegmentationDataset, load_sample
 from uniultra.data.image_io import resize_mask
-from uniultra.data.regions import load_dataset_regions
+from uniultra.data.regions import grow_region, load_dataset_regions
 from uniultra.evaluation.report import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +56,10 @@ def offset_dice(maps: np.ndarray, mask: np.ndarray, offsets: list[float]) -> lis
     if region is None:
         return None
     region = resize_mask(region, mask.shape)
-    # Signed distance to the region's border in native pixels: negative inside, positive outside.
-    signed = ndi.distance_transform_edt(~region) - ndi.distance_transform_edt(region)
     scale = max(mask.shape) / max(maps.shape[1:])
     dice = []
     for offset in offsets:
-        grown = signed <= offset * scale if offset else region
+        grown = grow_region(region, offset * scale)
         dice.append(2 * (grown & mask).sum() / (grown.sum() + mask.sum()))
     return dice
 

@@ -129,6 +129,15 @@ def test_grow_region_adds_every_pixel_within_the_distance():
     assert not grow_region(np.zeros((5, 5), bool), 2.0).any()
 
 
+def test_grow_region_shrinks_by_a_negative_distance():
+    yy, xx = np.mgrid[:41, :41]
+    disc = np.hypot(yy - 20, xx - 20) <= 10
+    assert np.array_equal(grow_region(disc, -1.0), disc & ~grow_region(~disc, 1.0))  # the border ring goes
+    shrunk = grow_region(disc, -4.0)
+    assert shrunk[20, 26] and not shrunk[20, 27]  # the outside starts at 11: 5 and 4 px away
+    assert not grow_region(disc, -11.0).any()
+
+
 def test_sample_region_none_without_regions():
     assert sample_region(np.zeros((4, 16, 16), np.uint8), np.random.default_rng(0)) is None
     assert sample_region(np.zeros((0, 16, 16), np.uint8), np.random.default_rng(0)) is None

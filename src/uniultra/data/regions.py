@@ -84,10 +84,14 @@ def sample_region(maps: np.ndarray, rng: np.random.Generator) -> np.ndarray | No
 
 
 def grow_region(region: np.ndarray, pixels: float) -> np.ndarray:
-    """`region` (bool) with every pixel within `pixels` (Euclidean) of it added; 0 returns it unchanged."""
-    if pixels <= 0 or not region.any():
+    """`region` (bool) with every pixel within `pixels` (Euclidean) of it added; a negative `pixels` shrinks
+    it instead, removing every pixel within -`pixels` of the outside; 0 returns it unchanged."""
+    if pixels == 0 or not region.any():
         return region
-    return ndi.distance_transform_edt(~region) <= pixels
+    if pixels > 0:
+        return ndi.distance_transform_edt(~region) <= pixels
+    # The distance of an inside pixel to the outside is at least 1, so shrinking by d keeps those beyond d.
+    return ndi.distance_transform_edt(region) > -pixels
 
 
 def regions_holding(maps: np.ndarray, points: np.ndarray, image_hw: tuple[int, int],
