@@ -123,7 +123,7 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             with tight_boxes_for(getattr(method, "predictor", None), setting == "tight", args.model), \
-                    taps_unnamed(method.predictor, setting == "unnamed"):
+                    taps_unnamed(getattr(method, "predictor", None), setting == "unnamed"):
                 rows.setdefault(label, {})[row] = run_row(method, datasets, mode, jitter)
             rows[label][row]["seconds"] = time.perf_counter() - start
             print(f"{label} {row}: " + ", ".join(f"{k} {100 * v['dice']['mean']:.2f}"
