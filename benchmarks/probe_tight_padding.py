@@ -36,8 +36,9 @@ def sweep(model: str, datasets, pads: list[float]) -> dict[str, dict]:
     for pad in pads:
         predictor.box_padding = pad
         results = evaluate(method, datasets, prompt_mode="box", jitter=0.0, seed=0, progress=False)
-        per_set = {r.name: {"dice": round(100 * r.summary()["dice"]["mean"], 2),
-                            "hd95": round(r.summary()["hd95"]["mean"], 2)} for r in results}
+        summaries = {r.name: r.summary() for r in results}
+        per_set = {name: {"dice": round(100 * x["dice"]["mean"], 2), "hd95": round(x["hd95"]["mean"], 2)}
+                   for name, x in summaries.items()}
         mean = round(float(np.mean([v["dice"] for v in per_set.values()])), 2)
         rows[f"{pad:g}"] = {"sets": per_set, "mean_dice": mean}
         print(f"pad {pad:g}: mean {mean:.2f}", per_set, flush=True)
