@@ -11,7 +11,9 @@ crop as `ZoomPredictor` does, and one rule (`--rules`, each a row) changes the a
 - `extent`, `main-extent`, `ellipse-iou`, `score`: among the single-mask output AND the three multimask
   outputs, keep the candidate maximising a fit to the box (IoU of the mask's bounding box, of its main
   parts' box, or of the mask with the inscribed ellipse; `score`: none) + TIE x its predicted IoU;
-- `blend:W`: the single mask's logits plus W x (1 - the normalised radius of the inscribed ellipse).
+- `blend:W`: the single mask's logits plus W x (1 - the normalised radius of the inscribed ellipse);
+- `threshold`: the single mask's logits cut at each of THRESHOLDS, keeping the cut whose mask extent fits
+  the box best (ties to the cut nearest 0): a box known to be exact says how far the mask must reach.
 With `--tight` the exact boxes (J = 0) are answered as `--tight-boxes` does and the rules read the box as
 drawn. Box J = 0 and J = 20 (seed 0), against the plain answer and the inscribed ellipse. Writes
 `benchmarks/results/probe-box-fit-<name>.json`.
@@ -39,6 +41,7 @@ from uniultra.inference.zoom import MAIN_PART_SHARE, ZoomPredictor, answer_tight
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 TIE = 0.1  # weight of the predicted IoU (--tie)
+THRESHOLDS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0)  # logit cuts of the `threshold` rule
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,6 +117,12 @@ class BoxFitZoomPredictor(ZoomPredictor):
         local = box - np.tile(roi.offset, 2)
         single = self.predictor.predict(box=local, return_logits=True)
         target = local if self._fit_box is None else self._fit_box - np.tile(roi.offset, 2)
+        if self.rule == "threshold":
+            logits = np.asarray(single[0], np.float32)
+            fits = [fit(logits[0] > cut, target, "extent") - 1e-3 * abs(cut) for cut in THRESHOLDS]
+            shifted = logits - THRESHOLDS[int(np.argmax(fits))] + self.predictor.mask_threshold
+            full = paste(shifted, roi, self.orig_hw, -LOGIT_CLAMP)
+            return (full if return_logits else full > self.predictor.mask_threshold), single[1], single[2], False
         if self.rule.startswith("blend"):
             # The inscribed ellipse of the box as drawn, as a logit field (1 at its centre, 0 on it).
             weight = float(self.rule.split(":")[1])
