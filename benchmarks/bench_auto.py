@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared_sets import DATASETS
 from tqdm import tqdm
 
 from uniultra.atomic import atomic_write_text
@@ -32,7 +33,6 @@ from uniultra.inference.zoom import ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 ANSWERS = ("head", "refined")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from shared_sets import DATASETS
 
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
@@ -30,7 +31,6 @@ from uniultra.evaluation.report import machine_info
 from uniultra.inference.zoom import ZoomPredictor, tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 # (row, prompt mode, jitter, setting), zoomed models only for a setting: "tight" answers the exact boxes as
 # `--tight-boxes` does; "unnamed" taps without naming the anatomy (no channel locates them). The ellipse
 # answers the plain box rows.

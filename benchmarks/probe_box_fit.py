@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from box_rows import box_row
 from scipy import ndimage
+from shared_sets import DATASETS
 
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import load_datasets, make_method
@@ -39,7 +40,6 @@ from uniultra.inference.roi import crop, mask_box, mask_edges, paste
 from uniultra.inference.zoom import MAIN_PART_SHARE, ZoomPredictor, answer_tight_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 TIE = 0.1  # weight of the predicted IoU (--tie)
 THRESHOLDS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0)  # logit cuts of the `threshold` rule
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from box_rows import box_row
+from shared_sets import DATASETS
 
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import load_datasets, make_method
@@ -27,7 +28,6 @@ from uniultra.inference.roi import crop, paste
 from uniultra.inference.zoom import ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 
 
 class MirroredZoomPredictor(ZoomPredictor):

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared_sets import DATASETS
 
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shared_sets import DATASETS
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import load_sample
@@ -32,7 +33,6 @@ from uniultra.inference.prompts import PromptSet
 from uniultra.inference.zoom import BORDER_PENALTY, TAP_SCORE_WEIGHT, ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 SCORE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PENALTIES = (0.0, 0.25, 0.5, 1.0)  # besides the shipped BORDER_PENALTY, with the shipped score weight
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared_sets import DATASETS
 
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
@@ -24,7 +25,6 @@ from uniultra.evaluation.report import machine_info
 from uniultra.inference.zoom import TIGHT_BOX_PADDING, ZoomPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("busi", "ddti", "tg3k", "carotid", "usgra_nerve", "usgra_vessel")
 
 
 def sweep(model: str, datasets, pads: list[float]) -> dict[str, dict]:
