@@ -1,7 +1,7 @@
 """One row of a box-prompt probe: Dice and HD95 per set at one jitter, printed and returned.
 
 Shared by the probes that compare inference variants of a zoomed model under the same boxes
-(probe_flip_tta.py, probe_ensemble.py, probe_box_fit.py, probe_tight_padding.py).
+(probe_flip_tta.py, probe_ensemble.py, probe_box_fit.py).
 """
 
 from __future__ import annotations
