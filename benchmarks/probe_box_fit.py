@@ -12,6 +12,8 @@ crop as `ZoomPredictor` does, and one rule (`--rules`, each a row) changes the a
   outputs, keep the candidate maximising a fit to the box (IoU of the mask's bounding box, of its main
   parts' box, or of the mask with the inscribed ellipse; `score`: none) + TIE x its predicted IoU;
 - `blend:W`: the single mask's logits plus W x (1 - the normalised radius of the inscribed ellipse);
+- `clip`: the single mask with everything outside the box as drawn removed (with `--tight`: the box is
+  exact, so nothing of the object lies outside it, whatever the padding the model was shown);
 - `threshold`: the single mask's logits cut at each of THRESHOLDS, keeping the cut whose mask extent fits
   the box best (ties to the cut nearest 0): a box known to be exact says how far the mask must reach.
 With `--tight` the exact boxes (J = 0) are answered as `--tight-boxes` does and the rules read the box as
@@ -117,6 +119,15 @@ class BoxFitZoomPredictor(ZoomPredictor):
         local = box - np.tile(roi.offset, 2)
         single = self.predictor.predict(box=local, return_logits=True)
         target = local if self._fit_box is None else self._fit_box - np.tile(roi.offset, 2)
+        if self.rule == "clip":
+            logits = np.asarray(single[0], np.float32).copy()
+            inside = np.zeros(logits.shape[-2:], dtype=bool)
+            x0, y0 = np.floor(target[:2]).astype(int).clip(0)
+            x1, y1 = np.ceil(target[2:]).astype(int) + 1
+            inside[y0:y1, x0:x1] = True
+            logits[..., ~inside] = -LOGIT_CLAMP
+            full = paste(logits, roi, self.orig_hw, -LOGIT_CLAMP)
+            return (full if return_logits else full > self.predictor.mask_threshold), single[1], single[2], False
         if self.rule == "threshold":
             logits = np.asarray(single[0], np.float32)
             fits = [fit(logits[0] > cut, target, "extent") - 1e-3 * abs(cut) for cut in THRESHOLDS]

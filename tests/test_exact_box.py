@@ -90,11 +90,11 @@ class Forkable(Predictor):
 def test_tight_boxes_use_the_tokens_instead_of_padding(exact_model):
     image = speckle()
     by_hand = ZoomPredictor(Predictor(exact_model), margin=1.5)
-    by_hand.exact_boxes = True
+    by_hand.exact_boxes = by_hand.clip_to_boxes = True
     by_hand.set_image(image)
     tight = ZoomPredictor(Forkable(exact_model), margin=1.5)
     answer_tight_boxes(tight, "test")
-    assert tight.exact_boxes and tight.box_padding == 0
+    assert tight.exact_boxes and tight.clip_to_boxes and tight.box_padding == 0
     twin = fresh_predictor(tight)
     plain = ZoomPredictor(Predictor(exact_model), margin=1.5)
     for predictor in (tight, twin, plain):
@@ -179,7 +179,7 @@ def test_the_web_api_answers_a_tight_box_per_request(exact_model):
     reference = ZoomPredictor(Predictor(exact_model), margin=1.5)
     reference.set_image(image)
     np.testing.assert_array_equal(loose, reference.predict(box=BOX)[0][0])
-    reference.exact_boxes = True
+    reference.exact_boxes = reference.clip_to_boxes = True
     np.testing.assert_array_equal(tight, reference.predict(box=BOX)[0][0])
     assert (tight != loose).any()
     plain_client = TestClient(create_app(SAM2ImageModel(model_config(False))), base_url="http://localhost")

@@ -124,15 +124,37 @@ def test_tight_boxes_are_answered_as_the_padded_box(base):
     plain = ZoomPredictor(base, margin=1.5)
     plain.set_image(image)
     expected = plain.predict(box=padded, return_logits=True)[0]
+    outside = np.ones((H, W), bool)
+    outside[40:80, 50:90] = False  # the box as drawn, pixels inclusive
+    expected[:, outside] = -LOGIT_CLAMP  # an exact box: nothing of the object lies outside it
     tight = ZoomPredictor(base, margin=1.5)
     answer_tight_boxes(tight, "test")
+    assert tight.clip_to_boxes and tight.box_padding == TIGHT_BOX_PADDING
     tight.set_image(image)
     np.testing.assert_allclose(tight.predict(box=box, return_logits=True)[0], expected, atol=1e-6)
+    np.testing.assert_array_equal(tight.predict(box=box)[0], expected > 0)
     assert not np.allclose(plain.predict(box=box, return_logits=True)[0], expected)
     with pytest.raises(ValueError, match="zoomed models"):
         answer_tight_boxes(base, "preset:mini")
     with pytest.raises(ValueError, match="padding"):
         ZoomPredictor(base, box_padding=-1)
+
+
+def test_clipping_to_the_box_keeps_the_positive_points_it_was_given(base):
+    image, box, point = speckle(), np.array([50.0, 40.0, 69.0, 59.0]), np.array([[80.0, 50.0]])
+    free = ZoomPredictor(base, margin=1.5)
+    clipped = ZoomPredictor(base, margin=1.5)
+    clipped.clip_to_boxes = True
+    for predictor in (free, clipped):
+        predictor.set_image(image)
+    kept = np.zeros((H, W), bool)
+    kept[40:60, 50:81] = True  # the box extended to hold the positive point
+    answer = clipped.predict(box=box, points=point, labels=[1], return_logits=True)[0]
+    reference = free.predict(box=box, points=point, labels=[1], return_logits=True)[0]
+    np.testing.assert_allclose(answer[:, kept], reference[:, kept], atol=1e-6)
+    assert (answer[:, ~kept] == -LOGIT_CLAMP).all() and (reference[:, ~kept] > -LOGIT_CLAMP).any()
+    batched = clipped.predict(box=[box, box + 5], multimask=True)[0]
+    assert batched.shape == (2, 3, H, W) and not batched[0][:, ~kept].any()
 
 
 def test_a_tap_runs_a_whole_image_pass_then_a_crop(base):

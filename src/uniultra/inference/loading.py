@@ -394,6 +394,6 @@ def fresh_predictor(predictor: Any):
     if isinstance(predictor, ZoomPredictor):
         twin = ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales,
                              predictor.refine_auto, predictor.box_padding)
-        twin.exact_boxes = predictor.exact_boxes
+        twin.exact_boxes, twin.clip_to_boxes = predictor.exact_boxes, predictor.clip_to_boxes
         return twin
     return predictor.fork()

@@ -105,7 +105,8 @@ class PredictRequest(BaseModel):
     tight_box: bool = Field(
         default=False, description="The box touches the object (a reference mask's or a detector's box, not one "
                                    "drawn by hand): a zoomed model answers it as exact (its exact-box tokens, or "
-                                   "the box loosened by a few pixels first); 422 for other models",
+                                   "the box loosened by a few pixels first) and cuts the answer to the box; "
+                                   "422 for other models",
     )
     modality: str | None = Field(
         default=None,
