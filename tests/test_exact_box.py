@@ -95,7 +95,9 @@ def test_tight_boxes_use_the_tokens_instead_of_padding(exact_model):
     tight = ZoomPredictor(Forkable(exact_model), margin=1.5)
     answer_tight_boxes(tight, "test")
     assert tight.exact_boxes and tight.clip_to_boxes and tight.box_padding == 0
+    tight.tap_regions = False
     twin = fresh_predictor(tight)
+    assert twin.predictor is not tight.predictor and not twin.tap_regions and twin.clip_to_boxes
     plain = ZoomPredictor(Predictor(exact_model), margin=1.5)
     for predictor in (tight, twin, plain):
         predictor.set_image(image)

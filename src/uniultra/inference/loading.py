@@ -392,8 +392,5 @@ def fresh_predictor(predictor: Any):
     """A twin of an export-backed predictor with no image set, sharing its compiled graphs (zoom kept):
     one per image where several images stay encoded at once (the web app's cache)."""
     if isinstance(predictor, ZoomPredictor):
-        twin = ZoomPredictor(fresh_predictor(predictor.predictor), predictor.margin, predictor.tap_scales,
-                             predictor.refine_auto, predictor.box_padding)
-        twin.exact_boxes, twin.clip_to_boxes = predictor.exact_boxes, predictor.clip_to_boxes
-        return twin
+        return predictor.around(fresh_predictor(predictor.predictor))
     return predictor.fork()

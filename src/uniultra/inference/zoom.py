@@ -17,6 +17,7 @@ its logits, at crop size, are pasted into an image-sized canvas of background lo
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 
@@ -122,6 +123,15 @@ class ZoomPredictor(ImageSession):
         self.tap_regions = tap_regions
         self._region_maps: np.ndarray | None = None
         self._whole_image_set = False
+
+    def around(self, predictor) -> ZoomPredictor:
+        """A twin with every setting of this one (margin, taps, tight boxes, ...) around `predictor`, with no
+        image set: the web app keeps one per cached image."""
+        twin = copy.copy(self)
+        twin.predictor = predictor
+        twin.reset_image()
+        twin._region_maps, twin._whole_image_set = None, False
+        return twin
 
     def __getattr__(self, name: str):
         # Everything but set_image/predict (model, modality, mask_threshold, ...) is the wrapped predictor's.
