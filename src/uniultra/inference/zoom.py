@@ -293,9 +293,7 @@ class ZoomPredictor(ImageSession):
         positives = np.zeros((0, 2)) if points is None else points[labels == 1]
         if box is None:
             box = self._first_pass_box(points, labels, positives)
-        if len(positives):
-            box = np.concatenate([np.minimum(box[:2], positives.min(0)), np.maximum(box[2:], positives.max(0))])
-        return roi_around_box(box, self.orig_hw, self.margin)
+        return roi_around_box(_box_holding(box, positives), self.orig_hw, self.margin)
 
     def _first_pass_box(self, points: np.ndarray, labels: np.ndarray, positives: np.ndarray) -> np.ndarray:
         """Box of what a whole-image pass segments for the points (the part holding a positive point)."""
@@ -398,15 +396,20 @@ def _cut_to_boxes(masks: np.ndarray, boxes: np.ndarray, prompts: PromptSet, back
     masks = masks.copy()
     for i, box in enumerate(boxes):
         if prompts.points is not None:
-            positives = prompts.points[i][prompts.labels[i] == 1]
-            if len(positives):
-                box = np.concatenate([np.minimum(box[:2], positives.min(0)), np.maximum(box[2:], positives.max(0))])
+            box = _box_holding(box, prompts.points[i][prompts.labels[i] == 1])
         x0, y0 = np.floor(box[:2]).astype(int).clip(0)
         x1, y1 = np.ceil(box[2:]).astype(int) + 1
         inside = np.zeros(masks.shape[-2:], dtype=bool)
         inside[y0:y1, x0:x1] = True
         masks[i][:, ~inside] = background
     return masks
+
+
+def _box_holding(box: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """`box` (xyxy) extended to hold `points` (P, 2)."""
+    if not len(points):
+        return box
+    return np.concatenate([np.minimum(box[:2], points.min(0)), np.maximum(box[2:], points.max(0))])
 
 
 def parts_under(mask: np.ndarray, points: np.ndarray) -> np.ndarray | None:
