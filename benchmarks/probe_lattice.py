@@ -219,6 +219,61 @@ def _model_api():
     raise SystemExit("cannot find uniultra's load_model / Predictor")
 
 
+def probe_image(model, predictor, item: dict, stages: dict[str, list[dict[str, float]]] | None) -> dict:
+    """One image's row of metrics; with `stages`, the peak ratios of each decoder stage are added there."""
+    import torch
+
+    store: dict[str, np.ndarray] = {}
+    hooks = [] if stages is None else stage_hooks(model, store)
+    predictor.set_image(item["image"])
+    _, _, low = predictor.predict(box=item["box"], return_logits=True)
+    for h in hooks:
+        h.remove()
+    logits = low[0].astype(np.float64)
+    if stages is not None:
+        store = {"image embedding (stride 16)": predictor._features.image_embed[0].float().numpy(), **store,
+                 "logits": logits}
+        for name, tensor in store.items():
+            stages.setdefault(f"{name} [{tensor.shape[-1]}x{tensor.shape[-2]}]", []).append(peak_ratios(tensor))
+    native = torch.nn.functional.interpolate(torch.from_numpy(logits)[None, None].float(),
+                                             size=item["mask"].shape, mode="bilinear", align_corners=False)
+    pred = native[0, 0].numpy() > 0
+    holes1, specks1 = isolated_cells(logits > 0)
+    return {"dataset": item["dataset"], "stem": item["stem"], **peak_ratios(logits), **lattice_rms(logits),
+            "holes1": holes1, "specks1": specks1, "holesN": enclosed_holes(pred), "dice": dice(pred, item["mask"])}
+
+
+def summary(selected: list[dict]) -> dict[str, float]:
+    out = {"n": len(selected)}
+    for key in ("R2", "R4"):
+        out[key] = float(np.exp(np.mean(np.log([r[key] for r in selected]))))
+    for key in ("rms2", "rms4", "holes1", "specks1", "holesN", "dice"):
+        out[key] = float(np.mean([r[key] for r in selected]))
+    return out
+
+
+def print_table(table: dict[str, dict[str, float]]) -> None:
+    print(f"{'set':10s}{'n':>4s}{'R2':>8s}{'R4':>8s}{'rms2':>8s}{'rms4':>8s}{'holes1':>8s}{'specks1':>8s}"
+          f"{'holesN':>8s}{'Dice':>8s}")
+    for name, s in table.items():
+        print(f"{name:10s}{s['n']:4d}{s['R2']:8.2f}{s['R4']:8.2f}{s['rms2']:8.3f}{s['rms4']:8.3f}{s['holes1']:8.2f}"
+              f"{s['specks1']:8.2f}{s['holesN']:8.2f}{100 * s['dice']:8.2f}")
+
+
+def stage_summary(stages: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each stage's peak ratios, geometric mean over the images."""
+    return {name: {k: float(np.exp(np.mean(np.log([v[k] for v in values if k in v])))) for k in values[0]}
+            for name, values in stages.items()}
+
+
+def print_stages(stage_table: dict[str, dict[str, float]]) -> None:
+    if not stage_table:
+        return
+    print("\nstage (own grid; period-2 on the 2x grid = period 4 in logit cells)      R2      R4")
+    for name, ratios in stage_table.items():
+        print(f"  {name:68s}" + "".join(f"{ratios.get(k, float('nan')):8.2f}" for k in ("R2", "R4")))
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -234,55 +289,18 @@ def main() -> None:
     items = pick_images(Path(args.data), datasets, args.split, args.n, args.jitter)
 
     stages: dict[str, list[dict[str, float]]] = {}
-    rows = []
-    for item in items:
-        store: dict[str, np.ndarray] = {}
-        hooks = [] if args.no_stages else stage_hooks(model, store)
-        predictor.set_image(item["image"])
-        _, _, low = predictor.predict(box=item["box"], return_logits=True)
-        for h in hooks:
-            h.remove()
-        logits = low[0].astype(np.float64)
-        if not args.no_stages:
-            store = {"image embedding (stride 16)": predictor._features.image_embed[0].float().numpy(), **store,
-                     "logits": logits}
-            for name, tensor in store.items():
-                stages.setdefault(f"{name} [{tensor.shape[-1]}x{tensor.shape[-2]}]", []).append(peak_ratios(tensor))
-        native = torch.nn.functional.interpolate(torch.from_numpy(logits)[None, None].float(),
-                                                 size=item["mask"].shape, mode="bilinear", align_corners=False)
-        pred = native[0, 0].numpy() > 0
-        holes1, specks1 = isolated_cells(logits > 0)
-        rows.append({"dataset": item["dataset"], "stem": item["stem"], **peak_ratios(logits), **lattice_rms(logits),
-                     "holes1": holes1, "specks1": specks1, "holesN": enclosed_holes(pred),
-                     "dice": dice(pred, item["mask"])})
+    rows = [probe_image(model, predictor, item, None if args.no_stages else stages) for item in items]
     for h in handles:
         h.remove()
-
-    def summary(selected: list[dict]) -> dict[str, float]:
-        out = {"n": len(selected)}
-        for key in ("R2", "R4"):
-            out[key] = float(np.exp(np.mean(np.log([r[key] for r in selected]))))
-        for key in ("rms2", "rms4", "holes1", "specks1", "holesN", "dice"):
-            out[key] = float(np.mean([r[key] for r in selected]))
-        return out
 
     groups = {d: [r for r in rows if r["dataset"] == d] for d in datasets}
     groups["all"] = rows
     table = {name: summary(sel) for name, sel in groups.items() if sel}
     print(f"model {args.model}, blur {args.blur}, split {args.split}, box = largest component"
           + (f" (jitter {args.jitter:g})" if args.jitter else "") + f", {len(rows)} images")
-    print(f"{'set':10s}{'n':>4s}{'R2':>8s}{'R4':>8s}{'rms2':>8s}{'rms4':>8s}{'holes1':>8s}{'specks1':>8s}"
-          f"{'holesN':>8s}{'Dice':>8s}")
-    for name, s in table.items():
-        print(f"{name:10s}{s['n']:4d}{s['R2']:8.2f}{s['R4']:8.2f}{s['rms2']:8.3f}{s['rms4']:8.3f}{s['holes1']:8.2f}"
-              f"{s['specks1']:8.2f}{s['holesN']:8.2f}{100 * s['dice']:8.2f}")
-    stage_table = {}
-    if stages:
-        print("\nstage (own grid; period-2 on the 2x grid = period 4 in logit cells)      R2      R4")
-        for name, values in stages.items():
-            stage_table[name] = {k: float(np.exp(np.mean(np.log([v[k] for v in values if k in v]))))
-                                 for k in values[0]}
-            print(f"  {name:68s}" + "".join(f"{stage_table[name].get(k, float('nan')):8.2f}" for k in ("R2", "R4")))
+    print_table(table)
+    stage_table = stage_summary(stages)
+    print_stages(stage_table)
     print(f"\n{time.perf_counter() - start:.1f} s")
     if args.json:
         document = {"model": args.model, "blur": args.blur, "split": args.split, "jitter": args.jitter,

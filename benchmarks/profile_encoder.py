@@ -35,39 +35,9 @@ def parse_args() -> argparse.Namespace:
 def eager_profile(model, x, repeats: int) -> tuple[list[tuple[str, float]], float]:
     import torch
 
-    enc = model.image_encoder
-    trunk = enc.trunk
     times: dict[str, list[float]] = collections.defaultdict(list)
-
-    def hook_pair(name: str):
-        def pre(_module, _inputs):
-            times[name].append(-time.perf_counter())
-
-        def post(_module, _inputs, _output):
-            times[name][-1] += time.perf_counter()
-
-        return pre, post
-
-    grid = model.image_size // 4
-    labels = {"patch embed": trunk.patch_embed}
-    for i, block in enumerate(trunk.blocks):
-        if block.q_stride is not None:
-            grid //= block.q_stride[0]
-        kind = "global" if block.window_size == 0 else f"window {block.window_size}"
-        pool = ", q-pool" if block.q_stride is not None else ""
-        labels[f"block {i:2d} ({grid}x{grid} tokens, C={block.attn.proj.out_features}, {kind}{pool})"] = block
-    labels["neck (all)"] = enc.neck
-    labels["  of which sine position encodings (unused by encode_image)"] = enc.neck.position_encoding
-    labels["high-res projections conv_s0 + conv_s1"] = None
-    handles = []
-    for name, module in labels.items():
-        if module is not None:
-            pre, post = hook_pair(name)
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    decoder = model.sam_mask_decoder
-    for conv in (decoder.conv_s0, decoder.conv_s1):
-        pre, post = hook_pair("high-res projections conv_s0 + conv_s1")
-        handles += [conv.register_forward_pre_hook(pre), conv.register_forward_hook(post)]
+    labels = timed_parts(model)
+    handles = add_timers(model, labels, times)
     totals = []
     with torch.inference_mode():
         model.encode_image(x)
@@ -78,6 +48,56 @@ def eager_profile(model, x, repeats: int) -> tuple[list[tuple[str, float]], floa
             totals.append((time.perf_counter() - start) * 1000)
     for handle in handles:
         handle.remove()
+    return median_rows(labels, times, repeats), statistics.median(totals)
+
+
+HIGH_RES_LABEL = "high-res projections conv_s0 + conv_s1"
+
+
+def timed_parts(model) -> dict[str, object]:
+    """Label -> encoder module, in table order; the high-res projections (two modules) are None here."""
+    enc = model.image_encoder
+    trunk = enc.trunk
+    grid = model.image_size // 4
+    labels = {"patch embed": trunk.patch_embed}
+    for i, block in enumerate(trunk.blocks):
+        if block.q_stride is not None:
+            grid //= block.q_stride[0]
+        kind = "global" if block.window_size == 0 else f"window {block.window_size}"
+        pool = ", q-pool" if block.q_stride is not None else ""
+        labels[f"block {i:2d} ({grid}x{grid} tokens, C={block.attn.proj.out_features}, {kind}{pool})"] = block
+    labels["neck (all)"] = enc.neck
+    labels["  of which sine position encodings (unused by encode_image)"] = enc.neck.position_encoding
+    labels[HIGH_RES_LABEL] = None
+    return labels
+
+
+def add_timers(model, labels: dict[str, object], times: dict[str, list[float]]) -> list:
+    """Forward hooks appending each call's seconds to `times[label]`; both high-res projections under one label."""
+
+    def hook_pair(name: str):
+        def pre(_module, _inputs):
+            times[name].append(-time.perf_counter())
+
+        def post(_module, _inputs, _output):
+            times[name][-1] += time.perf_counter()
+
+        return pre, post
+
+    handles = []
+    for name, module in labels.items():
+        if module is not None:
+            pre, post = hook_pair(name)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    decoder = model.sam_mask_decoder
+    for conv in (decoder.conv_s0, decoder.conv_s1):
+        pre, post = hook_pair(HIGH_RES_LABEL)
+        handles += [conv.register_forward_pre_hook(pre), conv.register_forward_hook(post)]
+    return handles
+
+
+def median_rows(labels: dict[str, object], times: dict[str, list[float]], repeats: int) -> list[tuple[str, float]]:
+    """(label, median ms per run) of every part that ran."""
     rows = []
     for name in labels:
         samples = times.get(name, [])
@@ -87,7 +107,7 @@ def eager_profile(model, x, repeats: int) -> tuple[list[tuple[str, float]], floa
         per_run = len(samples) // repeats
         sums = [sum(samples[i * per_run:(i + 1) * per_run]) * 1000 for i in range(repeats)]
         rows.append((name, statistics.median(sums)))
-    return rows, statistics.median(totals)
+    return rows
 
 
 def onnx_profile(model, x, threads: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]], float]:

@@ -98,65 +98,21 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
+    # A dataclass is a class too: it must be caught before the plain-class converters.
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, source, where)
-    if origin in (typing.Union, types.UnionType):
-        return _convert_union(tp, args, value, source, where)
-    if origin is typing.Literal:
-        if value not in args:
-            raise _fail(source, where, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise _fail(source, where, f"expected null, got {_describe(value)}")
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(source, where, f"expected true/false, got {_describe(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(source, where, f"expected an integer, got {_describe(value)}")
-        return value
-    if tp is float:
-        # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; accept exactly that spelling.
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(source, where, f"expected a number, got {_describe(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _fail(source, where, f"expected a string, got {_describe(value)}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise _fail(source, where, f"expected a list, got {_describe(value)}")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise _fail(source, where, f"expected a list of {len(args)} items, got {len(value)}")
-            items = [_convert(a, v, source, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
-        else:
-            item_type = args[0] if args else Any
-            items = [_convert(item_type, v, source, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(source, where, f"expected a mapping, got {_describe(value)}")
-        value_type = args[1] if len(args) == 2 else Any
-        return {k: _convert(value_type, v, source, _join(where, k)) for k, v in value.items()}
+    origin = typing.get_origin(tp)
+    if origin in _GENERIC_CONVERTERS:
+        return _GENERIC_CONVERTERS[origin](tp, value, source, where)
     if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise _fail(source, where, f"expected {_type_name(tp)}, got {_describe(value)}")
-        return value
+        return _NUMBER_CONVERTERS.get(tp, _convert_instance)(tp, value, source, where)
     raise TypeError(f"config_io cannot handle the field type {tp!r} at {where}")
 
 
-def _convert_union(tp: Any, args: tuple, value: Any, source: str, where: str) -> Any:
+def _convert_union(tp: Any, value: Any, source: str, where: str) -> Any:
+    args = typing.get_args(tp)
     if value is None:
         if type(None) in args:
             return None
@@ -176,6 +132,70 @@ def _convert_union(tp: Any, args: tuple, value: Any, source: str, where: str) ->
             raise error
     names = " or ".join(_type_name(c) for c in candidates)
     raise _fail(source, where, f"expected {names}, got {_describe(value)}")
+
+
+def _convert_literal(tp: Any, value: Any, source: str, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value not in args:
+        raise _fail(source, where, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+    return value
+
+
+def _convert_sequence(tp: Any, value: Any, source: str, where: str) -> list | tuple:
+    """`list[T]`, `tuple[T, ...]` and `tuple[A, B]`; YAML has no tuples, so a list becomes one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, list | tuple):
+        raise _fail(source, where, f"expected a list, got {_describe(value)}")
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise _fail(source, where, f"expected a list of {len(args)} items, got {len(value)}")
+        items = [_convert(a, v, source, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
+    else:
+        item_type = args[0] if args else Any
+        items = [_convert(item_type, v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _convert_mapping(tp: Any, value: Any, source: str, where: str) -> dict:
+    args = typing.get_args(tp)
+    if not isinstance(value, dict):
+        raise _fail(source, where, f"expected a mapping, got {_describe(value)}")
+    value_type = args[1] if len(args) == 2 else Any
+    return {k: _convert(value_type, v, source, _join(where, k)) for k, v in value.items()}
+
+
+def _convert_int(tp: Any, value: Any, source: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, where, f"expected an integer, got {_describe(value)}")
+    return value
+
+
+def _convert_float(tp: Any, value: Any, source: str, where: str) -> float:
+    # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; accept exactly that spelling.
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(source, where, f"expected a number, got {_describe(value)}")
+    return float(value)
+
+
+def _convert_instance(tp: type, value: Any, source: str, where: str) -> Any:
+    """Any other class (NoneType, bool, str, ...): the value must already be an instance."""
+    if not isinstance(value, tp):
+        raise _fail(source, where, f"expected {_type_name(tp)}, got {_describe(value)}")
+    return value
+
+
+_GENERIC_CONVERTERS = {
+    typing.Union: _convert_union,
+    types.UnionType: _convert_union,
+    typing.Literal: _convert_literal,
+    tuple: _convert_sequence,
+    list: _convert_sequence,
+    dict: _convert_mapping,
+}
+# An instance check alone is wrong for numbers: True is an int, and a float field takes ints and "1e-4".
+_NUMBER_CONVERTERS = {int: _convert_int, float: _convert_float}
 
 
 def _build_dataclass(cls: type, value: Any, source: str, where: str) -> Any:

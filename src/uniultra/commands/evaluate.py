@@ -105,31 +105,32 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def canonical_command(args: argparse.Namespace) -> str:
     """An equivalent command line with every option spelled out (defaults included)."""
-    words = ["uniultra", "evaluate", "--model", args.model]
-    for directory in args.data:
-        words += ["--data", str(directory)]
-    if args.split:
-        words += ["--split", args.split]
-    for splits_file in args.splits or []:
-        words += ["--splits", str(splits_file)]
+    words = ["uniultra", "evaluate", "--model", args.model, *_repeated("--data", args.data)]
+    words += _given("--split", args.split)
+    words += _repeated("--splits", args.splits or [])
     words += ["--prompt", args.prompt, "--jitter", f"{args.jitter:g}", "--seed", str(args.seed)]
-    if args.modality:
-        words += ["--modality", args.modality]
-    if args.size is not None:
+    words += _given("--modality", args.modality)
+    if args.size is not None:  # not `_given`: a size of 0 is still spelled out
         words += ["--size", str(args.size)]
-    if args.runtime:
-        words += ["--runtime", args.runtime]
-    if args.postprocess:
-        words.append("--postprocess")
-    if args.tight_boxes:
-        words.append("--tight-boxes")
+    words += _given("--runtime", args.runtime)
+    words += _flag("--postprocess", args.postprocess) + _flag("--tight-boxes", args.tight_boxes)
     if args.spacing:
         words += ["--spacing", *(str(value) for value in args.spacing)]
-    if args.out:
-        words += ["--out", str(args.out)]
-    if args.overlays:
-        words += ["--overlays", str(args.overlays)]
+    words += _given("--out", args.out) + _given("--overlays", args.overlays)
     return shlex.join(words)
+
+
+def _given(option: str, value) -> list[str]:
+    """`option value`, or nothing when the value is empty (the option left at its default)."""
+    return [option, str(value)] if value else []
+
+
+def _repeated(option: str, values) -> list[str]:
+    return [word for value in values for word in (option, str(value))]
+
+
+def _flag(option: str, on: bool) -> list[str]:
+    return [option] if on else []
 
 
 def _config(args: argparse.Namespace) -> dict:

@@ -382,10 +382,7 @@ def export_onnx(
         model = load_any_model(model_spec, image_size=image_size)
     auto = model.eval().float().cpu() if isinstance(model, AutoSegmenter) else None
     model = model.base if auto is not None else model  # the head is exported as a third graph
-    if image_size is not None and image_size != model.image_size:
-        raise ValueError(f"model is built for {model.image_size} px; rebuild it for {image_size} px")
-    if not model.sam_mask_decoder.use_high_res_features:
-        raise ValueError("the exporter needs a decoder with high-res features (every SAM2 preset has them)")
+    _check_exportable(model, image_size)
     model = model.eval().float().cpu()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -393,6 +390,44 @@ def export_onnx(
 
     image, prompts = example_inputs(model)
     encoder = EncoderGraph(model, fold_high_res)
+    # Every graph is checked against PyTorch before anything is written.
+    graphs, check, ref_embed = _checked_graphs(model, auto, encoder, image, prompts, opset, attention)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".uniultra-export-", dir=out_dir))
+    try:
+        staged = _stage_graphs(staging, graphs)
+        if int8:
+            staged["encoder_int8"] = staging / md.ENCODER_INT8_FILE
+            check["encoder_int8_image_embed_max_abs"] = _quantize_encoder_checked(
+                staged["encoder"], staged["encoder_int8"], image, ref_embed)
+        meta = build_metadata(model, model_spec, opset, staged, encoder.folded, attention, check)
+        if auto is not None:
+            meta["auto"] = auto_metadata(auto)
+        files, metadata_path = _publish(out_dir, staged, meta)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out_dir=out_dir, metadata_path=metadata_path, files=files, metadata=meta, check=check)
+
+
+def _check_exportable(model: SAM2ImageModel, image_size: int | None) -> None:
+    if image_size is not None and image_size != model.image_size:
+        raise ValueError(f"model is built for {model.image_size} px; rebuild it for {image_size} px")
+    if not model.sam_mask_decoder.use_high_res_features:
+        raise ValueError("the exporter needs a decoder with high-res features (every SAM2 preset has them)")
+
+
+def _checked_graphs(
+    model: SAM2ImageModel,
+    auto: AutoSegmenter | None,
+    encoder: EncoderGraph,
+    image: torch.Tensor,
+    prompts: tuple[torch.Tensor, ...],
+    opset: int,
+    attention: str,
+) -> tuple[dict[str, bytes], dict[str, float], torch.Tensor]:
+    """The serialised graphs by file key (as in `_GRAPH_FILES`), their max abs differences to PyTorch
+    in onnxruntime, and PyTorch's image embedding; ExportError when a graph disagrees."""
     decoder = DecoderGraph(model)
     with torch.inference_mode():
         reference_features = model.encode_image(image)
@@ -402,64 +437,73 @@ def export_onnx(
     enc_proto = _onnx_proto(encoder, (image,), md.ENCODER_INPUTS, md.ENCODER_OUTPUTS, opset, attention=attention)
     dec_proto = _prompt_graph_proto(decoder, (ref_embed, ref_hr0, ref_hr1, *prompts), md.DECODER_INPUTS, opset,
                                     attention)
-    enc_bytes, dec_bytes = enc_proto.SerializeToString(), dec_proto.SerializeToString()
-    box_bytes = None
+    graphs = {"encoder": enc_proto.SerializeToString(), "decoder": dec_proto.SerializeToString()}
     if not model.config.decoder.box_prior:  # with the prior, the dense prompt depends on the box
         tokens = ref_embed.flatten(2).transpose(1, 2).contiguous()
-        box_bytes = _prompt_graph_proto(BoxDecoderGraph(model), (tokens, ref_hr0, ref_hr1, *prompts[:2]),
-                                        md.BOX_DECODER_INPUTS, opset, attention).SerializeToString()
+        graphs["box_decoder"] = _prompt_graph_proto(BoxDecoderGraph(model), (tokens, ref_hr0, ref_hr1, *prompts[:2]),
+                                                    md.BOX_DECODER_INPUTS, opset, attention).SerializeToString()
 
-    # Check both graphs in onnxruntime against PyTorch before writing anything.
-    enc_out = _session(enc_bytes).run(None, {"image": image.numpy()})
-    check = {f"encoder_{name}_max_abs": _max_abs(o, r)
-             for name, o, r in zip(md.ENCODER_OUTPUTS, enc_out, (ref_embed, ref_hr0, ref_hr1), strict=True)}
-    feeds = dict(zip(md.DECODER_INPUTS, [t.numpy() for t in (ref_embed, ref_hr0, ref_hr1, *prompts)], strict=True))
-    dec_out = _session(dec_bytes).run(None, feeds)
-    check.update({f"decoder_{name}_max_abs": _max_abs(o, r)
-                  for name, o, r in zip(md.DECODER_OUTPUTS, dec_out, reference_decoder, strict=True)})
-    if box_bytes is not None:
-        # The reference prompts carry no mask (has_mask_input 0): the box decoder must give the same.
-        box_feeds = {"image_tokens": md.image_tokens(feeds["image_embed"]),
-                     **{k: feeds[k] for k in md.BOX_DECODER_INPUTS[1:]}}
-        box_out = _session(box_bytes).run(None, box_feeds)
-        check.update({f"box_decoder_{name}_max_abs": _max_abs(o, r)
-                      for name, o, r in zip(md.DECODER_OUTPUTS, box_out, reference_decoder, strict=True)})
-    auto_bytes = None
+    check = _prompt_graphs_check(graphs, image, (ref_embed, ref_hr0, ref_hr1), prompts, reference_decoder)
     if auto is not None:
-        auto_bytes, auto_check = _export_auto(auto, (ref_embed, ref_hr0, ref_hr1), opset, attention)
+        graphs["auto_decoder"], auto_check = _export_auto(auto, (ref_embed, ref_hr0, ref_hr1), opset, attention)
         check.update(auto_check)
     worst = max(check.values())
     if not np.isfinite(worst) or worst > EXPORT_CHECK_ATOL:
         raise ExportError(f"exported graphs disagree with PyTorch (max abs diff {worst:.3g}): {check}")
+    return graphs, check, ref_embed
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".uniultra-export-", dir=out_dir))
-    try:
-        staged = {"encoder": staging / md.ENCODER_FILE, "decoder": staging / md.DECODER_FILE}
-        staged["encoder"].write_bytes(enc_bytes)
-        staged["decoder"].write_bytes(dec_bytes)
-        if box_bytes is not None:
-            staged["box_decoder"] = staging / md.BOX_DECODER_FILE
-            staged["box_decoder"].write_bytes(box_bytes)
-        if auto_bytes is not None:
-            staged["auto_decoder"] = staging / md.AUTO_FILE
-            staged["auto_decoder"].write_bytes(auto_bytes)
-        if int8:
-            staged["encoder_int8"] = staging / md.ENCODER_INT8_FILE
-            quantize_encoder(staged["encoder"], staged["encoder_int8"])
-            int8_out = _session(str(staged["encoder_int8"])).run(None, {"image": image.numpy()})
-            check["encoder_int8_image_embed_max_abs"] = _max_abs(int8_out[0], ref_embed)
-        meta = build_metadata(model, model_spec, opset, staged, encoder.folded, attention, check)
-        if auto is not None:
-            meta["auto"] = auto_metadata(auto)
-        # Graphs first, each atomically; the metadata (with their sha256) last.
-        files = {}
-        for key, path in staged.items():
-            files[key] = atomic_write(out_dir / path.name, lambda tmp, src=path: shutil.copyfile(src, tmp))
-        metadata_path = atomic_write_text(out_dir / md.METADATA_FILE, json.dumps(meta, indent=2) + "\n")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out_dir=out_dir, metadata_path=metadata_path, files=files, metadata=meta, check=check)
+
+def _prompt_graphs_check(graphs: dict[str, bytes], image: torch.Tensor, features: tuple[torch.Tensor, ...],
+                         prompts: tuple[torch.Tensor, ...], reference_decoder) -> dict[str, float]:
+    """The encoder, decoder and (when exported) box decoder graphs run in onnxruntime: their
+    outputs' max abs differences to PyTorch's."""
+    enc_out = _session(graphs["encoder"]).run(None, {"image": image.numpy()})
+    check = _max_abs_by_output("encoder", md.ENCODER_OUTPUTS, enc_out, features)
+    feeds = dict(zip(md.DECODER_INPUTS, [t.numpy() for t in (*features, *prompts)], strict=True))
+    dec_out = _session(graphs["decoder"]).run(None, feeds)
+    check.update(_max_abs_by_output("decoder", md.DECODER_OUTPUTS, dec_out, reference_decoder))
+    if "box_decoder" in graphs:
+        # The reference prompts carry no mask (has_mask_input 0): the box decoder must give the same.
+        box_feeds = {"image_tokens": md.image_tokens(feeds["image_embed"]),
+                     **{k: feeds[k] for k in md.BOX_DECODER_INPUTS[1:]}}
+        box_out = _session(graphs["box_decoder"]).run(None, box_feeds)
+        check.update(_max_abs_by_output("box_decoder", md.DECODER_OUTPUTS, box_out, reference_decoder))
+    return check
+
+
+def _max_abs_by_output(graph: str, names: tuple[str, ...], outputs, references) -> dict[str, float]:
+    return {f"{graph}_{name}_max_abs": _max_abs(o, r) for name, o, r in zip(names, outputs, references, strict=True)}
+
+
+# The staged file of each graph in `_checked_graphs`'s result.
+_GRAPH_FILES = {"encoder": md.ENCODER_FILE, "decoder": md.DECODER_FILE, "box_decoder": md.BOX_DECODER_FILE,
+                "auto_decoder": md.AUTO_FILE}
+
+
+def _stage_graphs(staging: Path, graphs: dict[str, bytes]) -> dict[str, Path]:
+    staged = {}
+    for key, data in graphs.items():
+        staged[key] = staging / _GRAPH_FILES[key]
+        staged[key].write_bytes(data)
+    return staged
+
+
+def _quantize_encoder_checked(src: Path, dst: Path, image: torch.Tensor, ref_embed: torch.Tensor) -> float:
+    """Quantise the encoder; the INT8 embedding's max abs difference to PyTorch's (reported in the
+    metadata, not held to EXPORT_CHECK_ATOL)."""
+    quantize_encoder(src, dst)
+    int8_out = _session(str(dst)).run(None, {"image": image.numpy()})
+    return _max_abs(int8_out[0], ref_embed)
+
+
+def _publish(out_dir: Path, staged: dict[str, Path], meta: dict[str, Any]) -> tuple[dict[str, Path], Path]:
+    """Copy the staged graphs into `out_dir` and write the metadata: the graphs' paths, the metadata's."""
+    # Graphs first, each atomically; the metadata (with their sha256) last.
+    files = {}
+    for key, path in staged.items():
+        files[key] = atomic_write(out_dir / path.name, lambda tmp, src=path: shutil.copyfile(src, tmp))
+    metadata_path = atomic_write_text(out_dir / md.METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+    return files, metadata_path
 
 
 def _prompt_graph_proto(module: nn.Module, args: tuple, input_names: tuple[str, ...], opset: int, attention: str):
@@ -488,8 +532,7 @@ def _export_auto(auto: AutoSegmenter, features: tuple[torch.Tensor, ...], opset:
     data = proto.SerializeToString()
     feeds = dict(zip(md.AUTO_INPUTS, [t.numpy() for t in (*features, modality)], strict=True))
     out = _session(data).run(None, feeds)
-    return data, {f"auto_{name}_max_abs": _max_abs(o, r) for name, o, r in zip(md.AUTO_OUTPUTS, out, reference,
-                                                                                strict=True)}
+    return data, _max_abs_by_output("auto", md.AUTO_OUTPUTS, out, reference)
 
 
 def quantize_encoder(src: Path, dst: Path) -> None:

@@ -73,6 +73,14 @@ def read_metadata(export_dir: str | os.PathLike, verify: bool = True) -> dict[st
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ExportFormatError(f"{path}: unreadable metadata ({exc})") from exc
+    _check_format(meta, path)
+    if verify:
+        _verify_files(export_dir, meta["files"])
+    return meta
+
+
+def _check_format(meta: dict[str, Any], path: Path) -> None:
+    """The format name and version this code reads, and the two graphs every export has."""
     if meta.get("format") != FORMAT_NAME:
         raise ExportFormatError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -82,16 +90,18 @@ def read_metadata(export_dir: str | os.PathLike, verify: bool = True) -> dict[st
     for key in ("encoder", "decoder"):
         if key not in meta.get("files", {}):
             raise ExportFormatError(f"{path}: no '{key}' entry in 'files'")
-    if verify:
-        for key, entry in meta["files"].items():
-            file = export_dir / entry["path"]
-            if not file.is_file():
-                raise FileNotFoundError(f"{file}: listed in {METADATA_FILE} as '{key}' but missing")
-            if file_sha256(file) != entry["sha256"]:
-                raise ExportFormatError(
-                    f"{file}: sha256 differs from {METADATA_FILE}: the directory mixes two exports; export again"
-                )
-    return meta
+
+
+def _verify_files(export_dir: Path, files: dict[str, Any]) -> None:
+    """Every listed file is there with its recorded sha256."""
+    for key, entry in files.items():
+        file = export_dir / entry["path"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in {METADATA_FILE} as '{key}' but missing")
+        if file_sha256(file) != entry["sha256"]:
+            raise ExportFormatError(
+                f"{file}: sha256 differs from {METADATA_FILE}: the directory mixes two exports; export again"
+            )
 
 
 def image_tokens(image_embed: np.ndarray) -> np.ndarray:

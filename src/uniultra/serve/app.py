@@ -239,6 +239,19 @@ class _Entry:
 
 # --- app ------------------------------------------------------------------------------------------
 
+@dataclass
+class _Server:
+    """What the routes share: the predictor factory, the model's description, caches, locks, limits."""
+
+    factory: Callable[[], Any]
+    model_info: dict[str, Any]
+    cache: SessionCache
+    model_lock: threading.Lock
+    decode_slots: DecodeSlots
+    max_bytes: int
+    max_pixels: int
+
+
 def create_app(
     model_or_factory: Any,
     *,
@@ -265,11 +278,10 @@ def create_app(
     if max_upload_mb <= 0:
         raise ValueError(f"max upload size must be positive, got {max_upload_mb} MB")
     factory = _predictor_factory(model_or_factory)
-    model_info = _model_info(factory())
     max_bytes = int(max_upload_mb * 2**20)
-    cache = SessionCache(cache_size, max(total_cache_size, cache_size))
-    decode_slots = DecodeSlots(max_decodes, decode_wait_s)
-    model_lock = threading.Lock()
+    server = _Server(factory=factory, model_info=_model_info(factory()),
+                     cache=SessionCache(cache_size, max(total_cache_size, cache_size)), model_lock=threading.Lock(),
+                     decode_slots=DecodeSlots(max_decodes, decode_wait_s), max_bytes=max_bytes, max_pixels=max_pixels)
 
     app = FastAPI(
         title="UniUltra",
@@ -279,9 +291,32 @@ def create_app(
                     "head: each runs only the mask decoder. Coordinates are image pixels, x = column, y = row.",
         docs_url=None, redoc_url=None,  # Swagger UI and ReDoc load from a CDN: our own /docs works offline
     )
-    app.state.cache = cache
-    app.state.model_lock = model_lock
+    app.state.cache = server.cache
+    app.state.model_lock = server.model_lock
     app.state.max_upload_bytes = max_bytes
+    _add_protections(app, allowed_hosts, token, max_bytes, max_upload_mb)
+    # The order of the routes is the order of the API reference (/docs, /openapi.json).
+    _add_health_route(app, server)
+    _add_upload_route(app, server)
+    _add_segmentation_routes(app, server)
+    _add_file_routes(app, server)
+    _add_delete_route(app, server)
+    _add_reference_routes(app)
+    if serve_static:
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+_PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+def _add_protections(app: FastAPI, allowed_hosts: Iterable[str], token: str | None, max_bytes: int,
+                     max_upload_mb: float) -> None:
+    """The request guard, the browser security headers and the catch-all error handler."""
     app.add_middleware(Guard, allowed_hosts=allowed_hosts, token=token, upload_path=UPLOAD_PATH,
                        upload_limit=max_bytes + _MULTIPART_SLACK, upload_limit_text=f"{max_upload_mb:g} MB",
                        file_suffix=SEG_SUFFIX)
@@ -302,8 +337,9 @@ def create_app(
         # Never a traceback to the client; the server goes on serving.
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
-    def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-        return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+def _add_health_route(app: FastAPI, server: _Server) -> None:
+    model_info, cache, max_bytes = server.model_info, server.cache, server.max_bytes
 
     @app.get("/api/health", response_model=Health, summary="Server and model status")
     def health() -> Health:
@@ -313,9 +349,14 @@ def create_app(
                       auto=model_info["auto"], modalities=model_info["modalities"],
                       locates_taps=model_info["locates_taps"])
 
+
+def _add_upload_route(app: FastAPI, server: _Server) -> None:
+    factory, cache, model_lock, decode_slots = server.factory, server.cache, server.model_lock, server.decode_slots
+    max_bytes, max_pixels = server.max_bytes, server.max_pixels
+
     @app.post(
         UPLOAD_PATH, response_model=ImageInfo, summary="Upload an image and compute its embedding once",
-        responses=error_responses(400, 413, 415, 503),
+        responses=_error_responses(400, 413, 415, 503),
     )
     def upload_image(
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (a multi-frame DICOM: a cine loop)")],
@@ -342,9 +383,14 @@ def create_app(
                          encode_ms=round(encode_ms, 1), image_url=f"{UPLOAD_PATH}/{image_id}/image.png",
                          pixel_spacing_mm=list(decoded.spacing) if decoded.spacing else None)
 
+
+def _add_segmentation_routes(app: FastAPI, server: _Server) -> None:
+    """Prompted, automatic and cine-loop segmentation of an uploaded image."""
+    model_info, cache, model_lock = server.model_info, server.cache, server.model_lock
+
     @app.post(
         UPLOAD_PATH + "/{image_id}/predict", response_model=PredictResponse,
-        summary="Segment with a box and/or points (runs only the decoder)", responses=error_responses(404, 422),
+        summary="Segment with a box and/or points (runs only the decoder)", responses=_error_responses(404, 422),
     )
     def predict(image_id: str, request: PredictRequest) -> PredictResponse:
         entry = cache.get(image_id)
@@ -366,7 +412,7 @@ def create_app(
     @app.post(
         UPLOAD_PATH + "/{image_id}/auto", response_model=PredictResponse,
         summary="Segment without any prompt (automatic head; runs only the decoder)",
-        responses=error_responses(404, 409, 422),
+        responses=_error_responses(404, 409, 422),
     )
     def predict_auto(image_id: str, request: AutoRequest) -> PredictResponse:
         entry = cache.get(image_id)
@@ -389,18 +435,12 @@ def create_app(
         description="The prompted frame is segmented with the prompts; each following frame (then each earlier "
                     "one, going back) with the box of its neighbour's mask, enlarged by 10 % (+2 px) per side. "
                     "Encodes every frame: about one encoding time per frame.",
-        responses=error_responses(404, 422),
+        responses=_error_responses(404, 422),
     )
     def propagate_loop(image_id: str, request: PropagateRequest) -> PropagateResponse:
         entry = cache.get(image_id)
         box, points, labels = _prompt_arrays(request)
-        if request.tight_box:
-            raise HTTPException(422, "tight_box is for one frame (predict): the boxes propagated to the other "
-                                     "frames are loosened on purpose")
-        count = len(entry.frames) if entry.frames else 1
-        start_frame = entry.frame if request.frame is None else request.frame
-        if not 0 <= start_frame < count:
-            raise HTTPException(422, f"frame {start_frame} out of range: the image has {count} frame(s)")
+        start_frame = _propagation_start(entry, request)
         start = time.perf_counter()
         try:
             with model_lock, tap_modality_for(entry.predictor, request.modality, box is None):
@@ -408,14 +448,12 @@ def create_app(
         except ValueError as exc:
             raise HTTPException(422, _plain_numbers(str(exc))) from exc
         spacing = check_spacing(request.spacing) if request.spacing else entry.spacing
-        return PropagateResponse(
-            id=image_id, pixel_spacing_mm=list(spacing) if spacing else None,
-            decode_ms=round(1000 * (time.perf_counter() - start), 1),
-            frames=[FrameMask(frame=i, score=score, foreground_pixels=int(mask.sum()), box=box_i,
-                              mask_png_base64=base64.b64encode(mask_png(mask)).decode("ascii"),
-                              measurements=_measurements(mask, spacing)["measurements"])
-                    for i, (mask, score, box_i) in enumerate(zip(result.masks, result.scores, result.boxes,
-                                                                 strict=True))])
+        return _propagate_response(image_id, result, spacing, start)
+
+
+def _add_file_routes(app: FastAPI, server: _Server) -> None:
+    """The image's files: its masks as DICOM SEG, its latest mask and the image itself as PNG."""
+    cache, max_bytes = server.cache, server.max_bytes
 
     @app.post(
         UPLOAD_PATH + "/{image_id}" + SEG_SUFFIX, response_class=Response,
@@ -423,7 +461,7 @@ def create_app(
         description="Multipart: `labelmap`, an 8-bit gray PNG of the image's size (0 = background, k = object "
                     "k), and `labels`, a JSON list of the objects' names. Single-frame DICOM inputs only.",
         responses={200: {"content": {"application/dicom": {}}, "description": "DICOM SEG file"},
-                   **error_responses(404, 409, 422)},
+                   **_error_responses(404, 409, 422)},
     )
     def export_seg(
         image_id: str,
@@ -444,11 +482,9 @@ def create_app(
         return Response(seg, media_type="application/dicom", headers={
             "Content-Disposition": f'attachment; filename="{entry.name}_seg.dcm"', "Cache-Control": "no-store"})
 
-    png_response = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
-
     @app.get(
         UPLOAD_PATH + "/{image_id}/mask.png", response_class=Response, summary="Download the latest mask as PNG",
-        responses={**png_response, **error_responses(404)},
+        responses={**_PNG_RESPONSE, **_error_responses(404)},
     )
     def latest_mask(image_id: str) -> Response:
         entry = cache.get(image_id)
@@ -460,7 +496,7 @@ def create_app(
 
     @app.get(
         UPLOAD_PATH + "/{image_id}/image.png", response_class=Response, summary="The image as an 8-bit PNG",
-        responses={**png_response, **error_responses(404)},
+        responses={**_PNG_RESPONSE, **_error_responses(404)},
     )
     def image_png(
         image_id: str,
@@ -473,11 +509,17 @@ def create_app(
         png = display_png(frames[frame]) if frame else entry.display_png
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
+
+def _add_delete_route(app: FastAPI, server: _Server) -> None:
     @app.delete(UPLOAD_PATH + "/{image_id}", status_code=204, response_class=Response,
-                summary="Forget an image and its embedding", responses=error_responses(404))
+                summary="Forget an image and its embedding", responses=_error_responses(404))
     def delete_image(image_id: str) -> Response:
-        cache.remove(image_id)
+        server.cache.remove(image_id)
         return Response(status_code=204)
+
+
+def _add_reference_routes(app: FastAPI) -> None:
+    """The API reference page and its style sheet, served by the app itself (no CDN)."""
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def api_reference() -> HTMLResponse:
@@ -486,10 +528,6 @@ def create_app(
     @app.get(DOCS_CSS_PATH, include_in_schema=False)
     def api_reference_style() -> Response:
         return Response(DOCS_CSS, media_type="text/css")
-
-    if serve_static:
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    return app
 
 
 def _mask_response(image_id: str, entry: _Entry, mask: np.ndarray, scores: list[float], start: float,
@@ -518,6 +556,18 @@ def _prompt_arrays(request: PredictRequest) -> tuple[np.ndarray | None, np.ndarr
     return box, points, labels
 
 
+def _propagation_start(entry: _Entry, request: PropagateRequest) -> int:
+    """The frame the prompts are on (the request's, else the one the predictor holds), checked."""
+    if request.tight_box:
+        raise HTTPException(422, "tight_box is for one frame (predict): the boxes propagated to the other "
+                                 "frames are loosened on purpose")
+    count = len(entry.frames) if entry.frames else 1
+    start_frame = entry.frame if request.frame is None else request.frame
+    if not 0 <= start_frame < count:
+        raise HTTPException(422, f"frame {start_frame} out of range: the image has {count} frame(s)")
+    return start_frame
+
+
 def _propagate(entry: _Entry, start_frame: int, box, points, labels) -> Propagation:
     """Propagation over the entry's frames (a single image is a loop of one)."""
     if entry.frames is None:  # one image: already encoded, decode only
@@ -529,6 +579,18 @@ def _propagate(entry: _Entry, start_frame: int, box, points, labels) -> Propagat
     # The loop runs forward to the end, then back to frame 0: the predictor holds the last one seen.
     entry.frame = 0 if start_frame > 0 else len(entry.frames) - 1
     return result
+
+
+def _propagate_response(image_id: str, result: Propagation, spacing: tuple[float, float] | None,
+                        start: float) -> PropagateResponse:
+    return PropagateResponse(
+        id=image_id, pixel_spacing_mm=list(spacing) if spacing else None,
+        decode_ms=round(1000 * (time.perf_counter() - start), 1),
+        frames=[FrameMask(frame=i, score=score, foreground_pixels=int(mask.sum()), box=box_i,
+                          mask_png_base64=base64.b64encode(mask_png(mask)).decode("ascii"),
+                          measurements=_measurements(mask, spacing)["measurements"])
+                for i, (mask, score, box_i) in enumerate(zip(result.masks, result.scores, result.boxes,
+                                                             strict=True))])
 
 
 def _names(text: str) -> list[str]:
