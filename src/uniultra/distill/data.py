@@ -18,6 +18,7 @@ marker file written last makes a half-built cache invisible.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.dataset import SegmentationDataset
@@ -151,41 +154,79 @@ def build_teacher_cache(
     `compute(images (B, 3, S, S) in [0, 1]) -> {term: (B, C, H, W)}` unless already on disk.
 
     Every process calls this; each computes its share (rank::world_size) into files process 0
-    created, and process 0 publishes them when all are done."""
+    created, and process 0 publishes them when all are done. Two jobs that share `directory` (two
+    seeds side by side) build a stem one after the other: process 0 of each holds a file lock while
+    its job builds, and the job that waited finds the cache published."""
     directory = Path(directory)
     marker = directory / f"{stem}.json"
     final = {k: directory / f"{stem}.{k}.npy" for k in shapes}
-    if marker.is_file() and all(p.is_file() for p in final.values()):
-        return {k: np.load(p, mmap_mode="r") for k, p in final.items()}
+    if _published(marker, final):
+        return _load(final)
     barrier()  # every process saw "not cached" before process 0 starts writing
-    partial = {k: directory / f".{stem}.{k}.npy.partial" for k in shapes}
-    n = len(images)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        for k, p in partial.items():
-            np.lib.format.open_memmap(p, mode="w+", dtype=np.dtype(dtype), shape=(n, *shapes[k])).flush()
-    barrier()
-    arrays = {k: np.lib.format.open_memmap(p, mode="r+") for k, p in partial.items()}
-    mine = list(range(rank, n, world_size))
-    chunks = range(0, len(mine), batch_size)
-    if progress:
-        from tqdm import tqdm
+    with FileLock(directory / f".{stem}.lock") if rank == 0 else contextlib.nullcontext():
+        barrier()  # process 0 holds the lock: no other job publishes this stem until it is released
+        if not _published(marker, final):
+            writer = _CacheWriter(stem, directory, images, shapes, dtype, rank, world_size, barrier)
+            writer.fill(compute, batch_size, progress)
+            writer.publish(marker, final)
+        barrier()
+    return _load(final)
 
-        chunks = tqdm(chunks, desc=f"teacher cache {images.name}", unit="batch", leave=False)
-    for start in chunks:
-        idx = mine[start:start + batch_size]
-        batch = torch.stack([torch.from_numpy(images.image(i)).expand(3, -1, -1) for i in idx])
-        features = compute(batch)
-        for k, array in arrays.items():
-            array[idx] = features[k].float().cpu().numpy().astype(array.dtype)
-    for array in arrays.values():
-        array.flush()
-    del arrays
-    barrier()
-    if rank == 0:
-        for k in shapes:
-            partial[k].replace(final[k])
-        atomic_write_text(marker, json.dumps({"version": CACHE_VERSION, "set": images.name, "n": n,
-                                              "shapes": {k: list(v) for k, v in shapes.items()}, "dtype": dtype}))
-    barrier()
+
+def _published(marker: Path, final: dict[str, Path]) -> bool:
+    return marker.is_file() and all(p.is_file() for p in final.values())
+
+
+def _load(final: dict[str, Path]) -> dict[str, np.ndarray]:
     return {k: np.load(p, mmap_mode="r") for k, p in final.items()}
+
+
+@dataclass
+class _CacheWriter:
+    """One job's build of a cache stem: temporary files, each process's share, the rename."""
+
+    stem: str
+    directory: Path
+    images: D.CachedSet
+    shapes: dict[str, tuple[int, int, int]]
+    dtype: str
+    rank: int
+    world_size: int
+    barrier: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        self.partial = {k: self.directory / f".{self.stem}.{k}.npy.partial" for k in self.shapes}
+        n = len(self.images)
+        if self.rank == 0:
+            for k, p in self.partial.items():
+                np.lib.format.open_memmap(p, mode="w+", dtype=np.dtype(self.dtype), shape=(n, *self.shapes[k])).flush()
+        self.barrier()
+
+    def fill(self, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]], batch_size: int,
+             progress: bool) -> None:
+        arrays = {k: np.lib.format.open_memmap(p, mode="r+") for k, p in self.partial.items()}
+        mine = list(range(self.rank, len(self.images), self.world_size))
+        chunks = range(0, len(mine), batch_size)
+        if progress:
+            chunks = tqdm(chunks, desc=f"teacher cache {self.images.name}", unit="batch", leave=False)
+        for start in chunks:
+            idx = mine[start:start + batch_size]
+            batch = torch.stack([torch.from_numpy(self.images.image(i)).expand(3, -1, -1) for i in idx])
+            features = compute(batch)
+            for k, array in arrays.items():
+                array[idx] = features[k].float().cpu().numpy().astype(array.dtype)
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        self.barrier()
+
+    def publish(self, marker: Path, final: dict[str, Path]) -> None:
+        if self.rank != 0:
+            return
+        for k in self.shapes:
+            self.partial[k].replace(final[k])
+        atomic_write_text(marker, json.dumps({"version": CACHE_VERSION, "set": self.images.name, "n": len(self.images),
+                                              "shapes": {k: list(v) for k, v in self.shapes.items()},
+                                              "dtype": self.dtype}))
