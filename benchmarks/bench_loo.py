@@ -17,6 +17,12 @@ stage from that file instead of the config's `model.base`:
     python benchmarks/bench_loo.py --config configs/cpu/two-stage-complex.yaml \
         --stage1 configs/cpu/universal-zoom-complex.yaml --fold ddti
 
+A fold model can also be the weight average of finished folds of recipes that fine-tune one first stage
+(`uniultra average`; the fold's models must share their starting weights):
+
+    python benchmarks/bench_loo.py --average grow-finetune-phantoms3 grow-finetune-phantoms9 \
+        --name average-ph3-ph9 --fold ddti
+
 Writes runs/loo/<recipe>/<fold>/ (config.yaml, training logs, best.pt) and
 benchmarks/results/loo-<recipe>-<fold>.json. A fold whose best.pt exists is not retrained.
 """
@@ -35,7 +41,7 @@ from uniultra.engine.config import load_train_config
 from uniultra.engine.trainer import train
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
-from uniultra.inference.loading import pack_model
+from uniultra.inference.loading import average_models, pack_model
 from uniultra.inference.zoom import tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,15 +105,27 @@ def recipe_name(config: str, seed: int | None) -> str:
     return Path(config).stem + ("" if seed is None else f"-seed{seed}")
 
 
+def averaged_fold(recipes: list[str], fold: str, out_root: Path, out_dir: Path) -> dict:
+    """The fold's model as the weight average of the same fold of finished `recipes` (built once)."""
+    sources = [out_root / r / fold / "best.pt" for r in recipes]
+    if not (out_dir / "best.pt").is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        average_models(sources, out_dir / "best.pt", meta={"loo_fold": fold})
+    return {"averaged_from": [str(s) for s in sources]}
+
+
 def run_fold(args: argparse.Namespace) -> None:
-    recipe = recipe_name(args.config, args.seed)
+    recipe = args.name if args.average else recipe_name(args.config, args.seed)
     held_out = FOLDS[args.fold]
     out_dir = Path(args.out) / recipe / args.fold
     start = time.perf_counter()
     base = None
-    if args.stage1:
-        base = packed_first_stage(Path(args.stage1), Path(args.config), held_out, Path(args.out), args.fold)
-    document = train_fold(Path(args.config), held_out, out_dir, args.epochs, base, args.seed)
+    if args.average:
+        document = averaged_fold(args.average, args.fold, Path(args.out), out_dir)
+    else:
+        if args.stage1:
+            base = packed_first_stage(Path(args.stage1), Path(args.config), held_out, Path(args.out), args.fold)
+        document = train_fold(Path(args.config), held_out, out_dir, args.epochs, base, args.seed)
     train_seconds = time.perf_counter() - start
     datasets = load_datasets([Path(args.data_root) / name for name in held_out], None, None)
     result_file = RESULTS / f"loo-{recipe}-{args.fold}.json"
@@ -127,19 +145,27 @@ def run_fold(args: argparse.Namespace) -> None:
     document = {"benchmark": f"loo-{recipe}-{args.fold}", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": machine_info(), "recipe": args.config, "held_out": list(held_out),
                 "train_config": document, "train_seconds_this_call": train_seconds,
-                "train_minutes": _train_minutes(out_dir), "stage1": args.stage1,
+                "train_minutes": "0 (weight average)" if args.average else _train_minutes(out_dir),
+                "stage1": args.stage1, "average": args.average,
                 "stage1_train_minutes": _train_minutes(Path(args.out) / Path(args.stage1).stem / args.fold)
                 if args.stage1 else None,
                 "train_log": str(out_dir), "protocol": [list(p) for p in PROTOCOL], "seed": 0,
                 "train_seed": document.get("seed", 0),
-                "command": f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
-                           + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-                           + (f" --stage1 {args.stage1}" if args.stage1 else "")
-                           + (f" --seed {args.seed}" if args.seed is not None else ""),
+                "command": _command(args),
                 "rows": rows}
     if args.rows:
         document["rows_re_evaluated"] = {"rows": args.rows, "date": document["date"]}
     atomic_write_text(result_file, json.dumps(document, indent=1))
+
+
+def _command(args: argparse.Namespace) -> str:
+    if args.average:
+        recipes = " ".join(args.average)
+        return f"python benchmarks/bench_loo.py --average {recipes} --name {args.name} --fold {args.fold}"
+    return (f"python benchmarks/bench_loo.py --config {args.config} --fold {args.fold}"
+            + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+            + (f" --stage1 {args.stage1}" if args.stage1 else "")
+            + (f" --seed {args.seed}" if args.seed is not None else ""))
 
 
 def table(recipe: str) -> str:
@@ -185,14 +211,19 @@ def main() -> None:
                         help="first-stage config of a two-stage recipe (trained per fold, packed, used as model.base)")
     parser.add_argument("--seed", type=int, default=None,
                         help="train with this seed instead of the config's; runs and results are named RECIPE-seedN")
+    parser.add_argument("--average", nargs="+", default=None, metavar="RECIPE",
+                        help="no training: the fold model is the weight average of these recipes' finished folds")
+    parser.add_argument("--name", default=None, help="the averaged recipe's name (with --average)")
     parser.add_argument("--out", default="runs/loo")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--table", action="store_true", help="print the table of finished folds and exit")
     parser.add_argument("--rows", nargs="+", choices=[r[0] for r in PROTOCOL], default=None,
                         help="re-evaluate only these rows of a finished fold (the others are kept from its JSON)")
     args = parser.parse_args()
+    if args.average and (len(args.average) < 2 or not args.name):
+        parser.error("--average needs two or more recipes and --name")
     if args.table:
-        print(table(recipe_name(args.config, args.seed)))
+        print(table(args.name or recipe_name(args.config, args.seed)))
         return
     if args.fold is None:
         parser.error("give --fold NAME (or --table)")

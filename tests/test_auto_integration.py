@@ -359,3 +359,37 @@ def test_serve_tap_is_located_through_the_chosen_channel_and_the_choice_is_per_r
                          ({"box": [20, 15, 110, 95], "modality": "busi"}, "points only")):
         response = client.post(f"/api/images/{image_id}/predict", json=body)
         assert response.status_code == 422 and needle in response.json()["detail"], response.text
+
+
+# --- --presence-gate --------------------------------------------------------------------------------
+
+def test_predict_presence_gate_overrides_the_checkpoint(auto_path, plain_path, image, tmp_path, capsys):
+    source, out = tmp_path / "scan.png", tmp_path / "mask.png"
+    Image.fromarray(image).save(source)
+    command = ["predict", "--model", auto_path, "--image", str(source), "--prompt", "none", "--modality", "busi",
+               "--out", str(out)]
+    assert main([*command, "--presence-gate", "off"]) == 0
+    assert np.asarray(Image.open(out)).any() and "(no gate: the head always answers)" in capsys.readouterr().out
+    assert main([*command, "--presence-gate", "1"]) == 0  # a probability below 1 is gated: nothing here
+    assert not np.asarray(Image.open(out)).any()
+    printed = capsys.readouterr().out
+    assert "gate 1.000 (below it: answered empty)" in printed and "0 foreground pixels" in printed
+    assert main([*command, "--presence-gate", "0"]) == 0
+    assert np.asarray(Image.open(out)).any() and "gate 0.000 (at or above it: answered)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*command, "--presence-gate", "1.5"])
+    assert "a probability in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["predict", "--model", plain_path, "--image", str(source), "--box", "10", "10", "60", "60",
+                 "--out", str(out), "--presence-gate", "0.5"]) == 2
+    assert "--presence-gate applies to a PyTorch checkpoint with an automatic head" in capsys.readouterr().err
+
+
+def test_evaluate_presence_gate(auto_path, ddti, tmp_path):
+    code, document = _evaluate(tmp_path, auto_path, ddti, "--modality", "busi", "--presence-gate", "1")
+    summary = document["datasets"]["ddti"]
+    # every answer emptied: the normal scan right (Dice 1), the lesion missed (counted in n_empty_pred)
+    assert code == 0 and summary["n_empty_pred"] == 1
+    assert summary["dice_truth_empty"]["mean"] == 1.0 and summary["dice_truth_nonempty"]["mean"] == 0.0
+    assert "--presence-gate 1.0" in document["command"]
+    code, document = _evaluate(tmp_path, auto_path, ddti, "--modality", "busi", "--presence-gate", "off")
+    assert code == 0 and document["datasets"]["ddti"]["dice_truth_empty"]["mean"] == 0.0  # busi answers both

@@ -94,8 +94,8 @@ def test_command_table_matches_the_modules():
         for name, help_text in registered.items():
             assert COMMANDS[name].module == module, name
             assert COMMANDS[name].help == help_text, name
-    assert set(COMMANDS) == {"info", "pack", "data", "evaluate", "predict", "demo", "train", "archive", "distill",
-                             "auto", "serve", "export", "bench"}
+    assert set(COMMANDS) == {"info", "pack", "average", "data", "evaluate", "predict", "demo", "train", "archive",
+                             "distill", "auto", "serve", "export", "bench"}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -26,6 +26,8 @@ COMMANDS: dict[str, Command] = {
     "info": Command("uniultra.commands.info", "parameters and FLOPs of a model"),
     "pack": Command("uniultra.commands.pack",
                     "write a standalone (optionally fp16) model file from a checkpoint"),
+    "average": Command("uniultra.commands.average", "average the weights of models fine-tuned from one starting "
+                       "point into one file (a model soup)"),
     "data": Command("uniultra.commands.data",
                     "check a dataset folder, make its train/val/test split or choose a coreset"),
     "evaluate": Command("uniultra.commands.evaluate",

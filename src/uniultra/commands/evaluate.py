@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from uniultra.commands.presence_gate import add_presence_gate_arg
 from uniultra.commands.runtime_option import add_runtime_arg, model_spec
 from uniultra.commands.tight_boxes import add_tight_boxes_arg
 
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
                         help="model methods: clip each object's mask to its box + 10 px (at 1024 scale), keep its "
                         "largest component, fill holes")
     add_tight_boxes_arg(parser)
+    add_presence_gate_arg(parser)
     parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
                         help="pixel size in mm, ROW_MM COL_MM (or one value for square pixels): HD and HD95 "
                         "are then reported in mm (default: in pixels)")
@@ -78,6 +80,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from uniultra.inference.zoom import answer_tight_boxes
 
         answer_tight_boxes(getattr(method, "predictor", None), method.name)
+    if args.presence_gate != "calibrated":
+        from uniultra.inference.auto_predictor import set_presence_gate
+
+        set_presence_gate(getattr(method, "predictor", None), args.presence_gate)
 
     def save_overlay(item, prompt, prediction) -> None:
         path = args.overlays / item["dataset"] / f"{item['stem']}.png"
@@ -114,6 +120,8 @@ def canonical_command(args: argparse.Namespace) -> str:
         words += ["--size", str(args.size)]
     words += _given("--runtime", args.runtime)
     words += _flag("--postprocess", args.postprocess) + _flag("--tight-boxes", args.tight_boxes)
+    if args.presence_gate != "calibrated":
+        words += ["--presence-gate", str(args.presence_gate)]
     if args.spacing:
         words += ["--spacing", *(str(value) for value in args.spacing)]
     words += _given("--out", args.out) + _given("--overlays", args.overlays)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from uniultra.atomic import atomic_write_bytes
+from uniultra.commands.presence_gate import add_presence_gate_arg
 from uniultra.commands.runtime_option import add_runtime_arg, model_spec
 from uniultra.commands.tight_boxes import add_tight_boxes_arg
 
@@ -42,6 +43,7 @@ def _register_predict(subparsers) -> None:
                    "named: taps are answered without it); with a modality controller "
                    "(MDKD student): the modality to encode under (default: the --input folder's name if the "
                    "model knows it, else the model's only channel, or the controller's shared network)")
+    add_presence_gate_arg(p)
     p.add_argument("--out", help="output mask PNG (0/255) for --image")
     p.add_argument("--overlay", help="also write an overlay PNG for --image")
     p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
@@ -106,7 +108,13 @@ def _predictor(args: argparse.Namespace):
 def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
     """The predictor of `uniultra predict`: an automatic head for --prompt none; its modality (the
     head's channel, or the controller's modality) chosen and checked."""
-    from uniultra.inference.auto_predictor import check_modality_option, choose_modality, has_auto_head
+    from uniultra.inference.auto_predictor import (
+        CALIBRATED_GATE,
+        check_modality_option,
+        choose_modality,
+        has_auto_head,
+        set_presence_gate,
+    )
 
     predictor = _predictor(args)
     automatic = args.prompt == "none"
@@ -115,6 +123,8 @@ def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
         raise ValueError(f"{args.model} has no automatic head, so --prompt none cannot segment with it: give "
                          "--box / --point prompts, or a checkpoint from `uniultra auto train`")
     check_modality_option(predictor, args.model, args.modality, automatic, tap=tap)
+    if args.presence_gate != CALIBRATED_GATE:
+        set_presence_gate(predictor, args.presence_gate)
     if predictor.selects_modality(automatic, tap=tap):
         try:
             predictor.modality = choose_modality(predictor, args.modality, dataset, required=not tap)
@@ -164,8 +174,24 @@ def _predict_one(args: argparse.Namespace) -> int:
         picture = overlay_image(image, np.zeros_like(mask), mask, prompt)
         atomic_write_bytes(args.overlay, image_png_bytes(picture))
     print(f"wrote {args.out}: {int(mask.sum())} foreground pixels of {mask.size}")
+    if args.prompt == "none":
+        print(_presence_line(predictor))
     _report_one(args, mask)
     return 0
+
+
+def _presence_line(predictor) -> str:
+    """How sure the automatic head is that the image holds its target, and the gate it was held to
+    (the image's embedding is cached: this is one more decoder pass)."""
+    from uniultra.inference.auto_predictor import automatic_head
+
+    score = predictor.predict_without_prompt()[1]
+    auto = automatic_head(predictor)
+    gate = None if auto is None else auto.config.presence_threshold
+    if gate is None:
+        return f"presence probability {score:.3f} (no gate: the head always answers)"
+    verdict = "below it: answered empty" if score < gate else "at or above it: answered"
+    return f"presence probability {score:.3f}, gate {gate:.3f} ({verdict})"
 
 
 def _given_spacing(args: argparse.Namespace):

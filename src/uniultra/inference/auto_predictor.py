@@ -11,6 +11,8 @@ controller (uniultra.peft.controller).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -62,6 +64,35 @@ class AutoPredictor(Predictor):
     def predict_without_prompt(self, return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
         """With no prompt, an automatic-mode model answers through its head (channel `self.modality`)."""
         return self.predict_auto(None, return_logits)
+
+
+# `--presence-gate` words: the checkpoint's own gate (chosen on val by `uniultra auto calibrate`), or none.
+CALIBRATED_GATE, NO_GATE = "calibrated", "off"
+
+
+def automatic_head(predictor: object) -> AutoSegmenter | None:
+    """The automatic head behind a predictor (an `AutoPredictor`, or a wrapper of one such as
+    `ZoomPredictor`); None for a model without one and for exported (ONNX, OpenVINO) models."""
+    for candidate in (predictor, getattr(predictor, "predictor", None)):
+        auto = getattr(candidate, "auto", None)
+        if isinstance(auto, AutoSegmenter):
+            return auto
+    return None
+
+
+def set_presence_gate(predictor: object, gate: float | str) -> float | None:
+    """Set the presence probability below which the automatic head answers "nothing here":
+    `CALIBRATED_GATE` keeps the checkpoint's, `NO_GATE` never empties an answer, a number in [0, 1]
+    replaces it. Returns the gate now in force (None: none)."""
+    auto = automatic_head(predictor)
+    if auto is None:
+        raise ValueError("--presence-gate applies to a PyTorch checkpoint with an automatic head (an exported "
+                         "model keeps the gate it was exported with)")
+    if gate == CALIBRATED_GATE:
+        return auto.config.presence_threshold
+    threshold = None if gate == NO_GATE else float(gate)
+    auto.config = dataclasses.replace(auto.config, presence_threshold=threshold)  # validates [0, 1]
+    return threshold
 
 
 def has_auto_head(predictor: object) -> bool:

@@ -46,6 +46,7 @@ from uniultra.models.checkpoint import (
 )
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_model import SAM2ImageModel
+from uniultra.models.weight_average import average_states, normalised_weights
 from uniultra.peft.apply import PeftError, apply_peft, load_trainable_state
 from uniultra.peft.controller import attach_from_config, controller_config
 
@@ -267,6 +268,57 @@ def pack_model(
     if getattr(model, "inference", None):
         info[INFERENCE_META] = model.inference
     return save_model(model, out, meta=info, state=state)
+
+
+def average_models(
+    sources: list[str | os.PathLike], out: str | os.PathLike, weights: list[float] | None = None,
+    half: bool = False, meta: dict[str, Any] | None = None,
+) -> Path:
+    """One standalone file holding the weighted mean of the weights of `sources` (a "model soup",
+    uniultra.models.weight_average): models fine-tuned from one starting point, with the same
+    architecture, PEFT modules and inference settings. Automatic-mode checkpoints are refused (their
+    head was trained on one encoder's features: average the base models, then train a head)."""
+    models = [_averageable(source) for source in sources]
+    first = models[0]
+    for source, model in zip(sources[1:], models[1:], strict=True):
+        _check_same_model(sources[0], first, source, model)
+    names = [str(s) for s in sources]
+    mix = normalised_weights(weights, len(sources))
+    state = average_states([m.state_dict() for m in models], mix, names)
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    info = {"averaged_from": [{"path": n, "sha256": file_sha256(n), "weight": w} for n, w in zip(names, mix,
+                                                                                              strict=True)],
+            "dtype": "float16" if half else "float32", **(meta or {})}
+    if getattr(first, "peft_config", None) is not None:
+        info["peft"] = first.peft_config.to_dict()
+    controller = _controller_config(first)
+    if controller is not None:
+        info[CONTROLLER_META] = controller
+    if getattr(first, "inference", None):
+        info[INFERENCE_META] = first.inference
+    return save_model(first, out, meta=info, state=state)
+
+
+def _averageable(source: str | os.PathLike) -> SAM2ImageModel:
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    data = read_checkpoint(source)
+    if is_auto_data(data):
+        raise CheckpointError(f"{source}: has an automatic head, which belongs to one encoder; average the base "
+                              "models (without heads), then train a head on the average")
+    return load_model(source, data=data)
+
+
+def _check_same_model(name_a: Any, a: SAM2ImageModel, name_b: Any, b: SAM2ImageModel) -> None:
+    """Two models whose weights can be averaged into one: same config, PEFT and inference settings."""
+    for what, value in (("model config", lambda m: m.config.to_dict()),
+                        ("PEFT config", lambda m: getattr(getattr(m, "peft_config", None), "to_dict", dict)()),
+                        ("modality controller", _controller_config),
+                        ("inference settings", lambda m: getattr(m, "inference", None))):
+        if value(a) != value(b):
+            raise CheckpointError(f"{name_b}: its {what} differs from {name_a}'s; only models of one architecture "
+                                  "and one way of running can be averaged")
 
 
 def set_decoder_blur(model: SAM2ImageModel, stages: int) -> None:
