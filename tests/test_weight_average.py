@@ -89,3 +89,11 @@ def test_command_line(tmp_path, capsys):
     assert main(["average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(tmp_path / "c.pt"),
                  "--weights", "1"]) == 2
     assert "1 weights for 2 models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("meta", ["[1]", "{not json"])
+def test_meta_must_be_a_json_object(tmp_path, capsys, meta):
+    with pytest.raises(SystemExit):
+        main(["average", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(tmp_path / "c.pt"),
+              "--meta", meta])
+    assert "--meta" in capsys.readouterr().err and not (tmp_path / "c.pt").exists()

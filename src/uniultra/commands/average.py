@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from uniultra.commands.pack import add_meta_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one positive mixing weight per checkpoint (normalised to sum 1; default: equal)")
     p.add_argument("--half", action="store_true", help="store weights as fp16 (half the size on disk)")
-    p.add_argument("--meta", default="{}", help="JSON object merged into the file's metadata")
+    add_meta_arg(p)
     p.set_defaults(func=run)
 
 
@@ -30,10 +31,6 @@ def run(args: argparse.Namespace) -> int:
 
     from uniultra.inference.loading import average_models
 
-    try:
-        meta = json.loads(args.meta)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--meta is not a JSON object ({exc})") from exc
-    path = average_models(args.checkpoints, args.out, weights=args.weights, half=args.half, meta=meta)
+    path = average_models(args.checkpoints, args.out, weights=args.weights, half=args.half, meta=args.meta)
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB), the average of {len(args.checkpoints)} models")
     return 0

@@ -249,10 +249,7 @@ def pack_model(
     model = getattr(loaded, "base", loaded)  # an automatic-mode checkpoint keeps its head (auto_state)
     if decoder_blur is not None:
         set_decoder_blur(model, decoder_blur)
-    state = auto_state(loaded) if isinstance(loaded, AutoSegmenter) else model.state_dict()
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    peft = getattr(model, "peft_config", None)
+    state = _stored(auto_state(loaded) if isinstance(loaded, AutoSegmenter) else model.state_dict(), half)
     info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
     if isinstance(loaded, AutoSegmenter):
         info[META_KEY] = loaded.config.to_dict()
@@ -260,6 +257,19 @@ def pack_model(
         for key in (CALIBRATION_META, PROBE_META):  # how the gate and the probe were chosen travel along
             if source_meta.get(key) is not None:
                 info[key] = source_meta[key]
+    return save_model(model, out, meta={**info, **_rebuild_meta(model)}, state=state)
+
+
+def _stored(state: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]:
+    """The weights as written: floating-point ones as fp16 with `half` (widened back on load)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()} if half else state
+
+
+def _rebuild_meta(model: SAM2ImageModel) -> dict[str, Any]:
+    """What a standalone file needs beside its weights to rebuild and run `model`: its PEFT modules,
+    modality controller and inference settings (zoom)."""
+    info: dict[str, Any] = {}
+    peft = getattr(model, "peft_config", None)
     if peft is not None:
         info["peft"] = peft.to_dict()
     controller = _controller_config(model)
@@ -267,7 +277,7 @@ def pack_model(
         info[CONTROLLER_META] = controller
     if getattr(model, "inference", None):
         info[INFERENCE_META] = model.inference
-    return save_model(model, out, meta=info, state=state)
+    return info
 
 
 def average_models(
@@ -284,20 +294,10 @@ def average_models(
         _check_same_model(sources[0], first, source, model)
     names = [str(s) for s in sources]
     mix = normalised_weights(weights, len(sources))
-    state = average_states([m.state_dict() for m in models], mix, names)
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    info = {"averaged_from": [{"path": n, "sha256": file_sha256(n), "weight": w} for n, w in zip(names, mix,
-                                                                                              strict=True)],
-            "dtype": "float16" if half else "float32", **(meta or {})}
-    if getattr(first, "peft_config", None) is not None:
-        info["peft"] = first.peft_config.to_dict()
-    controller = _controller_config(first)
-    if controller is not None:
-        info[CONTROLLER_META] = controller
-    if getattr(first, "inference", None):
-        info[INFERENCE_META] = first.inference
-    return save_model(first, out, meta=info, state=state)
+    state = _stored(average_states([m.state_dict() for m in models], mix, names), half)
+    sources_meta = [{"path": n, "sha256": file_sha256(n), "weight": w} for n, w in zip(names, mix, strict=True)]
+    info = {"averaged_from": sources_meta, "dtype": "float16" if half else "float32", **(meta or {})}
+    return save_model(first, out, meta={**info, **_rebuild_meta(first)}, state=state)
 
 
 def _averageable(source: str | os.PathLike) -> SAM2ImageModel:
