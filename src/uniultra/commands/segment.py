@@ -187,7 +187,9 @@ def _presence_line(predictor) -> str:
 
     score = predictor.predict_without_prompt()[1]
     auto = automatic_head(predictor)
-    gate = None if auto is None else auto.config.presence_threshold
+    if auto is None:  # an exported model: its gate is inside the exported graph
+        return f"presence probability {score:.3f}"
+    gate = auto.config.presence_threshold
     if gate is None:
         return f"presence probability {score:.3f} (no gate: the head always answers)"
     verdict = "below it: answered empty" if score < gate else "at or above it: answered"
