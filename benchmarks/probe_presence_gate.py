@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from uniultra.data.dataset import SegmentationDataset, load_sample
 from uniultra.evaluation.metrics import dice_score
-from uniultra.inference.auto_predictor import NO_GATE, automatic_head, set_presence_gate
+from uniultra.inference.auto_predictor import automatic_head
 from uniultra.inference.loading import load_predictor
+from uniultra.inference.presence_gate import NO_GATE, set_presence_gate
 
 ROOT = Path(__file__).resolve().parent.parent
 GATES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)

@@ -8,6 +8,7 @@ empty-truth scoring (a correct empty mask = Dice 1) testable without a trained m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -22,8 +23,9 @@ from uniultra.data.phantom import make_phantom
 from uniultra.inference.auto_predictor import AutoPredictor, choose_modality
 from uniultra.inference.loading import load_auto_model, load_predictor
 from uniultra.inference.predictor import Predictor
+from uniultra.inference.presence_gate import answers_empty, gate_in_force
 from uniultra.models.auto_checkpoint import save_auto_model
-from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoHeadConfig, AutoSegmenter
 from uniultra.models.checkpoint import save_model
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -381,7 +383,7 @@ def test_predict_presence_gate_overrides_the_checkpoint(auto_path, plain_path, i
     assert "a probability in [0, 1], got 1.5" in capsys.readouterr().err
     assert main(["predict", "--model", plain_path, "--image", str(source), "--box", "10", "10", "60", "60",
                  "--out", str(out), "--presence-gate", "0.5"]) == 2
-    assert "--presence-gate applies to a PyTorch checkpoint with an automatic head" in capsys.readouterr().err
+    assert "--presence-gate applies to a model with an automatic head" in capsys.readouterr().err
 
 
 def test_evaluate_presence_gate(auto_path, ddti, tmp_path):
@@ -393,3 +395,52 @@ def test_evaluate_presence_gate(auto_path, ddti, tmp_path):
     assert "--presence-gate 1.0" in document["command"]
     code, document = _evaluate(tmp_path, auto_path, ddti, "--modality", "busi", "--presence-gate", "off")
     assert code == 0 and document["datasets"]["ddti"]["dice_truth_empty"]["mean"] == 0.0  # busi answers both
+
+
+def test_presence_gate_words_and_numbers():
+    assert gate_in_force("calibrated", 0.4) == 0.4 and gate_in_force("calibrated", None) is None
+    assert gate_in_force("off", 0.4) is None and gate_in_force(0, 0.4) == 0.0 and gate_in_force(1, None) == 1.0
+    for bad in (1.5, -0.1, float("nan"), "0.5", "on", True, None):
+        with pytest.raises(ValueError, match="a presence gate is 'calibrated', 'off' or a probability"):
+            gate_in_force(bad, 0.4)
+    assert answers_empty(0.3, 0.4) and not answers_empty(0.4, 0.4) and not answers_empty(0.0, None)
+
+
+def test_a_call_chooses_its_gate_and_leaves_the_checkpoints(auto_path, image):
+    predictor = load_predictor(auto_path)
+    predictor.set_presence_gate(0.5)  # as if calibrated to 0.5
+    predictor.set_image(image)
+    free, score, _ = predictor.predict_auto("busi", presence_gate="off")
+    assert free.any() and 0.0 < score < 1.0
+    below, above = max(0.0, score - 1e-3), min(1.0, score + 1e-3)
+    np.testing.assert_array_equal(predictor.predict_auto("busi", presence_gate=below)[0], free)
+    emptied, same_score, _ = predictor.predict_auto("busi", presence_gate=above)
+    assert not emptied.any() and same_score == pytest.approx(score)
+    logits = predictor.predict_auto("busi", return_logits=True, presence_gate=above)[0]
+    assert float(logits.max()) == ABSENT_LOGIT
+    assert predictor.resolve_presence_gate() == 0.5 and predictor.auto.config.presence_threshold == 0.5
+    expected = free if score >= 0.5 else np.zeros_like(free)
+    np.testing.assert_array_equal(predictor.predict_auto("busi")[0], expected)  # the checkpoint's gate
+    with pytest.raises(ValueError, match="probability in"):
+        predictor.predict_auto("busi", presence_gate=2.0)
+
+
+def test_serve_auto_takes_a_presence_gate_per_request(serve_client, auto_path, image):
+    model = load_auto_model(auto_path)
+    model.config = dataclasses.replace(model.config, presence_threshold=0.25)
+    client = serve_client(model)
+    assert client.get("/api/health").json()["presence_gate"] == 0.25
+    image_id = _upload(client, image)
+    url = f"/api/images/{image_id}/auto"
+    free = client.post(url, json={"modality": "busi", "presence_gate": "off"}).json()
+    assert free["foreground_pixels"] > 0 and free["presence_gate"] is None
+    gated = client.post(url, json={"modality": "busi", "presence_gate": 1}).json()
+    assert gated["foreground_pixels"] == 0 and gated["presence_gate"] == 1.0
+    assert gated["score"] == pytest.approx(free["score"])
+    default = client.post(url, json={"modality": "busi"}).json()
+    assert default["presence_gate"] == 0.25 and model.config.presence_threshold == 0.25  # nothing was kept
+    for bad in (1.5, "on", -1):
+        response = client.post(url, json={"modality": "busi", "presence_gate": bad})
+        assert response.status_code == 422, response.text
+    boxed = client.post(f"/api/images/{image_id}/predict", json={"box": [20, 15, 110, 95]}).json()
+    assert boxed["presence_gate"] is None

@@ -114,3 +114,37 @@ def test_an_export_without_a_head_has_no_automatic_mode(tmp_path):
     predictor = load_predictor(f"onnx:{tmp_path / 'onnx'}")
     assert not has_auto_head(predictor) and not hasattr(predictor, "predict_without_prompt")
     assert not predictor.selects_modality(True)
+
+
+def test_an_export_leaves_the_gate_to_each_call(auto_export, tmp_path):
+    import json
+    import shutil
+
+    model, root, result = auto_export
+    assert result.metadata["auto"]["presence_gate_in_graph"] is False
+    exported = load_predictor(f"onnx:{root / 'onnx'}").predictor  # the unzoomed predictor
+    reference = AutoPredictor(model)
+    image = images()[0]
+    exported.set_image(image)
+    reference.set_image(image)
+    score = exported.predict_auto("busi", presence_gate="off")[1]
+    for gate in ("off", "calibrated", max(0.0, score - 0.02), min(1.0, score + 0.02)):
+        mask = exported.predict_auto("busi", presence_gate=gate)[0]
+        want = reference.predict_auto("busi", presence_gate=gate)[0]
+        assert (mask == want).mean() > 0.99, gate
+    assert not exported.predict_auto("busi", presence_gate=min(1.0, score + 0.02))[0].any()
+    assert exported.resolve_presence_gate() == 0.2
+    assert exported.set_presence_gate(1.0) == 1.0 and not exported.predict_auto("busi")[0].any()  # kept
+
+    # An export made before the gate left the graph keeps its own and says how to choose another.
+    old = tmp_path / "old"
+    shutil.copytree(root / "onnx", old)
+    meta_path = old / md.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["auto"]["presence_gate_in_graph"]
+    meta_path.write_text(json.dumps(meta))
+    older = load_predictor(f"onnx:{old}").predictor
+    older.set_image(image)
+    older.predict_auto("busi")  # its calibrated gate: fine
+    with pytest.raises(ValueError, match="applies its presence gate inside the exported graph.*export the checkpoint"):
+        older.predict_auto("busi", presence_gate=0.5)

@@ -307,10 +307,25 @@ def test_browser_auto_button_gives_the_auto_predictors_mask(page, phantom, tmp_p
     truth_phantom, image_path = phantom
     with _running_server(path, path.parent) as url:
         served, _ = _served_auto_mask(page, url, image_path, "ddti")
+        _check_gate_slider(page)
         _check_anatomy_remembered(page, url, "ddti", "busi")
     predictor = AutoPredictor(load_auto_model(path))
     predictor.set_image(truth_phantom.image)
     np.testing.assert_array_equal(served, predictor.predict_auto("ddti")[0])
+
+
+def _check_gate_slider(page) -> None:
+    """The model has no gate of its own: the slider starts at 0; moved to 1 it re-asks the shown
+    automatic mask with that gate, which empties it."""
+    from playwright.sync_api import expect
+
+    slider = page.get_by_label("Presence gate")
+    expect(slider).to_have_value("0")
+    with page.expect_request(lambda r: r.url.endswith("/auto")) as request:
+        slider.fill("1")
+    assert request.value.post_data_json["presence_gate"] == 1
+    expect(page.locator("#status")).to_contain_text("below the gate 1.00: nothing here")
+    assert not _download_mask(page).any()
 
 
 def _check_anatomy_remembered(page, url: str, chosen: str, first: str) -> None:

@@ -81,7 +81,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
         answer_tight_boxes(getattr(method, "predictor", None), method.name)
     if args.presence_gate != "calibrated":
-        from uniultra.inference.auto_predictor import set_presence_gate
+        from uniultra.inference.presence_gate import set_presence_gate
 
         set_presence_gate(getattr(method, "predictor", None), args.presence_gate)
 

@@ -108,13 +108,8 @@ def _predictor(args: argparse.Namespace):
 def _predict_predictor(args: argparse.Namespace, dataset: str | None = None):
     """The predictor of `uniultra predict`: an automatic head for --prompt none; its modality (the
     head's channel, or the controller's modality) chosen and checked."""
-    from uniultra.inference.auto_predictor import (
-        CALIBRATED_GATE,
-        check_modality_option,
-        choose_modality,
-        has_auto_head,
-        set_presence_gate,
-    )
+    from uniultra.inference.auto_predictor import check_modality_option, choose_modality, has_auto_head
+    from uniultra.inference.presence_gate import CALIBRATED_GATE, set_presence_gate
 
     predictor = _predictor(args)
     automatic = args.prompt == "none"
@@ -183,13 +178,10 @@ def _predict_one(args: argparse.Namespace) -> int:
 def _presence_line(predictor) -> str:
     """How sure the automatic head is that the image holds its target, and the gate it was held to
     (the image's embedding is cached: this is one more decoder pass)."""
-    from uniultra.inference.auto_predictor import automatic_head
-
     score = predictor.predict_without_prompt()[1]
-    auto = automatic_head(predictor)
-    if auto is None:  # an exported model: its gate is inside the exported graph
+    if getattr(predictor, "gate_in_graph", False):  # an older export: its gate is inside its graph
         return f"presence probability {score:.3f}"
-    gate = auto.config.presence_threshold
+    gate = predictor.resolve_presence_gate()
     if gate is None:
         return f"presence probability {score:.3f} (no gate: the head always answers)"
     verdict = "below it: answered empty" if score < gate else "at or above it: answered"

@@ -2,9 +2,10 @@
 
 `AutoGraph` computes what `AutoSegmenter.decode_auto` computes for ONE image and one channel,
 with export-friendly ops: every channel's hypernetwork runs (six small MLPs on one vector) and the
-chosen row is gathered, instead of the per-channel loop training uses; the presence gate is part of
-the graph. Inputs: the encoder graph's three outputs and the channel id; outputs: the low-res mask
-logits and the presence probability.
+chosen row is gathered, instead of the per-channel loop training uses. The presence gate is not part
+of the graph (since 2026-12-06): the predictor applies the metadata's gate, or one a call chooses.
+Inputs: the encoder graph's three outputs and the channel id; outputs: the low-res mask logits and
+the presence probability.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoSegmenter
+from uniultra.models.auto_segmenter import AutoSegmenter
 from uniultra.models.image_model import ImageFeatures
 
 
@@ -42,10 +43,6 @@ class AutoGraph(nn.Module):
             presence = torch.sigmoid(presence_logits)
         else:
             presence = torch.sigmoid(patch_logits.flatten(1).amax(dim=1))
-        threshold = auto.config.presence_threshold
-        if threshold is not None:
-            absent = (presence < threshold).reshape(-1, 1, 1, 1)
-            logits = torch.where(absent, torch.full_like(logits, ABSENT_LOGIT), logits)
         return logits, presence
 
 
@@ -54,4 +51,4 @@ def auto_metadata(model: AutoSegmenter) -> dict:
     config = model.config
     return {"modalities": list(config.modalities), "modality_decoder": config.modality_decoder,
             "presence_threshold": config.presence_threshold, "presence_head": config.presence_head,
-            "presence_probe": config.presence_probe}
+            "presence_probe": config.presence_probe, "presence_gate_in_graph": False}

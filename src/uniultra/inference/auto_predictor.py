@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from uniultra.inference.predictor import Predictor
-from uniultra.models.auto_segmenter import AutoSegmenter, presence
+from uniultra.inference.presence_gate import CALIBRATED_GATE, PresenceGate, answers_empty, gate_in_force
+from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoSegmenter, presence
 
 
 class AutoPredictor(Predictor):
@@ -44,30 +45,42 @@ class AutoPredictor(Predictor):
     def _encode(self, x: torch.Tensor):
         return self.auto.encode_image(x)
 
+    def resolve_presence_gate(self, gate: PresenceGate = CALIBRATED_GATE) -> float | None:
+        """The presence probability `gate` stands for with this checkpoint (None: no gate)."""
+        return gate_in_force(gate, self.auto.config.presence_threshold)
+
+    def set_presence_gate(self, gate: PresenceGate) -> float | None:
+        """Make `gate` the one every later call holds to (`resolve_presence_gate`'s 'calibrated')."""
+        threshold = self.resolve_presence_gate(gate)
+        self.auto.config = dataclasses.replace(self.auto.config, presence_threshold=threshold)
+        return threshold
+
     @torch.inference_mode()
-    def predict_auto(self, modality: str | None = None,
-                     return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
+    def predict_auto(self, modality: str | None = None, return_logits: bool = False,
+                     presence_gate: PresenceGate = CALIBRATED_GATE) -> tuple[np.ndarray, float, np.ndarray]:
         """Mask of the current image without any prompt, decoded through `modality`'s channel.
 
         Returns (mask (H, W) bool at the original size, or float logits with `return_logits`;
         score = the presence probability (`uniultra.models.auto_segmenter.presence`), i.e. how sure
         the model is that the image contains the target at all; low-res logits (S/4, S/4)).
+        An image whose score is below `presence_gate` (uniultra.inference.presence_gate; default the
+        checkpoint's own) is answered empty.
         """
+        threshold = self.resolve_presence_gate(presence_gate)
         features = self._require_image()
         channel = self.auto.modality_index(modality if modality is not None else self.modality)
         with self._autocast():
-            out = self.auto.decode_auto(features, torch.tensor([channel], device=self.device))
-        mask, logits = self._to_image_size(out.low_res_logits, return_logits)
+            out = self.auto.decode_auto(features, torch.tensor([channel], device=self.device), gated=False)
         score = float(presence(out)[0])
+        low = out.low_res_logits
+        if answers_empty(score, threshold):
+            low = torch.full_like(low, ABSENT_LOGIT)
+        mask, logits = self._to_image_size(low, return_logits)
         return mask[0, 0], score, logits[0, 0]
 
     def predict_without_prompt(self, return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
         """With no prompt, an automatic-mode model answers through its head (channel `self.modality`)."""
         return self.predict_auto(None, return_logits)
-
-
-# `--presence-gate` words: the checkpoint's own gate (chosen on val by `uniultra auto calibrate`), or none.
-CALIBRATED_GATE, NO_GATE = "calibrated", "off"
 
 
 def automatic_head(predictor: object) -> AutoSegmenter | None:
@@ -78,21 +91,6 @@ def automatic_head(predictor: object) -> AutoSegmenter | None:
         if isinstance(auto, AutoSegmenter):
             return auto
     return None
-
-
-def set_presence_gate(predictor: object, gate: float | str) -> float | None:
-    """Set the presence probability below which the automatic head answers "nothing here":
-    `CALIBRATED_GATE` keeps the checkpoint's, `NO_GATE` never empties an answer, a number in [0, 1]
-    replaces it. Returns the gate now in force (None: none)."""
-    auto = automatic_head(predictor)
-    if auto is None:
-        raise ValueError("--presence-gate applies to a PyTorch checkpoint with an automatic head (an exported "
-                         "model keeps the gate it was exported with)")
-    if gate == CALIBRATED_GATE:
-        return auto.config.presence_threshold
-    threshold = None if gate == NO_GATE else float(gate)
-    auto.config = dataclasses.replace(auto.config, presence_threshold=threshold)  # validates [0, 1]
-    return threshold
 
 
 def has_auto_head(predictor: object) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 
 from uniultra.inference import onnx_format as md
 from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.presence_gate import CALIBRATED_GATE, PresenceGate, answers_empty, gate_in_force
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet, check_exact_box
 from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms_numpy import image_to_model, upsample_logits
@@ -42,6 +43,10 @@ class ExportedPredictor(ImageSession):
         self.mask_threshold = mask_threshold
         # The automatic head's graph, when the export has one (metadata "auto"): its channel names.
         self.auto_info = self.metadata.get("auto")
+        # Exports before 2026-12-06 apply their presence gate inside the graph; later ones leave it to
+        # `_predict_auto`, so that a call may choose another.
+        self.gate_in_graph = bool((self.auto_info or {}).get("presence_gate_in_graph", True))
+        self.presence_threshold = (self.auto_info or {}).get("presence_threshold")
         self.modality: str | None = None  # the channel `predict_without_prompt` decodes through
         self.has_box_decoder = "box_decoder" in self.metadata["files"]
         decoder_config = self.metadata.get("model", {}).get("config", {}).get("decoder", {})
@@ -95,15 +100,35 @@ class ExportedPredictor(ImageSession):
             raise AttributeError("predict_without_prompt: this export has no automatic head (prompts only)")
         return lambda return_logits=False: self._predict_auto(None, return_logits)
 
-    def _predict_auto(self, modality: str | None = None,
-                      return_logits: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
+    def resolve_presence_gate(self, gate: PresenceGate = CALIBRATED_GATE) -> float | None:
+        """The presence probability `gate` stands for with this export (None: no gate)."""
+        if self.auto_info is None:
+            raise ValueError("this export has no automatic head, so no presence gate")
+        if self.gate_in_graph and gate != CALIBRATED_GATE:
+            raise ValueError(f"{self.export_dir} applies its presence gate inside the exported graph (an export "
+                             "older than uniultra 2026-12-06): export the checkpoint again to choose the gate")
+        return gate_in_force(gate, self.presence_threshold)
+
+    def set_presence_gate(self, gate: PresenceGate) -> float | None:
+        """Make `gate` the one every later call holds to."""
+        self.presence_threshold = self.resolve_presence_gate(gate)
+        return self.presence_threshold
+
+    def _predict_auto(self, modality: str | None = None, return_logits: bool = False,
+                      presence_gate: PresenceGate = CALIBRATED_GATE) -> tuple[np.ndarray, float, np.ndarray]:
+        threshold = self.resolve_presence_gate(presence_gate)  # an older export refuses all but its own
+        if self.gate_in_graph:
+            threshold = None  # the graph has applied it
         features = self._require_image()
         channel = self._channel(modality if modality is not None else self.modality)
         feeds = {**_encoder_outputs(features), "modality": np.array([channel], dtype=np.int64)}
         logits, presence = self._run_auto(feeds)
+        score = float(np.asarray(presence).reshape(-1)[0])
+        if answers_empty(score, threshold):
+            logits = np.full_like(logits, -LOGIT_CLAMP)
         masks = upsample_logits(logits, self.orig_hw)
         mask = masks[0, 0] if return_logits else masks[0, 0] > self.mask_threshold
-        return mask, float(np.asarray(presence).reshape(-1)[0]), np.clip(logits[0, 0], -LOGIT_CLAMP, LOGIT_CLAMP)
+        return mask, score, np.clip(logits[0, 0], -LOGIT_CLAMP, LOGIT_CLAMP)
 
     def fork(self) -> ExportedPredictor:
         """A predictor sharing this one's compiled graphs but with no image set: one per image

@@ -27,6 +27,7 @@ from scipy import ndimage
 from uniultra.data.prompts import pad_boxes
 from uniultra.data.regions import region_label_maps, regions_holding
 from uniultra.inference.auto_predictor import has_auto_head
+from uniultra.inference.presence_gate import CALIBRATED_GATE, PresenceGate
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet
 from uniultra.inference.roi import (
     TAP_SIDES,
@@ -197,12 +198,13 @@ class ZoomPredictor(ImageSession):
             raise AttributeError("predict_auto: the wrapped predictor has no automatic head")
         return self._predict_auto
 
-    def _predict_auto(self, modality: str | None = None, return_logits: bool = False):
+    def _predict_auto(self, modality: str | None = None, return_logits: bool = False,
+                      presence_gate: PresenceGate = CALIBRATED_GATE):
         """The head's answer on the whole image; with `refine_auto`, then the box of its main parts
         answered on a crop, as a user's box would be: the head localises, the zoomed box path
         draws the boundary. The score stays the head's presence probability."""
         self._encode_whole_image()
-        found, score, low = self.predictor.predict_auto(modality, return_logits)
+        found, score, low = self.predictor.predict_auto(modality, return_logits, presence_gate)
         if not self.refine_auto:
             return found, score, low
         box = main_parts_box(found > self.predictor.mask_threshold if return_logits else found)

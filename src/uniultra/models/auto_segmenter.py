@@ -156,8 +156,10 @@ class AutoSegmenter(nn.Module):
             raise ValueError(f"unknown modality {name!r}; this model knows {list(names)}")
         return names.index(name)
 
-    def decode_auto(self, features: ImageFeatures, modality: torch.Tensor) -> AutoOutput:
-        """Masks without prompts: modality (B,) long ids select each image's decoding channel."""
+    def decode_auto(self, features: ImageFeatures, modality: torch.Tensor, gated: bool = True) -> AutoOutput:
+        """Masks without prompts: modality (B,) long ids select each image's decoding channel. In eval
+        mode and `gated`, an image below the config's presence threshold gets an all-absent mask (the
+        predictors pass gated=False and apply a gate chosen per call)."""
         embed = features.image_embed
         modality = self._check_modality(modality, embed.shape[0])
         patch_logits = self.prompt_generator.patch_logits(embed)
@@ -170,7 +172,7 @@ class AutoSegmenter(nn.Module):
         )
         out = AutoOutput(low_res_logits=logits, patch_logits=patch_logits,
                          presence_logits=self.presence_logits(features, image_tokens, modality))
-        if self.config.presence_threshold is not None and not self.training:
+        if gated and self.config.presence_threshold is not None and not self.training:
             absent = presence(out) < self.config.presence_threshold
             out.low_res_logits = torch.where(absent.view(-1, 1, 1, 1), torch.full_like(logits, ABSENT_LOGIT), logits)
         return out

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from uniultra import __version__
 from uniultra.data.spacing import check_spacing
 from uniultra.inference.measurements import measurements_table
+from uniultra.inference.presence_gate import CALIBRATED_GATE
 from uniultra.inference.propagation import Propagation, propagate
 from uniultra.inference.zoom import tap_modality_for, tight_boxes_for
 from uniultra.serve.apidocs import DOCS_CSS, DOCS_CSS_PATH, reference_html
@@ -144,6 +145,14 @@ class AutoRequest(BaseModel):
         examples=[[0.1, 0.1]],
     )
     frame: int | None = Field(default=None, ge=0, description="Frame of a cine loop, as in /predict")
+    presence_gate: Annotated[float, Field(ge=0, le=1)] | Literal["calibrated", "off"] = Field(
+        default=CALIBRATED_GATE,
+        description="Presence probability below which the answer is empty ('nothing here'): 'calibrated' (the "
+                    "model's own gate, /api/health's `presence_gate`), 'off' (always answer) or a number in "
+                    "[0, 1] (higher: more normal scans answered empty, more faint targets missed); 422 for an "
+                    "export that applies its gate inside its graph",
+        examples=["calibrated", 0.5],
+    )
 
 
 class ObjectMeasurement(BaseModel):
@@ -172,6 +181,9 @@ class PredictResponse(BaseModel):
     decode_ms: float = Field(description="Time spent in the decoder and mask post-processing, in milliseconds")
     pixel_spacing_mm: list[float] | None = Field(
         default=None, description="[row_mm, col_mm] used for the measurements (the request's, else the DICOM's)")
+    presence_gate: float | None = Field(
+        default=None, description="Automatic mode: the presence probability below which the answer was to be "
+                                  "empty (null: no gate, or a prompted answer)")
     measurements: list[ObjectMeasurement] | None = Field(
         default=None, description="Per object of the mask: area, diameters and perimeter in mm; null without "
                                   "a pixel spacing")
@@ -209,6 +221,8 @@ class Health(BaseModel):
                                               "(empty when one channel serves every image)")
     locates_taps: bool = Field(default=False, description="Whether a tap (points only) can name one of `modalities` "
                                                           "(predict's `modality`) to be located by the head")
+    presence_gate: float | None = Field(default=None, description="The automatic head's own presence gate (chosen "
+                                                                  "on the val splits; null: none, or no head)")
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -347,7 +361,7 @@ def _add_health_route(app: FastAPI, server: _Server) -> None:
                       cached_images=len(cache), cache_size=cache.capacity, cached_images_total=cache.total(),
                       total_cache_size=cache.total_capacity, max_upload_bytes=max_bytes,
                       auto=model_info["auto"], modalities=model_info["modalities"],
-                      locates_taps=model_info["locates_taps"])
+                      locates_taps=model_info["locates_taps"], presence_gate=model_info["presence_gate"])
 
 
 def _add_upload_route(app: FastAPI, server: _Server) -> None:
@@ -423,11 +437,12 @@ def _add_segmentation_routes(app: FastAPI, server: _Server) -> None:
         try:
             with model_lock:
                 entry.use_frame(request.frame)
-                mask, score, _ = entry.predictor.predict_auto(request.modality)
-        except ValueError as exc:  # unknown modality: the model lists the ones it knows
+                gate = entry.predictor.resolve_presence_gate(request.presence_gate)
+                mask, score, _ = entry.predictor.predict_auto(request.modality, presence_gate=request.presence_gate)
+        except ValueError as exc:  # unknown modality (the model lists the ones it knows), or a gate it refuses
             raise HTTPException(422, str(exc)) from exc
         return _mask_response(image_id, entry, mask, [score], start, request.spacing, box=None, points=[],
-                              labels=[])
+                              labels=[], presence_gate=gate)
 
     @app.post(
         UPLOAD_PATH + "/{image_id}/propagate", response_model=PropagateResponse,
@@ -638,4 +653,5 @@ def _model_info(predictor: Any) -> dict[str, Any]:
     selects = getattr(predictor, "selects_modality", None)
     return {"name": str(name), "size": int(size or 0),
             "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else [],
-            "locates_taps": bool(auto and selects is not None and selects(tap=True))}
+            "locates_taps": bool(auto and selects is not None and selects(tap=True)),
+            "presence_gate": predictor.resolve_presence_gate() if auto else None}

@@ -26,7 +26,7 @@
     objects: [], active: -1, nextKey: 1,
     mode: "box", label: 1, drag: null, pan: null, pinch: null, pointers: new Map(), pending: 0,
     view: { zoom: 1, x: 0, y: 0 }, // CSS transform of the canvas: translate(x, y) scale(zoom)
-    auto: false, modalities: [], locatesTaps: false, // automatic mode: from /api/health
+    auto: false, modalities: [], locatesTaps: false, gate: 0, // automatic mode: from /api/health
   };
 
   // --- status and buttons -----------------------------------------------------------------------
@@ -351,9 +351,19 @@
     s.autoShown = true;
     redraw();
     const modality = state.modalities.length > 1 ? $("modality").value : null;
-    fetchMask(obj, "auto", { modality, ...common() }, (result) => `Automatic mask${modality ? ` (${modality})` : ""}: ` +
-      `${result.foreground_pixels} pixels, target present with probability ${result.score.toFixed(2)} ` +
-      `(${Math.round(result.decode_ms)} ms).`);
+    const gate = Number($("gate").value);
+    // Untouched, the slider asks for the model's own gate (an older export accepts no other).
+    const presenceGate = gate === state.gate ? "calibrated" : gate;
+    fetchMask(obj, "auto", { modality, presence_gate: presenceGate, ...common() }, (result) =>
+      `Automatic mask${modality ? ` (${modality})` : ""}: ${result.foreground_pixels} pixels, target present ` +
+      `with probability ${result.score.toFixed(2)}` +
+      (result.presence_gate !== null && result.score < result.presence_gate ?
+        ` (below the gate ${result.presence_gate.toFixed(2)}: nothing here)` : "") +
+      ` (${Math.round(result.decode_ms)} ms).`);
+  }
+
+  function showGate() {
+    $("gate-value").textContent = Number($("gate").value).toFixed(2);
   }
 
   function masksChanged() {
@@ -731,6 +741,11 @@
   $("add-object").addEventListener("click", addObject);
   $("help-toggle").addEventListener("click", toggleHelp);
   $("auto").addEventListener("click", requestAutoMask);
+  $("gate").addEventListener("input", showGate);
+  $("gate").addEventListener("change", () => {
+    const s = state.id ? activeObject().frames[state.frame] : null;
+    if (s && s.autoShown) requestAutoMask();
+  });
   $("modality").addEventListener("change", () => {
     rememberAnatomy($("modality").value);
     const s = state.id ? activeObject().frames[state.frame] : null;
@@ -781,8 +796,12 @@
       state.auto = Boolean(health.auto);
       state.modalities = health.modalities || [];
       state.locatesTaps = Boolean(health.locates_taps);
+      $("gate").value = health.presence_gate ?? 0; // the model's own gate; none: 0, every answer shown
+      state.gate = Number($("gate").value); // as the slider rounds it
     } catch (_) { return; } // the upload will report an unreachable server
     $("auto").hidden = !state.auto;
+    $("gate-label").hidden = !state.auto;
+    showGate();
     // A tapped object is located only when the user names its anatomy, so the menu starts unnamed.
     const options = state.modalities.map((name) => new Option(name, name));
     if (state.locatesTaps) options.unshift(new Option("not named", ""));
