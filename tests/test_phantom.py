@@ -137,6 +137,20 @@ def test_a_complex_lesion_is_labelled_whole_around_its_dark_fluid(seed):
     assert phantom.image[y[wall], x[wall]].mean() > phantom.image[y[fluid], x[fluid]].mean() + 15
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_a_halo_lesion_is_tissue_outlined_by_its_rim_only(seed):
+    phantom = make_phantom(seed, 256, "halo")
+    (lesion,) = phantom.lesions
+    assert lesion.kind == "halo" and lesion.core is None and lesion.rim_db != 0 and lesion.neighbour is None
+    y, x = np.nonzero(phantom.mask)
+    rim = lesion.rim_contains(x.astype(np.float32), y.astype(np.float32))
+    assert 0.05 < rim.mean() < 0.5  # the mask holds the rim AND the solid inside
+    inside = phantom.image[y[~rim], x[~rim]].mean()
+    assert abs(inside - phantom.image[_surroundings(phantom)].mean()) < 25  # about as echoic as the tissue
+    # the rim is what shows the border: darker (a halo) or brighter (a capsule) than the inside
+    assert np.sign(phantom.image[y[rim], x[rim]].mean() - inside) == np.sign(lesion.rim_db)
+
+
 def test_mixed_draws_no_complex_lesion_and_mixed_complex_does():
     kinds = lambda kind: {l.kind for seed in range(30) for l in make_phantom(seed, 96, kind, 2).lesions}  # noqa: E731,E741
     assert not {"complex", "wrapping"} & kinds("mixed")

@@ -5,9 +5,10 @@ then scan-converted to the display grid:
 
 1. reflectivity: tissue (superficial layers with bright interfaces, smooth echotexture) and
    lesions (hypoechoic, hyperechoic, anechoic cyst, complex: a near-isoechoic solid wall around
-   an anechoic fluid part, labelled whole, or wrapping: smooth tissue carved around an unlabelled
-   round neighbour, a vessel, an airway or a muscle) whose border is an ellipse perturbed by a radial
-   Fourier series, at a random orientation;
+   an anechoic fluid part, labelled whole, wrapping: smooth tissue carved around an unlabelled
+   round neighbour, a vessel, an airway or a muscle, or halo: near-isoechoic solid tissue outlined
+   only by a thin dark halo or bright capsule, as many thyroid nodules are) whose border is an
+   ellipse perturbed by a radial Fourier series, at a random orientation;
 2. scatterers: a complex Gaussian per sample with variance = reflectivity (fully developed
    speckle), times the round-trip transmission: tissue attenuation plus each lesion's own
    attenuation, which is what casts a posterior shadow behind solid lesions and posterior
@@ -35,15 +36,15 @@ from scipy import ndimage
 
 from uniultra.atomic import atomic_write_bytes, atomic_write_text
 
-KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "wrapping", "mixed", "mixed-complex",
-                          "mixed-wrapping")
+KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "wrapping", "halo", "mixed",
+                          "mixed-complex", "mixed-wrapping")
 GEOMETRIES: tuple[str, ...] = ("linear", "sector", "random")
-LESION_KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "wrapping")
+LESION_KINDS: tuple[str, ...] = ("hypoechoic", "hyperechoic", "cyst", "complex", "wrapping", "halo")
 # How often each lesion kind is drawn for kind="mixed" (never complex or wrapping: the phantoms of earlier
 # recipes stay as they were; a zero weight at the end leaves the draws unchanged), "mixed-complex" and
 # "mixed-wrapping".
-_MIXED_WEIGHTS = {"mixed": (0.5, 0.2, 0.3, 0.0, 0.0), "mixed-complex": (0.35, 0.15, 0.2, 0.3, 0.0),
-                  "mixed-wrapping": (0.3, 0.15, 0.2, 0.0, 0.35)}
+_MIXED_WEIGHTS = {"mixed": (0.5, 0.2, 0.3, 0.0, 0.0, 0.0), "mixed-complex": (0.35, 0.15, 0.2, 0.3, 0.0, 0.0),
+                  "mixed-wrapping": (0.3, 0.15, 0.2, 0.0, 0.35, 0.0)}
 # A complex lesion's fluid part: its semi-axes as a share of the lesion's, and how far its centre may
 # sit off the lesion's (a share of the semi-axes); the solid wall is what is left, at least ~1/5 thick.
 _CORE_SCALE = (0.45, 0.8)
@@ -56,6 +57,9 @@ _CORE_OFFSET = 0.2
 _NEIGHBOUR_DISTANCE = (0.4, 1.0)
 _NEIGHBOUR_SCALE = (0.5, 0.95)
 _NEIGHBOUR_ECHO = {"vessel": (-40.0, 0.0), "airway": (-20.0, 14.0), "muscle": (-8.0, 0.0)}  # (contrast, ring) dB
+
+# A halo lesion's rim is at least this wide (display pixels): thinner, speckle and the PSF wash it out.
+_MIN_HALO_PX = 3.0
 
 SOUND_SPEED_MM_PER_US = 1.54
 # What scanners assume for soft tissue when setting the default time-gain compensation.
@@ -340,6 +344,9 @@ def _draw_lesion(rng: np.random.Generator, kind: str, size_px: float, tissue_db_
     elif kind == "wrapping":  # smooth organ tissue near the surroundings' level, carved around a neighbour
         contrast, irregularity = rng.uniform(-6.0, 6.0), rng.uniform(0.02, 0.1)
         attenuation = tissue_db_cm_mhz
+    elif kind == "halo":  # solid, about as echoic as the tissue: only its rim tells where it ends
+        contrast, irregularity = rng.uniform(-4.0, 4.0), rng.uniform(0.02, 0.1)
+        attenuation = tissue_db_cm_mhz
     else:  # cyst: anechoic fluid, nearly no attenuation -> posterior enhancement
         contrast, irregularity = -40.0, rng.uniform(0.0, 0.04)
         attenuation = 0.002
@@ -360,6 +367,10 @@ def _draw_lesion(rng: np.random.Generator, kind: str, size_px: float, tissue_db_
     )
     if kind == "wrapping":
         return replace(lesion, neighbour=_draw_neighbour(rng, lesion))
+    if kind == "halo":  # the thyroid nodule's thin dark halo (most), or a bright capsule
+        rim_db = rng.uniform(-16.0, -8.0) if rng.random() < 0.7 else rng.uniform(6.0, 12.0)
+        width = max(rng.uniform(0.06, 0.16), min(0.35, _MIN_HALO_PX / min(lesion.semi_axes_px)))
+        return replace(lesion, rim_db=float(rim_db), rim_width=float(width))
     if kind != "complex":
         return lesion
     # Half have a bright capsule, a quarter a dark halo, the rest no rim: the wall's outline is faint or absent.
@@ -518,12 +529,13 @@ def _reflectivity(rng, scan: _Scan, labels: np.ndarray, lesions: list[Lesion], h
         # set relative to the surrounding echotexture.
         inside = labels == i + 1
         level_db = np.where(inside, texture_db + internal_db + lesion.contrast_db, level_db)
-        if lesion.core is not None:
+        if lesion.core is not None or lesion.rim_db:
             where = np.flatnonzero(inside)
             x, y = scan.x.reshape(-1)[where], scan.y.reshape(-1)[where]
-            rim, fluid = where[lesion.rim_contains(x, y)], where[lesion.core_contains(x, y)]
-            level_db.reshape(-1)[rim] += lesion.rim_db
-            level_db.reshape(-1)[fluid] = texture_db.reshape(-1)[fluid] + lesion.core.contrast_db
+            level_db.reshape(-1)[where[lesion.rim_contains(x, y)]] += lesion.rim_db
+            if lesion.core is not None:
+                fluid = where[lesion.core_contains(x, y)]
+                level_db.reshape(-1)[fluid] = texture_db.reshape(-1)[fluid] + lesion.core.contrast_db
         specular[inside] = 0.0
         if lesion.neighbour is not None:
             _draw_neighbour_echo(scan, lesion, texture_db, level_db, specular)
@@ -635,7 +647,8 @@ def make_phantom(
     `size` is HxW (an int for square). `kind`: "hypoechoic" (solid, casts a shadow),
     "hyperechoic", "cyst" (anechoic, posterior enhancement), "complex" (a near-isoechoic solid
     wall around an anechoic part; the mask is the whole lesion), "wrapping" (near-isoechoic tissue
-    carved around a round neighbour that lies partly inside its box and is not labelled), "mixed"
+    carved around a round neighbour that lies partly inside its box and is not labelled), "halo" (solid,
+    near-isoechoic, outlined only by a thin dark halo or a bright capsule; the mask holds the rim), "mixed"
     (drawn per lesion among the first three), "mixed-complex" (the first four) or "mixed-wrapping"
     (the first three and wrapping).
     `n_lesions` may be 0 (a normal image, empty mask). `geometry`: "linear" (rectangular,

@@ -18,7 +18,7 @@ from uniultra.config_io import ConfigError, from_dict, load_yaml, merge_dicts, t
 # "box+click": a box and one more click, positive on the object or negative inside the box off it
 # (what a user adds to correct a box-only mask).
 TRAIN_PROMPT_MODES = ("box", "point", "points3", "box+point", "box+click")
-PHANTOM_KINDS = Literal["hypoechoic", "hyperechoic", "cyst", "complex", "wrapping", "mixed", "mixed-complex",
+PHANTOM_KINDS = Literal["hypoechoic", "hyperechoic", "cyst", "complex", "wrapping", "halo", "mixed", "mixed-complex",
                         "mixed-wrapping"]
 
 
