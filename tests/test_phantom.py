@@ -233,3 +233,34 @@ def test_dataset_writer_files_metadata_and_loader(tmp_path):
     dataset = SegmentationDataset(root)
     assert len(dataset) == 3 and dataset[0]["mask"].shape == (96, 128)
     assert not [p for p in root.rglob("*") if p.name.startswith(".")]  # no temporary files left
+
+
+def test_enlarged_lesions_fill_their_image_and_scale_one_changes_nothing():
+    seeds = range(12)
+    usual = [make_phantom(s, 128, "halo", 1, geometry="linear").mask.mean() for s in seeds]
+    large = [make_phantom(s, 128, "halo", 1, geometry="linear", lesion_scale=2.5) for s in seeds]
+    assert np.median([p.mask.mean() for p in large]) > 2 * np.median(usual)
+    assert max(p.mask.mean() for p in large) > 0.3  # some fill a third of the image, as cropped nodules do
+    same = make_phantom(5, 96, "mixed", 2, lesion_scale=1.0)
+    np.testing.assert_array_equal(same.image, make_phantom(5, 96, "mixed", 2).image)
+    with pytest.raises(ValueError, match="lesion_scale must lie in"):
+        make_phantom(0, 64, lesion_scale=5.0)
+
+
+def test_a_phantom_folder_written_before_a_spec_field_existed_is_still_recognised(tmp_path):
+    import json
+
+    from uniultra.engine.config import DataEntry, PhantomSpec
+    from uniultra.engine.data import ensure_phantoms
+
+    entry = DataEntry(name="ph", phantom=PhantomSpec(n=3, size=48))
+    root = ensure_phantoms(entry, tmp_path)
+    spec_file = root / "phantom.json"
+    recorded = json.loads(spec_file.read_text())
+    assert recorded["lesion_scale"] == 1.0 and "lesion_scale" in (root / "meta.csv").read_text().splitlines()[0]
+    del recorded["lesion_scale"]  # as written before the field existed
+    spec_file.write_text(json.dumps(recorded))
+    assert ensure_phantoms(entry, tmp_path) == root
+    other = DataEntry(name="ph", phantom=PhantomSpec(n=3, size=48, lesion_scale=2.0))
+    with pytest.raises(ValueError, match="holds other phantoms"):
+        ensure_phantoms(other, tmp_path)

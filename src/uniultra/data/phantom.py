@@ -417,15 +417,16 @@ def _draw_neighbour(rng: np.random.Generator, lesion: Lesion) -> Lesion:
     )
 
 
-def _place_lesions(rng: np.random.Generator, kinds: list[str], scan: _Scan, probe: _Probe) -> list[Lesion]:
+def _place_lesions(rng: np.random.Generator, kinds: list[str], scan: _Scan, probe: _Probe,
+                   lesion_scale: float = 1.0) -> list[Lesion]:
     """Non-overlapping lesions entirely inside the field of view (rejection sampling)."""
-    size_px = min(scan.depth_px, scan.lateral_px) / math.sqrt(max(len(kinds), 1))
+    size_px = lesion_scale * min(scan.depth_px, scan.lateral_px) / math.sqrt(max(len(kinds), 1))
     placed: list[Lesion] = []
     for kind in kinds:
         for _ in range(200):
             lesion = _draw_lesion(rng, kind, size_px, probe.attenuation_db_cm_mhz)
-            x, y = scan.point(rng.uniform(0.25, 0.75), rng.uniform(0.0, 1.0))
             radius = lesion.bounding_radius_px
+            x, y = _lesion_centre(rng, scan, radius, enlarged=lesion_scale > 1.0)
             apart = all(math.hypot(x - o.center_xy[0], y - o.center_xy[1]) > radius + o.bounding_radius_px + 4
                         for o in placed)
             if apart and scan.holds_disc(x, y, radius):
@@ -434,6 +435,16 @@ def _place_lesions(rng: np.random.Generator, kinds: list[str], scan: _Scan, prob
         else:
             raise ValueError(f"could not fit {len(kinds)} non-overlapping lesions in this image; use fewer")
     return placed
+
+
+def _lesion_centre(rng: np.random.Generator, scan: _Scan, radius: float, enlarged: bool) -> tuple[float, float]:
+    """Where to try a lesion: mid-depth anywhere across; an enlarged lesion on a linear scan anywhere it
+    fits (mid-depth alone would keep only the smaller ones)."""
+    if enlarged and scan.fan is None:
+        h, w = scan.fov.shape
+        reach = min(radius + 2 * _FOV_MARGIN_PX, (min(h, w) - 1) / 2)
+        return float(rng.uniform(reach, w - 1 - reach)), float(rng.uniform(reach, h - 1 - reach))
+    return scan.point(rng.uniform(0.25, 0.75), rng.uniform(0.0, 1.0))
 
 
 def _label_beam_space(lesions: list[Lesion], scan: _Scan) -> np.ndarray:
@@ -641,6 +652,7 @@ def make_phantom(
     *,
     geometry: str = "random",
     homogeneous: bool = False,
+    lesion_scale: float = 1.0,
 ) -> Phantom:
     """Simulate one B-mode image; the same arguments always give the same phantom.
 
@@ -655,7 +667,11 @@ def make_phantom(
     high frequency), "sector" (curvilinear fan, black outside) or "random" (35% sector).
     `homogeneous=True` gives a calibration-style phantom: uniform background without layers,
     texture or focal zone, and exactly compensated attenuation, e.g. to check speckle statistics.
+    `lesion_scale` multiplies the lesions' size (at 1, a lone lesion's diameter is 16-40 % of the image's
+    smaller side; at 2, up to 80 %, an object that fills its image as a cropped nodule does).
     """
+    if not 0.1 <= lesion_scale <= 2.5:
+        raise ValueError(f"lesion_scale must lie in [0.1, 2.5], got {lesion_scale}")
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
     h, w = _as_hw(size)
@@ -663,7 +679,7 @@ def make_phantom(
     kinds = _lesion_kinds(rng, kind, n_lesions)
     probe = _draw_probe(rng, geometry, homogeneous)
     scan = _linear_scan(probe, h, w) if probe.geometry == "linear" else _sector_scan(rng, probe, h, w)
-    lesions = _place_lesions(rng, kinds, scan, probe)
+    lesions = _place_lesions(rng, kinds, scan, probe, lesion_scale)
     labels = _label_beam_space(lesions, scan)
     reflectivity = _reflectivity(rng, scan, labels, lesions, homogeneous)
     envelope = _envelope(rng, probe, scan, reflectivity, _round_trip_db(probe, scan, labels, lesions))
@@ -699,26 +715,27 @@ def write_phantom_dataset(
     kind: str = "mixed",
     n_lesions: int = 1,
     geometry: str = "random",
+    lesion_scale: float = 1.0,
 ) -> Path:
     """Write `n` phantoms as a dataset folder and return it.
 
     Layout as every dataset of the project: `images/<stem>.png` (8-bit gray) and
     `masks/<stem>.png` (0/255), stems `phantom_0000`, ...; plus `meta.csv`, one row per stem:
     `kind`, `n_lesions`, `geometry` and `seed` regenerate it exactly with
-    `make_phantom(seed, size, kind, n_lesions, geometry=geometry)`; `lesion_kinds` and
+    `make_phantom(seed, size, kind, n_lesions, geometry=geometry, lesion_scale=lesion_scale)`; `lesion_kinds` and
     `pixel_spacing_mm` describe it.
     Every file is written to a temporary name and renamed, so a crash leaves no torn file.
     """
     out = Path(out_dir)
-    rows = ["stem,kind,n_lesions,geometry,seed,lesion_kinds,pixel_spacing_mm"]
+    rows = ["stem,kind,n_lesions,geometry,seed,lesion_scale,lesion_kinds,pixel_spacing_mm"]
     for index in range(n):
         seed_i = phantom_seed(seed, index)
-        phantom = make_phantom(seed_i, size, kind, n_lesions, geometry=geometry)
+        phantom = make_phantom(seed_i, size, kind, n_lesions, geometry=geometry, lesion_scale=lesion_scale)
         stem = f"phantom_{index:04d}"
         atomic_write_bytes(out / "images" / f"{stem}.png", _png_bytes(phantom.image))
         atomic_write_bytes(out / "masks" / f"{stem}.png", _png_bytes(phantom.mask.astype(np.uint8) * 255))
         lesion_kinds = "+".join(lesion.kind for lesion in phantom.lesions) or "none"
-        rows.append(f"{stem},{kind},{n_lesions},{phantom.geometry},{seed_i},{lesion_kinds},"
+        rows.append(f"{stem},{kind},{n_lesions},{phantom.geometry},{seed_i},{lesion_scale:g},{lesion_kinds},"
                     f"{phantom.pixel_spacing_mm:.4f}")
     atomic_write_text(out / "meta.csv", "\n".join(rows) + "\n")
     return out

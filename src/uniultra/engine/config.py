@@ -49,6 +49,7 @@ class PhantomSpec:
     n_lesions: int = 1
     geometry: Literal["linear", "sector", "random"] = "random"
     val_fraction: float = 0.1
+    lesion_scale: float = 1.0  # lesion size multiplier (uniultra.data.phantom.make_phantom)
 
     def __post_init__(self) -> None:
         if self.n < 2:

@@ -44,7 +44,7 @@ from uniultra.data.prompts import (
     sample_interior_points,
 )
 from uniultra.data.subset import restrict_to_subset
-from uniultra.engine.config import TRAIN_PROMPT_MODES, AugmentConfig, DataEntry, TrainPromptConfig
+from uniultra.engine.config import TRAIN_PROMPT_MODES, AugmentConfig, DataEntry, PhantomSpec, TrainPromptConfig
 from uniultra.inference.coords import prompt_tokens
 from uniultra.inference.transforms import resize_for_model
 from uniultra.models.prompt_labels import BOX_CORNER_LABELS, EXACT_BOX_CORNER_LABELS
@@ -158,12 +158,12 @@ def ensure_phantoms(entry: DataEntry, out_dir: str | Path) -> Path:
     wanted = to_dict(spec)
     if spec_file.is_file():
         found = json.loads(spec_file.read_text())
-        if found == wanted:
+        if _same_phantoms(found, wanted):
             return root
         raise ValueError(f"{root} holds other phantoms ({found}) than the config asks for ({wanted}); "
                          "delete the folder or give the entry another path")
     write_phantom_dataset(root, spec.n, seed=spec.seed, size=spec.size, kind=spec.kind,
-                          n_lesions=spec.n_lesions, geometry=spec.geometry)
+                          n_lesions=spec.n_lesions, geometry=spec.geometry, lesion_scale=spec.lesion_scale)
     stems = [f"phantom_{i:04d}" for i in range(spec.n)]
     n_val = math.ceil(spec.n * spec.val_fraction) if spec.val_fraction > 0 else 0
     train, val = stems[: spec.n - n_val], stems[spec.n - n_val:]
@@ -172,6 +172,14 @@ def ensure_phantoms(entry: DataEntry, out_dir: str | Path) -> Path:
                  "train": train, "val": val, "test": []}, root / "splits.json")
     atomic_write_text(spec_file, json.dumps(wanted, indent=1) + "\n")
     return root
+
+
+def _same_phantoms(found: dict, wanted: dict) -> bool:
+    """Whether a folder's recorded spec is `wanted`; a field added since it was written counts at its default."""
+    try:
+        return to_dict(PhantomSpec(**found)) == wanted
+    except (TypeError, ValueError):
+        return False
 
 
 def ensure_all_phantoms(entries: Sequence[DataEntry], out_dir: str | Path, ctx) -> None:
