@@ -60,7 +60,12 @@ def exported(tmp_path_factory) -> tuple[SAM2ImageModel, Path]:
 @pytest.fixture(scope="module")
 def predictors(exported) -> tuple[Predictor, OnnxPredictor]:
     model, out = exported
-    return Predictor(model), OnnxPredictor(out, threads=1)
+    pair = Predictor(model), OnnxPredictor(out, threads=1)
+    # The graphs are compared, not the hole filling both apply alike (uniultra.inference.holes): on a
+    # random model's speckled masks a 1e-5 logit difference can open a pin-hole to the background.
+    for predictor in pair:
+        predictor.max_hole_share = 0.0
+    return pair
 
 
 def phantom_cases():
@@ -167,6 +172,7 @@ def test_predictor_imports_and_runs_without_torch(exported, predictors, tmp_path
         import numpy as np
         from uniultra.export import OnnxPredictor
         pred = OnnxPredictor({str(out)!r}, threads=1)
+        pred.max_hole_share = 0.0  # as the fixture's predictors: the graphs are compared
         pred.set_image(np.load({str(tmp_path / "image.npy")!r}))
         logits, scores, _ = pred.predict(box=[20, 25, 120, 130], return_logits=True)
         np.save({str(tmp_path / "logits.npy")!r}, logits)
@@ -400,6 +406,7 @@ def test_box_decoder_answers_prompts_without_a_mask_and_old_exports_still_run(ex
     (old / md.METADATA_FILE).write_text(json.dumps(meta))
     (old / md.BOX_DECODER_FILE).unlink()
     old_pred = OnnxPredictor(old)
+    old_pred.max_hole_share = 0.0  # as the fixture's predictors: the graphs are compared
     assert not old_pred.has_box_decoder
     old_pred.set_image(image)
     for prompt in ({"box": [30, 25, 120, 110]}, {"points": [[70, 60]], "labels": [1]}):

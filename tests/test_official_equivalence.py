@@ -111,6 +111,7 @@ def pair(request, tmp_path_factory, official_predictor_cls):
     # The official predictor hard-codes the 1024-input feature sizes; give it the real ones.
     theirs._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
     mine = Predictor(ours.eval())
+    mine.max_hole_share = 0.0  # sam2's image predictor fills no holes by default (max_hole_area=0)
     with torch.no_grad():
         theirs.set_image(image)
     mine.set_image(image)

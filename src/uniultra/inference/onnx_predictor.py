@@ -20,6 +20,7 @@ import numpy as np
 
 from uniultra.inference import onnx_format as md
 from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.holes import DEFAULT_MAX_HOLE_SHARE, fill_small_holes
 from uniultra.inference.presence_gate import CALIBRATED_GATE, PresenceGate, answers_empty, gate_in_force
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet, check_exact_box
 from uniultra.inference.session import ImageSession, require_pixels
@@ -41,6 +42,7 @@ class ExportedPredictor(ImageSession):
         self.pixel_mean = np.asarray(pre["pixel_mean"], dtype=np.float32).reshape(3, 1, 1)
         self.pixel_std = np.asarray(pre["pixel_std"], dtype=np.float32).reshape(3, 1, 1)
         self.mask_threshold = mask_threshold
+        self.max_hole_share = DEFAULT_MAX_HOLE_SHARE  # as `Predictor.max_hole_share`
         # The automatic head's graph, when the export has one (metadata "auto"): its channel names.
         self.auto_info = self.metadata.get("auto")
         # Exports before 2026-12-06 apply their presence gate inside the graph; later ones leave it to
@@ -126,7 +128,7 @@ class ExportedPredictor(ImageSession):
         score = float(np.asarray(presence).reshape(-1)[0])
         if answers_empty(score, threshold):
             logits = np.full_like(logits, -LOGIT_CLAMP)
-        masks = upsample_logits(logits, self.orig_hw)
+        masks = upsample_logits(fill_small_holes(logits, self.mask_threshold, self.max_hole_share), self.orig_hw)
         mask = masks[0, 0] if return_logits else masks[0, 0] > self.mask_threshold
         return mask, score, np.clip(logits[0, 0], -LOGIT_CLAMP, LOGIT_CLAMP)
 
@@ -177,7 +179,7 @@ class ExportedPredictor(ImageSession):
         feeds, box = self.decoder_feeds(coords, point_labels, mask_input)
         wanted = ["multimask_masks", "multimask_iou_scores"] if multimask else ["masks", "iou_scores"]
         logits, scores = self._decode(wanted, feeds, box)
-        masks = upsample_logits(logits, self.orig_hw)
+        masks = upsample_logits(fill_small_holes(logits, self.mask_threshold, self.max_hole_share), self.orig_hw)
         if not return_logits:
             masks = masks > self.mask_threshold
         result = (masks, scores, np.clip(logits, -LOGIT_CLAMP, LOGIT_CLAMP))

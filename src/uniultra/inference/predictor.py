@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from uniultra.inference.coords import prompt_tokens
+from uniultra.inference.holes import DEFAULT_MAX_HOLE_SHARE, fill_small_holes
 from uniultra.inference.prompts import LOGIT_CLAMP, PromptSet, check_exact_box
 from uniultra.inference.session import ImageSession, require_pixels
 from uniultra.inference.transforms import image_to_model, upsample_logits
@@ -31,6 +32,8 @@ class Predictor(ImageSession):
         super().__init__()
         self.model = model.eval()
         self.mask_threshold = mask_threshold
+        # Holes up to this share of their object are filled in every mask (0: none; inference.holes).
+        self.max_hole_share = DEFAULT_MAX_HOLE_SHARE
         self.device = next(model.parameters()).device
         # bf16 autocast by default only on CUDA; on CPU fp32 is exact, and faster without bf16 units.
         self._use_autocast = autocast and self.device.type == "cuda"
@@ -143,10 +146,18 @@ class Predictor(ImageSession):
     def _to_image_size(self, low_res_logits: torch.Tensor, return_logits: bool) -> tuple[np.ndarray, np.ndarray]:
         """(N, C, h, w) decoder logits -> (masks, or logits, at the original image size; clamped low-res logits)."""
         logits = low_res_logits.float()
-        masks = upsample_logits(logits, self.orig_hw)
+        masks = upsample_logits(self._holes_filled(logits), self.orig_hw)
         if not return_logits:
             masks = masks > self.mask_threshold
         return masks.cpu().numpy(), logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).cpu().numpy()
+
+    def _holes_filled(self, logits: torch.Tensor) -> torch.Tensor:
+        """The low-res logits with their masks' small holes filled (uniultra.inference.holes)."""
+        if self.max_hole_share <= 0:
+            return logits
+        array = logits.cpu().numpy()
+        filled = fill_small_holes(array, self.mask_threshold, self.max_hole_share)
+        return logits if filled is array else torch.from_numpy(filled).to(logits.device)
 
     def _encoder_autocast(self):
         if self.cpu_bf16:

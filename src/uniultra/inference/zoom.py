@@ -182,6 +182,15 @@ class ZoomPredictor(ImageSession):
     def modality(self, name) -> None:
         self.predictor.modality = name
 
+    @property
+    def max_hole_share(self) -> float:
+        """The wrapped predictor's (it answers each crop): holes up to this share of their object are filled."""
+        return self.predictor.max_hole_share
+
+    @max_hole_share.setter
+    def max_hole_share(self, share: float) -> None:
+        self.predictor.max_hole_share = share
+
     def predict_without_prompt(self, return_logits: bool = False):
         """No prompt: an automatic head's answer (refined, see `_predict_auto`), else the wrapped
         predictor's plain answer on the whole image."""
