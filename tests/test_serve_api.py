@@ -507,3 +507,32 @@ def test_docs_page_works_offline(client):
     style = client.get("/docs.css")
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
     assert client.get("/redoc").status_code == 404
+
+
+def test_a_users_auto_predictor_without_a_per_call_gate_answers_its_own_gate():
+    """A factory's predictor with only `predict_auto(modality)` (no presence-gate API) still serves the
+    automatic mode: health says its gate is unknown, 'calibrated' answers, another gate is refused."""
+
+    class OwnAutoPredictor:
+        def set_image(self, image):
+            self.hw = image.shape[:2]
+
+        def predict(self, box=None, points=None, labels=None, multimask=False):
+            return np.zeros((1, *self.hw), bool), np.array([0.5], np.float32), None
+
+        def predict_auto(self, modality=None):
+            mask = np.zeros(self.hw, bool)
+            mask[5:15, 10:30] = True
+            return mask, 0.8, None
+
+    client = local_client(create_app(OwnAutoPredictor, serve_static=False))
+    health = client.get("/api/health").json()
+    assert health["auto"] is True and health["presence_gate"] is None
+    image_id = upload(client, encode(np.zeros((40, 50), np.uint8))).json()["id"]
+    answer = client.post(f"/api/images/{image_id}/auto", json={})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["presence_gate"] is None and body["foreground_pixels"] == 200
+    assert body["score"] == pytest.approx(0.8)
+    refused = client.post(f"/api/images/{image_id}/auto", json={"presence_gate": 0.5})
+    assert refused.status_code == 422 and "no per-call presence gate" in refused.json()["detail"]

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from uniultra import __version__
 from uniultra.data.spacing import check_spacing
 from uniultra.inference.measurements import measurements_table
-from uniultra.inference.presence_gate import CALIBRATED_GATE
+from uniultra.inference.presence_gate import CALIBRATED_GATE, PresenceGate
 from uniultra.inference.propagation import Propagation, propagate
 from uniultra.inference.zoom import tap_modality_for, tight_boxes_for
 from uniultra.serve.apidocs import DOCS_CSS, DOCS_CSS_PATH, reference_html
@@ -183,7 +183,8 @@ class PredictResponse(BaseModel):
         default=None, description="[row_mm, col_mm] used for the measurements (the request's, else the DICOM's)")
     presence_gate: float | None = Field(
         default=None, description="Automatic mode: the presence probability below which the answer was to be "
-                                  "empty (null: no gate, or a prompted answer)")
+                                  "empty (null: no gate, a prompted answer, or a user's predictor that does "
+                                  "not say)")
     measurements: list[ObjectMeasurement] | None = Field(
         default=None, description="Per object of the mask: area, diameters and perimeter in mm; null without "
                                   "a pixel spacing")
@@ -221,8 +222,9 @@ class Health(BaseModel):
                                               "(empty when one channel serves every image)")
     locates_taps: bool = Field(default=False, description="Whether a tap (points only) can name one of `modalities` "
                                                           "(predict's `modality`) to be located by the head")
-    presence_gate: float | None = Field(default=None, description="The automatic head's own presence gate (chosen "
-                                                                  "on the val splits; null: none, or no head)")
+    presence_gate: float | None = Field(
+        default=None, description="The automatic head's own presence gate (chosen on the val splits; null: none, "
+                                  "no head, or a user's predictor that does not say)")
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -437,8 +439,7 @@ def _add_segmentation_routes(app: FastAPI, server: _Server) -> None:
         try:
             with model_lock:
                 entry.use_frame(request.frame)
-                gate = entry.predictor.resolve_presence_gate(request.presence_gate)
-                mask, score, _ = entry.predictor.predict_auto(request.modality, presence_gate=request.presence_gate)
+                mask, score, gate = _auto_answer(entry.predictor, request.modality, request.presence_gate)
         except ValueError as exc:  # unknown modality (the model lists the ones it knows), or a gate it refuses
             raise HTTPException(422, str(exc)) from exc
         return _mask_response(image_id, entry, mask, [score], start, request.spacing, box=None, points=[],
@@ -654,4 +655,26 @@ def _model_info(predictor: Any) -> dict[str, Any]:
     return {"name": str(name), "size": int(size or 0),
             "auto": auto, "modalities": list(getattr(predictor, "modality_choices", ())) if auto else [],
             "locates_taps": bool(auto and selects is not None and selects(tap=True)),
-            "presence_gate": predictor.resolve_presence_gate() if auto else None}
+            "presence_gate": _own_presence_gate(predictor) if auto else None}
+
+
+def _own_presence_gate(predictor: Any) -> float | None:
+    """The predictor's own gate; None for a user's predictor that does not say (no `resolve_presence_gate`)."""
+    resolve = getattr(predictor, "resolve_presence_gate", None)
+    return resolve() if callable(resolve) else None
+
+
+def _auto_answer(predictor: Any, modality: str | None, gate: PresenceGate) -> tuple[np.ndarray, float, float | None]:
+    """(mask, presence score, gate in force) of one automatic answer.
+
+    A user's own predictor with a `predict_auto(modality)` of its own (no per-call gate) answers only
+    the 'calibrated' gate, i.e. its own; another gate is refused (ValueError -> 422) rather than ignored.
+    """
+    if callable(getattr(predictor, "resolve_presence_gate", None)):
+        mask, score, _ = predictor.predict_auto(modality, presence_gate=gate)
+        return mask, score, predictor.resolve_presence_gate(gate)
+    if gate != CALIBRATED_GATE:
+        raise ValueError(f"this server's predictor ({type(predictor).__name__}) has no per-call presence gate: "
+                         "ask with presence_gate 'calibrated' (its own)")
+    mask, score, _ = predictor.predict_auto(modality)
+    return mask, score, None
