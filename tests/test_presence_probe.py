@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from test_auto_train import phantom_sets, run_config  # noqa: F401 (phantom_sets is a fixture)
-from uniultra.auto.presence_fit import MIN_VAL_AUC, ChannelData, fit_presence_probe, logistic_regression, roc_auc
+from uniultra.auto.presence_fit import (
+    MIN_VAL_AUC,
+    ChannelData,
+    fit_presence_probe,
+    logistic_regression,
+    out_of_fold_logits,
+    roc_auc,
+)
 from uniultra.auto.trainer import train_auto
 from uniultra.cli import main
 from uniultra.inference.loading import load_auto_model, pack_model
@@ -92,6 +99,25 @@ def test_fit_keeps_only_channels_it_can_check_and_that_separate():
     assert roc_auc(scores.numpy(), held.present.numpy()) == pytest.approx(report["0"]["val_auc"])
 
 
+def test_out_of_fold_logits_score_each_image_as_unseen():
+    # Pure noise in many dimensions: a weakly regularised probe separates its own train images, but
+    # scores images it was fitted without at chance; on separable data the folds still separate.
+    noise = separable(60, 40, seed=7, shift=0.0)
+    w, b = logistic_regression(noise.statistics, noise.present.float(), c=10.0)
+    labels = noise.present.numpy()
+    assert roc_auc((noise.statistics @ w + b).numpy(), labels) > 0.99
+    held_out = out_of_fold_logits(noise.statistics, noise.present, 10.0, folds=4)
+    assert roc_auc(held_out.numpy(), labels) < 0.75
+    data = separable(60, 8, seed=4, shift=2.5)
+    logits = out_of_fold_logits(data.statistics, data.present, 0.1, folds=3, seed=1)
+    assert roc_auc(logits.numpy(), data.present.numpy()) > 0.9
+    assert torch.equal(logits, out_of_fold_logits(data.statistics, data.present, 0.1, folds=3, seed=1))
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        out_of_fold_logits(data.statistics, data.present, 0.1, folds=1)
+    with pytest.raises(ValueError, match="at least 30 images of each class"):
+        out_of_fold_logits(data.statistics, data.present, 0.1, folds=30)
+
+
 def test_roc_auc_counts_ties_half_and_needs_both_classes():
     labels = np.array([True, True, False, False])
     assert roc_auc(np.array([0.9, 0.5, 0.5, 0.1]), labels) == pytest.approx(0.875)
@@ -136,6 +162,45 @@ def test_training_with_a_probe_and_the_command_write_its_report(phantom_sets, tm
     meta = read_checkpoint(plain / "best.pt")["meta"]
     assert PROBE_META in meta and "presence_calibration" in meta
     assert load_auto_model(plain / "best.pt").presence_probe is not None
+
+
+def test_calibrating_on_cross_fitted_train_images(phantom_sets, tmp_path, capsys):  # noqa: F811
+    import yaml
+
+    out = tmp_path / "run"
+    config = run_config(out, phantom_sets, model={"base": "preset:mini", "image_size": SIZE, "presence_probe": True})
+    train_auto(config)
+    checkpoint = read_checkpoint(out / "best.pt")
+    meta = checkpoint["meta"]
+    # pa's 2 empty train images are too few for `fit-presence`; mark it fitted as if they had sufficed.
+    meta[PROBE_META]["pa"] = {"fitted": True, "C": 0.1}
+    save_auto_model(load_auto_model(out / "best.pt"), out / "best.pt", meta=meta)
+    config_file = tmp_path / "auto.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    command = ["auto", "calibrate", "--config", str(config_file), "--model", str(out / "best.pt")]
+    assert main([*command, "--set", "model.presence_cross_fit=2"]) == 0
+    calibration = read_checkpoint(out / "best.pt")["meta"]["presence_calibration"]
+    assert calibration["split"] == "val + train of pa scored by 2-fold cross-fitted presence probes"
+    before = meta["presence_calibration"]["per_dataset"]
+    # pa: its val images and all its train images (2 of them empty); pb (no fitted probe): val only.
+    assert calibration["per_dataset"]["pa"]["n"] == 14 > before["pa"]["n"]
+    assert calibration["per_dataset"]["pa"]["n_empty_truth"] == 2 + before["pa"]["n_empty_truth"]
+    assert calibration["per_dataset"]["pb"]["n"] == before["pb"]["n"]
+    assert main([*command, "--set", "model.presence_cross_fit=2", "--cross-fit", "0"]) == 0  # the flag wins
+    assert read_checkpoint(out / "best.pt")["meta"]["presence_calibration"]["split"] == "val"
+    assert main([*command, "--cross-fit", "1"]) != 0
+    assert "cross-fitting takes 0 (val only) or a number of folds >= 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="presence_cross_fit needs model.presence_probe"):
+        run_config(tmp_path, phantom_sets, model={"base": "preset:mini", "image_size": SIZE, "presence_cross_fit": 5})
+
+
+def test_training_with_cross_fitting_and_no_fitted_channel_calibrates_on_val(phantom_sets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train_auto(run_config(out, phantom_sets, model={"base": "preset:mini", "image_size": SIZE,
+                                                    "presence_probe": True, "presence_cross_fit": 3}))
+    meta = read_checkpoint(out / "best.pt")["meta"]
+    assert not any(r["fitted"] for r in meta[PROBE_META].values())  # too few empty train images
+    assert meta["presence_calibration"]["split"] == "val"
 
 
 def test_a_probe_needs_cached_features(tmp_path, phantom_sets):  # noqa: F811

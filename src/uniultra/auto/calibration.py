@@ -32,11 +32,12 @@ class Calibration:
     val_dice_ungated: float
     val_dice_gated: float
     per_dataset: dict[str, dict[str, float]]
+    source: str = "val"  # which images the gate was chosen on
 
     def as_dict(self) -> dict:
         return {"threshold": self.threshold, "val_dice_ungated": self.val_dice_ungated,
                 "val_dice_gated": self.val_dice_gated, "per_dataset": self.per_dataset,
-                "split": "val", "rule": "max mean-over-datasets Dice; ties -> the lower threshold"}
+                "split": self.source, "rule": "max mean-over-datasets Dice; ties -> the lower threshold"}
 
 
 def gated_dice(outcome: ImageOutcome, threshold: float | None) -> float:
@@ -56,7 +57,7 @@ def candidate_thresholds(outcomes: Mapping[str, Sequence[ImageOutcome]]) -> list
     return [float(v) for v in (values[:-1] + values[1:]) / 2]
 
 
-def choose_threshold(outcomes: Mapping[str, Sequence[ImageOutcome]]) -> Calibration:
+def choose_threshold(outcomes: Mapping[str, Sequence[ImageOutcome]], source: str = "val") -> Calibration:
     outcomes = {name: rows for name, rows in outcomes.items() if rows}
     if not outcomes:
         raise ValueError("presence calibration needs at least one validation image")
@@ -71,4 +72,4 @@ def choose_threshold(outcomes: Mapping[str, Sequence[ImageOutcome]]) -> Calibrat
                           "n": len(rows), "n_empty_truth": sum(o.truth_empty for o in rows),
                           "n_gated": sum(best is not None and o.presence < best for o in rows)}
                    for name, rows in outcomes.items()}
-    return Calibration(best, ungated, best_score, per_dataset)
+    return Calibration(best, ungated, best_score, per_dataset, source)

@@ -35,6 +35,9 @@ class AutoModelSection:
     - `presence_probe`: after training, fit a presence probe on the encoder's pooled features
       (uniultra.models.presence_probe; closed form, train split, strength chosen on val); it then
       gives the presence score the gate is calibrated on. Needs `freeze_encoder` (cached features).
+    - `presence_cross_fit`: K >= 2 chooses the gate on the val images AND the train images of every
+      channel with a fitted probe, each scored by a probe refitted without its part of a K-fold split
+      (BUSI: 119 normal scans, val and train, instead of 10); 0: val only. Needs `presence_probe`.
     """
 
     base: str = "default"
@@ -46,10 +49,21 @@ class AutoModelSection:
     presence_head: bool = False
     presence_probe: bool = False
     own_decoder: bool = False
+    presence_cross_fit: int = 0
 
     def __post_init__(self) -> None:
         if self.presence_probe and not self.freeze_encoder:
             raise ValueError("model.presence_probe needs model.freeze_encoder: true (it is fitted on cached features)")
+        check_cross_fit(self.presence_cross_fit)
+        if self.presence_cross_fit and not self.presence_probe:
+            raise ValueError("model.presence_cross_fit needs model.presence_probe: true (it refits the probe)")
+
+
+def check_cross_fit(folds: int) -> int:
+    """0 (val only) or a number of folds >= 2."""
+    if folds == 1 or folds < 0:
+        raise ValueError(f"presence cross-fitting takes 0 (val only) or a number of folds >= 2, got {folds}")
+    return folds
 
 
 @dataclass(frozen=True)

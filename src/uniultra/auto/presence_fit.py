@@ -100,6 +100,29 @@ def fit_presence_probe(probe: PresenceProbe, train: Mapping[int, ChannelData],
     return report
 
 
+def out_of_fold_logits(x: torch.Tensor, present: torch.Tensor, c: float, folds: int, seed: int = 0) -> torch.Tensor:
+    """(n,) presence logits of standardised train statistics `x`, each image's from a probe of strength `c`
+    fitted without its fold (stratified, seeded): how the probe scores an image it has not seen, so that the
+    gate can be chosen on the many train images instead of the few val ones."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    labels = present.numpy().astype(bool)
+    if min(labels.sum(), (~labels).sum()) < folds:
+        raise ValueError(f"cross-fitting in {folds} folds needs at least {folds} images of each class, "
+                         f"got {int(labels.sum())} present and {int((~labels).sum())} empty")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    for label in (False, True):
+        members = np.flatnonzero(labels == label)
+        fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
+    logits = torch.empty(len(labels))
+    for k in range(folds):
+        held = torch.from_numpy(fold_of == k)
+        w, b = logistic_regression(x[~held], present[~held].float(), c)
+        logits[held] = x[held] @ w + b
+    return logits
+
+
 def _choose_c(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> tuple[float, float]:
     """The C of the best val AUC (the first, i.e. strongest regularisation, on ties) and that AUC."""
     labels = val_y.numpy().astype(bool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uniultra.commands.train import add_out_option, add_run_options, command_line, run_overrides
+from uniultra.commands.train import add_out_option, add_run_options, command_line, run_overrides, set_overrides
 
 
 def register(subparsers) -> None:
@@ -51,7 +51,16 @@ def _finished_run_parser(sub, name: str, func, *, help: str, description: str) -
     parser = sub.add_parser(name, help=help, description=description)
     parser.add_argument("--config", required=True, type=Path, help="the YAML config the head was trained with")
     parser.add_argument("--model", required=True, type=Path, help="auto checkpoint (rewritten in place)")
+    parser.add_argument("--cross-fit", type=int, default=None, metavar="K",
+                        help="choose the gate on the val images AND the train images of every channel with a "
+                             "fitted presence probe, each scored by a probe refitted without its part of a "
+                             "K-fold split (BUSI: 109 normal train scans besides its 10 val ones); 0: val only; "
+                             "default: the config's model.presence_cross_fit")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                        help="override a config key as `auto train` did, e.g. --set model.base=BASE.safetensors "
+                             "(value read as YAML; repeatable)")
     parser.set_defaults(func=func)
+
 
 
 def run_auto_train(args: argparse.Namespace) -> int:
@@ -68,26 +77,30 @@ def run_auto_train(args: argparse.Namespace) -> int:
 
 
 def run_auto_calibrate(args: argparse.Namespace) -> int:
-    from uniultra.auto.config import load_auto_config
+    from uniultra.auto.config import check_cross_fit, load_auto_config
     from uniultra.auto.trainer import AutoTrainer, calibration_text
 
-    trainer = AutoTrainer(load_auto_config(args.config, {}), source=str(args.config))
-    trainer.setup_validation()
+    config = load_auto_config(args.config, set_overrides(args.set_options))
+    folds = check_cross_fit(config.model.presence_cross_fit if args.cross_fit is None else args.cross_fit)
+    trainer = AutoTrainer(config, source=str(args.config))
+    trainer.setup_validation(train=bool(folds), native_train=bool(folds))
     if not trainer.val_splits:
         raise ValueError(f"{args.config}: no data entry has a val split to calibrate on")
-    print(calibration_text(trainer.calibrate_presence(args.model)))
+    print(calibration_text(trainer.calibrate_presence(args.model, cross_fit=folds)))
     return 0
 
 
 def run_auto_fit_presence(args: argparse.Namespace) -> int:
-    from uniultra.auto.config import load_auto_config
+    from uniultra.auto.config import check_cross_fit, load_auto_config
     from uniultra.auto.trainer import AutoTrainer, calibration_text, probe_text
 
-    trainer = AutoTrainer(load_auto_config(args.config, {}), source=str(args.config))
-    trainer.setup_validation(train=True)
+    config = load_auto_config(args.config, set_overrides(args.set_options))
+    folds = check_cross_fit(config.model.presence_cross_fit if args.cross_fit is None else args.cross_fit)
+    trainer = AutoTrainer(config, source=str(args.config))
+    trainer.setup_validation(train=True, native_train=bool(folds))
     if not trainer.train_splits:
         raise ValueError(f"{args.config}: no data entry has a train split to fit the presence probe on")
     print(probe_text(trainer.fit_presence_probe(args.model)))
     if trainer.val_splits:
-        print(calibration_text(trainer.calibrate_presence(args.model)))
+        print(calibration_text(trainer.calibrate_presence(args.model, cross_fit=folds)))
     return 0

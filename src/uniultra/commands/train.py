@@ -57,14 +57,20 @@ def add_run_options(parser: argparse.ArgumentParser, *, set_example: str, progre
                         help=progress_help)
 
 
-def run_overrides(args: argparse.Namespace) -> dict:
-    """The config overrides of the shared options: every --set, then --out, --epochs (the
-    run's optim.epochs), --device and --no-progress, which win over a --set of the same key."""
+def set_overrides(set_options: list[str]) -> dict:
+    """The config overrides of every --set KEY=VALUE, merged in order."""
     from uniultra.engine.config import parse_set_option
 
     overrides: dict = {}
-    for text in args.set_options:
+    for text in set_options:
         overrides = merge_dicts(overrides, parse_set_option(text))
+    return overrides
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides of the shared options: every --set, then --out, --epochs (the
+    run's optim.epochs), --device and --no-progress, which win over a --set of the same key."""
+    overrides = set_overrides(args.set_options)
     if args.out is not None:
         overrides["out_dir"] = args.out
     if args.epochs is not None:
