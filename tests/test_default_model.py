@@ -75,4 +75,7 @@ def test_packing_the_default_keeps_its_automatic_head(tmp_path):
     packed = pack_model("default", tmp_path / "default.safetensors", half=True)
     model = load_auto_model(packed)
     assert model.config.presence_head and model.config.presence_threshold is not None
-    assert read_checkpoint(packed)["meta"]["presence_calibration"]["split"] == "val"
+    calibration = read_checkpoint(packed)["meta"]["presence_calibration"]
+    assert calibration == read_checkpoint(bundled_default_path())["meta"]["presence_calibration"]
+    assert calibration["split"].startswith("val") and calibration["threshold"] == pytest.approx(
+        model.config.presence_threshold)
