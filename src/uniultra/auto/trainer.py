@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from uniultra.engine.trainer import TrainHooks, TrainState
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_auto_model
 from uniultra.inference.transforms import upsample_logits
-from uniultra.models.auto_checkpoint import CALIBRATION_META, PROBE_META, save_auto_model
+from uniultra.models.auto_checkpoint import CALIBRATION_META, PROBE_META, fitted_probe_channels, save_auto_model
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoOutput, AutoSegmenter, presence
 from uniultra.models.checkpoint import read_checkpoint
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
@@ -283,25 +284,29 @@ class AutoTrainer(EpochLoop):
             self._load_last(last)
         self.log.info = self._run_info()
 
-    def setup_validation(self, train: bool = False, native_train: bool = False) -> None:
+    def setup_validation(self, train: bool = False, native_train: bool = False,
+                         train_only: Collection[str] | None = None) -> None:
         """Only what `calibrate_presence` needs (device, base, val splits; with `train`, the train
-        splits too, for `fit_presence_probe`, with their native masks for a cross-fitted calibration
-        when `native_train`): for a finished run."""
+        splits too, for `fit_presence_probe`, or of the `train_only` datasets, with their native masks
+        for a cross-fitted calibration when `native_train`): for a finished run."""
         cfg = self.config
         self.ctx = DistContext(device=pick_device(cfg.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model, self.base_identity = build_auto_model(cfg, self.source)
         self.model.to(self.ctx.device)
-        self.train_splits, self.val_splits = self._splits(train=train, native_train=native_train)
+        self.train_splits, self.val_splits = self._splits(train=train, native_train=native_train,
+                                                          train_only=train_only)
 
-    def _splits(self, train: bool = True, native_train: bool = False) -> tuple[list[SplitData], list[SplitData]]:
+    def _splits(self, train: bool = True, native_train: bool = False,
+                train_only: Collection[str] | None = None) -> tuple[list[SplitData], list[SplitData]]:
         """(train splits, val splits) of the config's data entries, each with its decoding channel."""
         found: tuple[list[SplitData], list[SplitData]] = ([], [])
         for entry in self.config.data:
             root = D.ensure_phantoms(entry, self.out_dir) if entry.phantom is not None else Path(entry.path)
             modality = self.model.modality_index(entry.label)
-            for split_name, target, native in ((entry.split_train if train else None, found[0], native_train),
+            wanted = train and (train_only is None or entry.label in train_only)
+            for split_name, target, native in ((entry.split_train if wanted else None, found[0], native_train),
                                                (entry.split_val, found[1], True)):
                 if split_name is not None:
                     target.append(self._split(entry, root, split_name, modality, native))
@@ -454,13 +459,14 @@ class AutoTrainer(EpochLoop):
         """Train images of the probe's fitted channels: out-of-fold presence, ungated Dice."""
         if model.presence_probe is None:
             raise ValueError(f"{path}: no presence probe to cross-fit (uniultra auto fit-presence adds one)")
-        fitted = (read_checkpoint(path).get("meta") or {}).get(PROBE_META) or {}
+        meta = read_checkpoint(path).get("meta") or {}
+        fitted = fitted_probe_channels(meta)
         found: dict[str, list[ImageOutcome]] = {}
         for channel, name in enumerate(model.config.modalities if model.config.modality_decoder else ("shared",)):
-            report = fitted.get(name) or {}
             splits = [s for s in self.train_splits if s.modality == channel]
-            if not report.get("fitted") or not splits:
+            if name not in fitted or not splits:
                 continue
+            report = meta[PROBE_META][name]
             data = [self._channel_statistics([s])[channel] for s in splits]
             probe = model.presence_probe
             x = (torch.cat([d.statistics for d in data]).float() - probe.center.cpu()) / probe.scale.cpu()

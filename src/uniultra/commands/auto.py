@@ -79,11 +79,17 @@ def run_auto_train(args: argparse.Namespace) -> int:
 def run_auto_calibrate(args: argparse.Namespace) -> int:
     from uniultra.auto.config import check_cross_fit, load_auto_config
     from uniultra.auto.trainer import AutoTrainer, calibration_text
+    from uniultra.models.auto_checkpoint import fitted_probe_channels
+    from uniultra.models.checkpoint import read_checkpoint
 
     config = load_auto_config(args.config, set_overrides(args.set_options))
     folds = check_cross_fit(config.model.presence_cross_fit if args.cross_fit is None else args.cross_fit)
+    # Only the datasets whose probe was fitted are scored out of fold: the others are never gated.
+    fitted = fitted_probe_channels(read_checkpoint(args.model).get("meta")) if folds else ()
     trainer = AutoTrainer(config, source=str(args.config))
-    trainer.setup_validation(train=bool(folds), native_train=bool(folds))
+    # A head without per-dataset channels has one probe ("shared") for every dataset.
+    trainer.setup_validation(train=bool(fitted), native_train=True,
+                             train_only=None if "shared" in fitted else fitted)
     if not trainer.val_splits:
         raise ValueError(f"{args.config}: no data entry has a val split to calibrate on")
     print(calibration_text(trainer.calibrate_presence(args.model, cross_fit=folds)))

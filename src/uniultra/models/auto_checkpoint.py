@@ -23,6 +23,14 @@ META_KEY = "auto_head"
 CALIBRATION_META = "presence_calibration"
 # meta key of the presence probe's fit report (uniultra.auto.presence_fit).
 PROBE_META = "presence_probe_fit"
+
+
+def fitted_probe_channels(meta: dict | None) -> tuple[str, ...]:
+    """Names of the channels whose presence probe was fitted, from a checkpoint's meta (none: no report)."""
+    report = (meta or {}).get(PROBE_META) or {}
+    return tuple(name for name, fit in report.items() if fit.get("fitted"))
+
+
 # The head's modules, stored under AUTO_HEAD_PREFIX + name (presence head / probe and decoder only when
 # configured).
 HEAD_MODULES = ("prompt_generator", "modality_decoder", "presence_head", "presence_probe", "decoder")
