@@ -22,6 +22,7 @@ from uniultra.auto.config import load_auto_config
 from uniultra.config_io import ConfigError
 from uniultra.data.phantom import make_phantom, write_phantom_dataset
 from uniultra.distill.config import load_distill_config
+from uniultra.engine import optimisation
 from uniultra.engine.config import TrainConfig, load_train_config, parse_set_option
 from uniultra.engine.run_archive import check_archive, pack_document, pack_run, restore_run, unpack_document
 from uniultra.engine.trainer import TrainHooks, build_model, train
@@ -106,6 +107,38 @@ def test_short_run_lowers_loss_and_writes_logs(short_run):
     assert log["trainable"]["method"] == "full" and log["best"]["epoch"] in (1, 2, 3, 4)
     assert {"val_dice_pa", "val_dice_pb", "val_dice"} <= set(epochs[0])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_bf16_autocast_only_where_asked_and_with_bf16_units(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert optimisation.autocast_dtype(cuda, "fp16") == torch.float16
+    assert optimisation.autocast_dtype(cuda, "none", "bf16") is None  # cpu_amp is the CPU's setting only
+    assert optimisation.autocast_dtype(cpu, "bf16") is None  # `amp` alone never changes CPU training
+    monkeypatch.setattr(optimisation, "has_bf16_units", lambda: True)
+    assert optimisation.autocast_dtype(cpu, "none", "bf16") == torch.bfloat16
+    monkeypatch.setattr(optimisation, "has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 units.*runs in fp32"):
+        assert optimisation.autocast_dtype(cpu, "bf16", "bf16") is None
+
+
+def test_cpu_bf16_run_trains_and_records_its_precision(datasets, tmp_path, monkeypatch):
+    """Where the CPU has bf16 units, `cpu_amp: bf16` trains in bf16 (PyTorch emulates it elsewhere,
+    so the test runs on any CPU): finite, falling loss unlike fp32's to the digit, fp32 weights, the
+    precision in log.json."""
+    monkeypatch.setattr(optimisation, "has_bf16_units", lambda: True)
+    out = tmp_path / "bf16"
+    result = train(tiny_config(out, datasets, optim__epochs=2, cpu_amp="bf16"))
+    log = json.loads((out / "log.json").read_text())
+    assert log["precision"] == "bf16" and log["config"]["cpu_amp"] == "bf16"
+    steps = read_rows(out / "steps.csv")
+    losses = [float(r["loss"]) for r in steps]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    model = result.model.state_dict().values()
+    assert all(t.dtype == torch.float32 for t in model if t.is_floating_point())
+    train(tiny_config(tmp_path / "fp32", datasets, optim__epochs=1))
+    fp32 = read_rows(tmp_path / "fp32" / "steps.csv")
+    assert json.loads((tmp_path / "fp32" / "log.json").read_text())["precision"] == "fp32"
+    assert float(fp32[0]["loss"]) != pytest.approx(losses[0], abs=1e-6)  # same seed, other arithmetic
 
 
 def test_validation_follows_the_evaluation_protocol(datasets, tmp_path):
@@ -286,6 +319,7 @@ def write_yaml(path: Path, document: dict) -> Path:
     ({"augment": {"scale": [0.9]}}, r"bad\.yaml: augment\.scale: expected a list of 2 items"),
     ({"progress": "yes"}, r"bad\.yaml: progress: expected true/false"),
     ({"amp": "fp8"}, r"bad\.yaml: amp: must be one of 'bf16', 'fp16', 'none'"),
+    ({"cpu_amp": "fp16"}, r"bad\.yaml: cpu_amp: must be one of 'bf16', 'none'"),
     ({"data": [{"path": "x", "split": "train"}]}, r"bad\.yaml: data\[0\]\.split: unknown key"),
     ({"peft": {"method": "prefix"}}, r"bad\.yaml: peft: unknown method 'prefix'"),
     ({"prompts": {"train": {"modes": {"scribble": 1.0}}}}, r"bad\.yaml: prompts\.train: unknown training prompt"),

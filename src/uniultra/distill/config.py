@@ -137,7 +137,8 @@ class DistillConfig:
     log_every: int = 20
     checkpoint_every: int = 0  # steps between mid-epoch last.pt saves (0: epoch ends only)
     num_workers: int = 0
-    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast of the forward passes (CPU: fp32)
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # CUDA autocast of the forward passes
+    cpu_amp: Literal["bf16", "none"] = "none"  # as in uniultra train's config
     device: str = "auto"
     threads: int | None = None
     cache_dir: str | None = None  # resized-image cache (shared with uniultra train)
@@ -212,6 +213,7 @@ class DistillConfig:
             "loss": to_dict(ft.loss), "prompts": to_dict(ft.prompts), "augment": to_dict(ft.augment),
             "seed": self.seed, "out_dir": str(out_dir), "log_every": self.log_every,
             "checkpoint_every": self.checkpoint_every, "num_workers": self.num_workers, "amp": self.amp,
+            "cpu_amp": self.cpu_amp,
             "device": self.device, "threads": self.threads, "cache_dir": self.cache_dir,
             "val_batch_size": self.val_batch_size, "progress": self.progress,
         }, source="finetune section")

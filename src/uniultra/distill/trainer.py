@@ -304,7 +304,8 @@ class Distiller(EpochLoop):
 
     def _setup_optim(self) -> None:
         cfg, ctx = self.config, self.ctx
-        self.optimisation = Optimisation(self.trained, cfg.optim, cfg.amp, ctx.device)
+        self.optimisation = Optimisation(self.trained, cfg.optim, cfg.amp, ctx.device, cfg.cpu_amp)
+        self._say(f"precision: {self.optimisation.precision} on {ctx.device}")
         # Every trained parameter enters L_DSKD (mark_dskd_trainable trains exactly the used blocks).
         self.forward = ctx.wrap(self.dskd)
 
@@ -580,7 +581,7 @@ class Distiller(EpochLoop):
             "teacher": self.teacher_identity, "general_teacher": self.general_identity,
             "student": self.student.config.to_dict(), "peft": self.peft,
             "terms": list(self.dskd.term_names), "params": self.params, "data": self.data_counts,
-            "steps_per_epoch": self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch, "precision": self.optimisation.precision,
         }
 
 

@@ -271,7 +271,10 @@ class TrainConfig:
     log_every: int = 20  # steps between progress lines / log flushes
     checkpoint_every: int = 0  # steps between mid-epoch last.pt saves (0: at epoch ends only)
     num_workers: int = 0  # DataLoader workers per process
-    amp: Literal["bf16", "fp16", "none"] = "bf16"  # autocast dtype on CUDA (CPU always runs fp32)
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # autocast dtype on CUDA
+    # bf16 autocast on a CPU with bf16 units (AVX512-BF16 / AMX; elsewhere fp32, warned). Opt-in: it
+    # roughly halves a tiny-sized Hiera's step but slows the mini's (BENCHMARKS "Training in bf16 on a CPU").
+    cpu_amp: Literal["bf16", "none"] = "none"
     device: str = "auto"  # auto = cuda if available else cpu; or cpu, cuda, cuda:1, mps
     threads: int | None = None  # torch CPU threads per process (null: torch's default)
     cache_dir: str | None = None  # resized-image cache on disk (shared by processes); null = memory

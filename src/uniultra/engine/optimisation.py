@@ -2,19 +2,22 @@
 
 Adam(W); learning rate `lr * gamma**epoch * min(1, (step + 1) / warmup_steps)` set before every
 step; global gradient-norm clipping; optional EMA of the trained weights; on CUDA, autocast
-(bf16 / fp16) with a GradScaler for fp16. CPU always runs fp32.
+(bf16 / fp16) with a GradScaler for fp16. A CPU runs fp32 unless `cpu_amp: bf16` is asked for and it has
+bf16 units (AVX512-BF16 / AMX); without them PyTorch emulates bf16, slower than fp32, so it stays fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from uniultra.engine.config import OptimConfig
+from uniultra.inference.cpu import cpu_model, has_bf16_units
 
 
 class EMA:
@@ -55,11 +58,24 @@ class EMA:
             self.shadow[n].copy_(t)
 
 
+def autocast_dtype(device: torch.device, amp: str, cpu_amp: str = "none") -> torch.dtype | None:
+    """The autocast dtype of the forward passes on `device` (None: fp32)."""
+    if device.type == "cuda":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type != "cpu" or cpu_amp != "bf16":
+        return None
+    if not has_bf16_units():
+        warnings.warn(f"cpu_amp: bf16 asked for, but this CPU ({cpu_model()}) has no bf16 units "
+                      "(avx512_bf16 / amx_bf16): training runs in fp32", stacklevel=3)
+        return None
+    return torch.bfloat16
+
+
 class Optimisation:
     """Optimiser, schedule, clipping, EMA and mixed precision of one set of trained parameters."""
 
     def __init__(self, trained: dict[str, nn.Parameter], config: OptimConfig, amp: str,
-                 device: torch.device) -> None:
+                 device: torch.device, cpu_amp: str = "none") -> None:
         self.config = config
         self.trained = trained
         self.device_type = device.type
@@ -67,10 +83,14 @@ class Optimisation:
         self.optimizer = kind(list(trained.values()), lr=config.lr, betas=config.betas,
                               weight_decay=config.weight_decay)
         self.ema = EMA(trained, config.ema) if config.ema else None
-        cuda = device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if cuda else None
+        self.amp_dtype = autocast_dtype(device, amp, cpu_amp)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in: fp32, bf16 or fp16 (recorded in the run's log)."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -355,7 +355,8 @@ class Trainer(EpochLoop):
 
     def _setup_optim(self) -> None:
         cfg, ctx = self.config, self.ctx
-        self.optimisation = Optimisation(self.trained, cfg.optim, cfg.amp, ctx.device)
+        self.optimisation = Optimisation(self.trained, cfg.optim, cfg.amp, ctx.device, cfg.cpu_amp)
+        self._say(f"precision: {self.optimisation.precision} on {ctx.device}")
         # Unused parameters happen legitimately (e.g. the object-score head has no loss).
         self.forward = ctx.wrap(_TrainForward(self.model), find_unused_parameters=True)
 
@@ -580,7 +581,7 @@ class Trainer(EpochLoop):
             **run_info(self.command, self.source, self.config.to_dict(), self.ctx),
             "model": self.model.config.to_dict(), "base": self.base_identity, "trainable": self.report.to_dict(),
             "data": self.data_counts, "steps_per_epoch": self.steps_per_epoch,
-            "modality_controller": self._controller_meta(),
+            "precision": self.optimisation.precision, "modality_controller": self._controller_meta(),
         }
 
 
