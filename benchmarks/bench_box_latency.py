@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_universal import cpu_model
 
 from uniultra.atomic import atomic_write_text
 from uniultra.data.image_io import read_image
 from uniultra.evaluation.report import machine_info
+from uniultra.inference.cpu import cpu_model
 from uniultra.inference.loading import load_predictor
 
 ROOT = Path(__file__).resolve().parent.parent

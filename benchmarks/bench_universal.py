@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from shared_sets import DATASETS
 from uniultra.atomic import atomic_write_text
 from uniultra.evaluation.evaluate import evaluate, load_datasets, make_method
 from uniultra.evaluation.report import machine_info
+from uniultra.inference.cpu import cpu_model
 from uniultra.inference.zoom import ZoomPredictor, tight_boxes_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,16 +38,6 @@ ROWS = (("box J=20", "box", 20.0, None), ("box J=0", "box", 0.0, None), ("box J=
         ("one tap", "point", 0.0, None), ("one tap, anatomy not named", "point", 0.0, "unnamed"),
         ("box J=20 + click", "box+click", 20.0, None))
 LEAK_AREA, BOX_MARGIN = 0.02, 0.10
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def leaks(prediction: np.ndarray, boxes: np.ndarray | None) -> bool:
