@@ -443,11 +443,11 @@ class AutoTrainer(EpochLoop):
         model.config = dataclasses.replace(model.config, presence_threshold=None)
         outcomes = {s.images.name: [ImageOutcome(presence=r[4], dice=r[0], truth_empty=r[2])
                                     for r in self._score_split(s, model)] for s in self.val_splits}
-        source = "val"
         train = self._cross_fitted_train_outcomes(model, path, cross_fit) if cross_fit else {}
         for name, rows in train.items():
             outcomes[name] = [*outcomes.get(name, []), *rows]
-            source = f"val + train of {', '.join(train)} scored by {cross_fit}-fold cross-fitted presence probes"
+        source = (f"val + train of {', '.join(train)} scored by {cross_fit}-fold cross-fitted presence probes"
+                  if train else "val")
         result = choose_threshold(outcomes, source)
         model.config = dataclasses.replace(model.config, presence_threshold=result.threshold)
         meta = dict(read_checkpoint(path).get("meta") or {})
