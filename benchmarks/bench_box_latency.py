@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,8 @@ from uniultra.inference.loading import load_predictor
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_box(predictor, image: np.ndarray, box: np.ndarray, warmup: int, repeats: int) -> list[float]:
-    def once() -> None:
-        predictor.set_image(image)
-        predictor.predict(box=box)
-
+def time_calls(once: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `once`, after `warmup` untimed calls."""
     for _ in range(warmup):
         once()
     seconds = []
@@ -40,6 +38,14 @@ def time_box(predictor, image: np.ndarray, box: np.ndarray, warmup: int, repeats
         once()
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def time_box(predictor, image: np.ndarray, box: np.ndarray, warmup: int, repeats: int) -> list[float]:
+    def once() -> None:
+        predictor.set_image(image)
+        predictor.predict(box=box)
+
+    return time_calls(once, warmup, repeats)
 
 
 def main() -> None:

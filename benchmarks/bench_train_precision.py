@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_box_latency import time_calls
 
 from uniultra.atomic import atomic_write_text
 from uniultra.engine.config import LossConfig, OptimConfig
@@ -56,14 +57,7 @@ def step_seconds(model: SAM2ImageModel, cpu_amp: str, batch: int, warmup: int, r
         loss, _ = segmentation_loss(out.low_res_logits.float(), out.iou_scores.float(), target, LossConfig())
         optimisation.step(loss.mean(), 0, 0)
 
-    for _ in range(warmup):
-        once()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return time_calls(once, warmup, repeats)
 
 
 def main() -> None:
