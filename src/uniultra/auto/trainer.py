@@ -443,23 +443,24 @@ class AutoTrainer(EpochLoop):
         model.config = dataclasses.replace(model.config, presence_threshold=None)
         outcomes = {s.images.name: [ImageOutcome(presence=r[4], dice=r[0], truth_empty=r[2])
                                     for r in self._score_split(s, model)] for s in self.val_splits}
-        train = self._cross_fitted_train_outcomes(model, path, cross_fit) if cross_fit else {}
+        meta = dict(read_checkpoint(path).get("meta") or {})
+        train = self._cross_fitted_train_outcomes(model, meta, path, cross_fit) if cross_fit else {}
         for name, rows in train.items():
             outcomes[name] = [*outcomes.get(name, []), *rows]
         source = (f"val + train of {', '.join(train)} scored by {cross_fit}-fold cross-fitted presence probes"
                   if train else "val")
         result = choose_threshold(outcomes, source)
         model.config = dataclasses.replace(model.config, presence_threshold=result.threshold)
-        meta = dict(read_checkpoint(path).get("meta") or {})
         meta[CALIBRATION_META] = result.as_dict()
         save_auto_model(model, path, meta=meta)
         return result
 
-    def _cross_fitted_train_outcomes(self, model: AutoSegmenter, path: Path, folds: int) -> dict[str, list]:
-        """Train images of the probe's fitted channels: out-of-fold presence, ungated Dice."""
+    def _cross_fitted_train_outcomes(self, model: AutoSegmenter, meta: dict[str, Any], path: Path,
+                                     folds: int) -> dict[str, list]:
+        """Train images of the probe's fitted channels (from the checkpoint's `meta`): out-of-fold
+        presence, ungated Dice."""
         if model.presence_probe is None:
             raise ValueError(f"{path}: no presence probe to cross-fit (uniultra auto fit-presence adds one)")
-        meta = read_checkpoint(path).get("meta") or {}
         fitted = fitted_probe_channels(meta)
         found: dict[str, list[ImageOutcome]] = {}
         for channel, name in enumerate(model.config.modalities if model.config.modality_decoder else ("shared",)):
