@@ -1,4 +1,5 @@
-"""The box's inscribed ellipse as the dense mask prompt (DecoderConfig.box_prior)."""
+"""The box's inscribed ellipse as the dense mask prompt (DecoderConfig.box_prior) or added to the mask
+logits (DecoderConfig.box_logit_prior)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from uniultra.data.phantom import make_phantom
 from uniultra.inference.predictor import Predictor
-from uniultra.models.box_prior import PRIOR_GAIN, box_ellipse_logits
+from uniultra.models.box_prior import PRIOR_GAIN, box_ellipse_logits, box_logit_prior
 from uniultra.models.config import preset
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -19,9 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 128
 
 
-def model(prior: bool) -> SAM2ImageModel:
+def model(prior: bool, logit_prior: float = 0.0) -> SAM2ImageModel:
     config = preset("mini", SIZE)
-    config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, box_prior=prior))
+    decoder = dataclasses.replace(config.decoder, box_prior=prior, box_logit_prior=logit_prior)
+    config = dataclasses.replace(config, decoder=decoder)
     torch.manual_seed(0)
     built = SAM2ImageModel(config)
     with torch.no_grad():  # random init leaves the mask-prompt path nearly inert: perturb it
@@ -93,3 +95,61 @@ def test_onnx_decoder_applies_the_same_prior(tmp_path):
         t = torch_pred.predict(**prompt, return_logits=True)[0]
         o = onnx_pred.predict(**prompt, return_logits=True)[0]
         assert np.abs(t - o).max() < 1e-3, prompt
+
+
+def test_logit_prior_adds_the_weighted_ellipse_to_every_mask_of_a_box_prompt():
+    plain, prior = model(False), model(False, logit_prior=4.0)
+    prior.load_state_dict(plain.state_dict())
+    features = plain.encode_image(torch.rand(1, 3, SIZE, SIZE))
+    box = torch.tensor([[20.0, 30.0, 90.0, 100.0]])
+    corners = (box.view(1, 2, 2), torch.tensor([[2, 3]]))
+    expected = box_logit_prior(*corners, (SIZE // 4, SIZE // 4), SIZE, 4.0)
+    assert expected.max() == pytest.approx(4.0, rel=0.1) and expected.min() == -4.0
+    with torch.no_grad():
+        for multimask in (False, True):
+            a = plain.decode(features, boxes=box, multimask=multimask).low_res_logits
+            b = prior.decode(features, boxes=box, multimask=multimask).low_res_logits
+            torch.testing.assert_close(b - a, expected.expand_as(a), atol=1e-4, rtol=0)
+        point = (torch.tensor([[[60.0, 60.0]]]), torch.tensor([[1]]))
+        torch.testing.assert_close(plain.decode(features, points=point).low_res_logits,
+                                   prior.decode(features, points=point).low_res_logits)
+
+
+def test_onnx_decoders_apply_the_same_logit_prior(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install '.[export]'")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed: pip install '.[export]'")
+    from uniultra.export import OnnxPredictor, onnx_export
+
+    prior = model(False, logit_prior=4.0)
+    onnx_export.export_onnx(prior, tmp_path / "onnx")
+    torch_pred, onnx_pred = Predictor(prior), OnnxPredictor(tmp_path / "onnx", threads=1)
+    assert onnx_pred.has_box_decoder  # the dense prompt does not depend on the box: the fast graph stays
+    phantom = make_phantom(4, size=(150, 200), kind="mixed", n_lesions=2)
+    torch_pred.set_image(phantom.image)
+    onnx_pred.set_image(phantom.image)
+    box = [float(v) for v in phantom.boxes[0]]
+    for prompt in (dict(box=box), dict(box=box, points=[[box[0] + 5, box[1] + 5]], labels=[0])):
+        t = torch_pred.predict(**prompt, return_logits=True)[0]
+        o = onnx_pred.predict(**prompt, return_logits=True)[0]
+        assert np.abs(t - o).max() < 1e-3, prompt
+
+
+@pytest.mark.parametrize("peft", ["full", "decoder_only"])
+def test_a_base_without_the_logit_prior_is_fine_tuned_and_reloaded_with_it(tmp_path, phantoms_and_small_base, peft):
+    """The prior has no weights: a second stage may switch it on over a first stage trained without it,
+    and the checkpoint it writes (whole model or decoder only) loads with the prior on."""
+    from uniultra.engine.config import TrainConfig
+    from uniultra.engine.trainer import build_model, train
+    from uniultra.inference.loading import load_predictor
+
+    root, base, small = phantoms_and_small_base
+    tuned = {**small, "decoder": {**small["decoder"], "box_logit_prior": 4.0}}
+    config = TrainConfig.from_dict({
+        "model": {"preset": "mini", "image_size": 64, "config": tuned, "base": str(base)},
+        "peft": {"method": peft}, "data": [{"path": str(root)}], "zoom": {},
+        "prompts": {"train": {"modes": {"box": 1.0}}},
+        "optim": {"lr": 1e-3, "epochs": 1, "batch_size": 2, "warmup_steps": 1},
+        "out_dir": str(tmp_path / "run"), "progress": False, "threads": 1}, "t")
+    assert build_model(config, "t")[0].config.decoder.box_logit_prior == 4.0
+    train(config)
+    assert load_predictor(tmp_path / "run" / "best.pt").model.config.decoder.box_logit_prior == 4.0

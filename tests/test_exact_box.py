@@ -218,26 +218,13 @@ def test_tokens_added_to_a_trained_model_change_nothing_else(tmp_path):
     assert tuned.sam_prompt_encoder.num_point_embeddings == 6 and "exact-box tokens" in identity["added"]
 
 
-def test_a_model_fine_tuned_for_exact_boxes_on_a_base_without_them_loads(tmp_path):
+def test_a_model_fine_tuned_for_exact_boxes_on_a_base_without_them_loads(tmp_path, phantoms_and_small_base):
     """The documented path (configs/cpu/default-exact-tokens.yaml): a decoder-only run on a base without
     the tokens writes an adapter-only checkpoint; loading it adds the tokens to the base first."""
-    import json
-
-    from uniultra.data.phantom import write_phantom_dataset
     from uniultra.engine.trainer import train
     from uniultra.inference.loading import load_predictor
-    from uniultra.models.checkpoint import save_model
 
-    root = write_phantom_dataset(tmp_path / "ph", 6, seed=3, size=96, n_lesions=1)
-    stems = [f"phantom_{i:04d}" for i in range(6)]
-    (root / "splits.json").write_text(json.dumps({"train": stems[:4], "val": stems[4:], "test": []}))
-    small = {"name": "c8", "trunk": {"embed_dim": 8}, "neck": {"d_model": 32},
-             "decoder": {"transformer_mlp_dim": 64, "iou_head_hidden_dim": 32}}
-    torch.manual_seed(0)
-    base_config = TrainConfig.from_dict({"model": {"preset": "mini", "image_size": 64, "config": small},
-                                         "data": [{"path": str(root)}]}, "b")
-    base = tmp_path / "base.pt"
-    save_model(build_model(base_config, "b")[0], base)
+    root, base, small = phantoms_and_small_base
     tuned = {**small, "decoder": {**small["decoder"], "exact_box_tokens": True}}
     config = TrainConfig.from_dict({
         "model": {"preset": "mini", "image_size": 64, "config": tuned, "base": str(base)},

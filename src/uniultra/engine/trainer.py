@@ -156,6 +156,8 @@ def _starting_model(config: TrainConfig, source: str) -> tuple[SAM2ImageModel, d
                                     "pass the file with --base)")
         model, identity = load_base_model(base, config.model.image_size,
                                           exact_box_tokens=wanted is not None and wanted.decoder.exact_box_tokens)
+        if wanted is not None:
+            model.config = model.config.with_box_priors_of(wanted)
         arch = ("trunk", "neck", "decoder", "backbone_stride")
         if wanted is not None and any(getattr(wanted, k) != getattr(model.config, k) for k in arch):
             raise ConfigError(f"{source}: model: the base checkpoint {base} is a '{model.config.name}' model, "

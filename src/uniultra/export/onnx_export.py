@@ -174,6 +174,7 @@ class DecoderGraph(nn.Module):
             dense,
             repeat_image=False,
             high_res_features=[high_res_feats_0, high_res_feats_1],
+            mask_bias=self.model.mask_bias((point_coords, point_labels)),
         ))
 
 
@@ -198,6 +199,7 @@ class BoxDecoderGraph(DecoderGraph):
             sparse,
             prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1),
             high_res_features=[high_res_feats_0, high_res_feats_1],
+            mask_bias=self.model.mask_bias((point_coords, point_labels)),
         ))
 
 

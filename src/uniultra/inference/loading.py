@@ -181,6 +181,7 @@ def _load_trained_subset(
             f"but {base_path} has sha256 {digest}: not the same base checkpoint"
         )
     model, _ = load_base_model(base_path, config.image_size, exact_box_tokens=config.decoder.exact_box_tokens)
+    model.config = model.config.with_box_priors_of(config)  # weightless: the base may have trained without
     arch = ("trunk", "neck", "decoder", "backbone_stride")
     if any(getattr(model.config, k) != getattr(config, k) for k in arch):
         raise CheckpointError(f"{path}: base {base_path} has another architecture than the trained model")

@@ -1,4 +1,5 @@
-"""The box's inscribed ellipse as a dense mask prompt: a shape prior the decoder refines.
+"""The box's inscribed ellipse as a shape prior the decoder refines: as SAM's dense mask prompt
+(`box_ellipse_logits`), or added to the output mask logits (`box_logit_prior`).
 
 On small data a model that must draw the whole mask from the box corners alone loses to the plain
 ellipse inscribed in the box when the box is exact (the ellipse is already a good lesion
@@ -6,6 +7,11 @@ outline). Given the ellipse as SAM's dense mask prompt, the decoder only has to 
 between that prior and the object. Only prompts that contain a box get it; the others keep SAM's
 "no mask" embedding. The prior is a function of the prompt alone (no weights), so it is the same in
 training, the PyTorch predictors and the exported decoder graph.
+
+As a dense prompt the prior enters at the 16 x 16 embedding grid, too coarse to carry the boundary
+that makes the ellipse strong with an exact box. Added to the output logits (64 x 64 at 256 px input)
+with a fixed weight, it keeps its full resolution: where the image says nothing (an isoechoic wall)
+the prior decides, and a decoder trained with it learns to overrule it where the image disagrees.
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ def box_ellipse_logits(coords: torch.Tensor, labels: torch.Tensor, grid: tuple[i
     logits = (PRIOR_GAIN * (1.0 - radius)).clamp(-PRIOR_GAIN, PRIOR_GAIN)
     logits = torch.where(has_box.view(-1, 1, 1), logits, torch.zeros_like(logits))
     return logits.unsqueeze(1), has_box
+
+
+def box_logit_prior(coords: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], image_size: int,
+                    weight: float) -> torch.Tensor:
+    """(N, 1, gh, gw) logits to add to the masks: `weight` x (1 - the normalised radius of the box's
+    inscribed ellipse), clipped to [-weight, weight]; zeros for prompts without a box."""
+    logits, _ = box_ellipse_logits(coords, labels, grid, image_size)
+    return logits * (weight / PRIOR_GAIN)
 
 
 def _corner(coords: torch.Tensor, labels: torch.Tensor, label: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,9 +64,16 @@ class DecoderConfig:
     # The box's inscribed ellipse as the dense mask prompt of every box prompt given no mask
     # (uniultra.models.box_prior). No weights either; off by default (SAM2's behaviour).
     box_prior: bool = False
+    # Weight of the same ellipse added to every mask's logits of a box prompt, at the masks' own
+    # resolution (uniultra.models.box_prior.box_logit_prior); 0 = off (SAM2's behaviour). No weights.
+    box_logit_prior: float = 0.0
     # Two more learned point types (labels 4, 5: uniultra.models.prompt_labels) for the corners of
     # an exact box. Off by default: official checkpoints have the four SAM types only.
     exact_box_tokens: bool = False
+
+
+# DecoderConfig fields that change what the decoder computes from a box without any weights.
+BOX_PRIOR_FIELDS = ("box_prior", "box_logit_prior")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,12 @@ class ImageModelConfig:
 
     def with_size(self, image_size: int) -> ImageModelConfig:
         return replace(self, image_size=image_size)
+
+    def with_box_priors_of(self, other: ImageModelConfig) -> ImageModelConfig:
+        """This config with `other`'s box priors: they have no weights, so a trained model can start
+        (or stop) using them without any change to its checkpoint."""
+        priors = {name: getattr(other.decoder, name) for name in BOX_PRIOR_FIELDS}
+        return replace(self, decoder=replace(self.decoder, **priors))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

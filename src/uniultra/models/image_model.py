@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from uniultra.models.box_prior import box_ellipse_logits
+from uniultra.models.box_prior import box_ellipse_logits, box_logit_prior
 from uniultra.models.config import ImageModelConfig, preset
 from uniultra.models.image_encoder import ImageEncoder
 from uniultra.models.mask_decoder import MaskDecoder
@@ -141,8 +141,17 @@ class SAM2ImageModel(nn.Module):
             multimask_output=multimask,
             repeat_image=n_images == 1 and n_prompts > 1,
             high_res_features=features.high_res_feats or None,
+            mask_bias=self.mask_bias(points),
         )
         return DecoderOutput(low_res_logits=masks, iou_scores=iou, object_score_logits=obj, mask_tokens=tokens)
+
+    def mask_bias(self, points: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """The box's logit prior for prompts with boxes merged into points, or None when it is off."""
+        weight = self.config.decoder.box_logit_prior
+        if not weight or points is None:
+            return None
+        grid = self.sam_prompt_encoder.mask_input_size
+        return box_logit_prior(*points, grid, self.config.image_size, weight)
 
     def forward(
         self,

@@ -158,6 +158,7 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         repeat_image: bool,
         high_res_features: list[torch.Tensor] | None = None,
+        mask_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -170,6 +171,8 @@ class MaskDecoder(nn.Module):
             repeat_image: one image embedding for several prompts.
             high_res_features: [stride-4 (B, C/8, 4h, 4w), stride-8 (B, C/4, 2h, 2w)], already projected
                 by conv_s0 / conv_s1; required when `use_high_res_features`.
+            mask_bias: (B, 1, 4h, 4w) logits added to every mask before any selection (a box's shape
+                prior, `uniultra.models.box_prior.box_logit_prior`), or None.
 
         Returns:
             masks: (B, M, 4h, 4w) logits, M = num_multimask_outputs or 1.
@@ -185,6 +188,7 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings,
             repeat_image=repeat_image,
             high_res_features=high_res_features,
+            mask_bias=mask_bias,
         )
         if multimask_output:
             masks, iou_pred = masks[:, 1:], iou_pred[:, 1:]
@@ -255,12 +259,13 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         repeat_image: bool,
         high_res_features: list[torch.Tensor] | None = None,
+        mask_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All outputs before mask selection: masks (B, num_mask_tokens, 4h, 4w), iou (B, num_mask_tokens),
         mask tokens (B, num_mask_tokens, C), object score logits (B, 1)."""
         src = self._image_tokens_source(image_embeddings, dense_prompt_embeddings,
                                         sparse_prompt_embeddings.shape[0], repeat_image)
-        return self._predict_from(src, image_pe, sparse_prompt_embeddings, high_res_features)
+        return self._predict_from(src, image_pe, sparse_prompt_embeddings, high_res_features, mask_bias)
 
     def predict_masks_from_tokens(
         self,
@@ -269,12 +274,13 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_embedding: torch.Tensor,
         high_res_features: list[torch.Tensor] | None = None,
+        mask_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`predict_masks` for image embeddings already flattened to (B, h*w, C) tokens and a dense
         embedding that is one (C,) vector for every location (no mask prompt): the graph an exported
         box / point decoder runs, with no layout change per prompt."""
         return self._predict_from(image_tokens + dense_embedding, image_pe, sparse_prompt_embeddings,
-                                  high_res_features)
+                                  high_res_features, mask_bias)
 
     def _predict_from(
         self,
@@ -282,6 +288,7 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         high_res_features: list[torch.Tensor] | None,
+        mask_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if image_pe.shape[0] != 1:
             raise ValueError(f"image_pe must have batch 1 (from get_dense_pe()), got {tuple(image_pe.shape)}")
@@ -300,6 +307,8 @@ class MaskDecoder(nn.Module):
         )
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        if mask_bias is not None:
+            masks = masks + mask_bias
 
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.pred_obj_scores:
