@@ -15,9 +15,10 @@ from uniultra.data.phantom import make_phantom
 from uniultra.inference import onnx_format as md
 from uniultra.inference.auto_predictor import AutoPredictor, has_auto_head
 from uniultra.inference.loading import load_predictor
+from uniultra.inference.predictor import Predictor
 from uniultra.inference.zoom import ZoomPredictor
 from uniultra.models.auto_checkpoint import save_auto_model
-from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter, with_own_encoder
 from uniultra.models.image_model import SAM2ImageModel
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install '.[export]'")
@@ -148,3 +149,45 @@ def test_an_export_leaves_the_gate_to_each_call(auto_export, tmp_path):
     older.predict_auto("busi")  # its calibrated gate: fine
     with pytest.raises(ValueError, match="applies its presence gate inside the exported graph.*export the checkpoint"):
         older.predict_auto("busi", presence_gate=0.5)
+
+
+@pytest.fixture(scope="module")
+def own_encoder_export(tmp_path_factory):
+    """A head trained on one model's features, packed onto another model that answers prompts."""
+    from uniultra.export.onnx_export import export_onnx
+
+    torch.manual_seed(3)
+    head = AutoSegmenter(SAM2ImageModel.from_preset("mini", SIZE), AutoHeadConfig(CHANNELS, own_decoder=True))
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if not name.startswith(("base.", "decoder.conv_s")):
+                p.add_(torch.randn_like(p) * 0.05)
+    torch.manual_seed(4)
+    prompts = SAM2ImageModel.from_preset("mini", SIZE)
+    model = with_own_encoder(head, prompts).eval()
+    root = tmp_path_factory.mktemp("own-encoder-export")
+    save_auto_model(model, root / "auto.pt")
+    result = export_onnx(str(root / "auto.pt"), root / "onnx")
+    return model, prompts.eval(), root, result
+
+
+@pytest.mark.parametrize("spec", ["onnx:{}", "openvino:{}"])
+def test_an_exported_head_with_its_own_encoder_answers_like_pytorch(own_encoder_export, spec):
+    if spec.startswith("openvino"):
+        pytest.importorskip("openvino", reason="openvino not installed: pip install '.[openvino]'")
+    model, prompts, root, result = own_encoder_export
+    assert result.metadata["auto"]["own_encoder"] is True
+    assert (root / "onnx" / md.AUTO_ENCODER_FILE).is_file()
+    assert max(v for k, v in result.check.items() if k.startswith("auto_encoder_")) < 1e-3
+    exported = load_predictor(spec.format(root / "onnx"))
+    reference, plain = AutoPredictor(model), Predictor(prompts)
+    image = images()[0]
+    for predictor in (exported, reference, plain):
+        predictor.set_image(image)
+    box = np.array([30, 20, 120, 110])
+    assert (exported.predict(box=box)[0] == plain.predict(box=box)[0]).mean() > 0.99
+    for channel in CHANNELS:
+        mask, score, _ = exported.predict_auto(channel)
+        want_mask, want_score, _ = reference.predict_auto(channel)
+        assert abs(score - want_score) < 1e-2
+        assert (mask == want_mask).mean() > 0.99, channel

@@ -355,13 +355,13 @@ class AutoTrainer(EpochLoop):
     def _feature_cache(self, images: D.CachedSet, dataset) -> dict[str, np.ndarray]:
         from uniultra.distill.data import build_teacher_cache
 
-        base = self.model.base
-        stem = feature_cache_stem(images, dataset, self.base_identity["sha256"], base.image_size)
+        model = self.model
+        stem = feature_cache_stem(images, dataset, self.base_identity["sha256"], model.image_size)
 
         @torch.no_grad()
         def compute(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-            base.eval()
-            features = base.encode_image(base.normalize(batch.to(self.ctx.device)))
+            model.eval()
+            features = model.encode_image(model.normalize(batch.to(self.ctx.device)))
             return {"embed": features.image_embed, **dict(zip(("s0", "s1"), features.high_res_feats, strict=False))}
 
         return build_teacher_cache(stem, self.config.feature_cache_dir, images, feature_shapes(self.model),

@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             model = SAM2ImageModel(preset(args.preset, args.size or 1024))
     else:
-        from uniultra.inference.loading import load_model
+        from uniultra.inference.loading import load_any_model
 
-        model = load_model(args.model, image_size=args.size)
+        model = load_any_model(args.model, image_size=args.size)
     info = describe(model)
     print(json.dumps(asdict(info), indent=2) if args.json else format_info(info))
     return 0

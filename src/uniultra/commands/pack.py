@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-blur", type=int, choices=(0, 1, 2), default=None,
                    help="set the decoder's fixed anti-lattice blur after the last (1) or both (2) upscaling "
                         "steps, 0 = none (no weights; default: keep the checkpoint's)")
+    p.add_argument("--prompt-model", default=None, metavar="SPEC",
+                   help="with an automatic-mode checkpoint: the model that answers box and point prompts in the "
+                        "packed file (a path or 'default'; a head it has is left out); the checkpoint's own base "
+                        "stays as the automatic head's encoder")
     p.set_defaults(func=run)
 
 
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from uniultra.inference.loading import pack_model
 
-    path = pack_model(args.checkpoint, args.out, half=args.half, meta=args.meta, decoder_blur=args.decoder_blur)
+    path = pack_model(args.checkpoint, args.out, half=args.half, meta=args.meta, decoder_blur=args.decoder_blur,
+                      prompt_model=args.prompt_model)
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)")
     return 0

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 import torch
 
 from uniultra.evaluation.efficiency import count_flops, count_parameters
+from uniultra.models.auto_segmenter import AutoSegmenter
 from uniultra.models.image_model import SAM2ImageModel
+
+
+@dataclass
+class AutoInfo:
+    """The automatic (no-prompt) head of a model that has one."""
+
+    channels: list[str]
+    head_params: int  # every weight the automatic path adds (its own encoder included)
+    own_encoder_params: int  # 0: the automatic path runs on the prompt model's encoder
+    own_encoder_gflops: float
 
 
 @dataclass
@@ -23,9 +34,15 @@ class ModelInfo:
     encoder_gflops: float
     high_res_projection_gflops: float
     decoder_gflops_per_prompt: float
+    auto: AutoInfo | None = None
 
 
-def describe(model: SAM2ImageModel) -> ModelInfo:
+def describe(model: SAM2ImageModel | AutoSegmenter) -> ModelInfo:
+    """Counts of the image model that answers prompts, and of an automatic head when `model` has one."""
+    if isinstance(model, AutoSegmenter):
+        info = describe(model.base)
+        info.auto = describe_auto(model)
+        return info
     enc = model.image_encoder
     enc_flops, proj_flops, dec_flops = count_model_flops(model)
     return ModelInfo(
@@ -40,6 +57,17 @@ def describe(model: SAM2ImageModel) -> ModelInfo:
         encoder_gflops=enc_flops / 1e9,
         high_res_projection_gflops=proj_flops / 1e9,
         decoder_gflops_per_prompt=dec_flops / 1e9,
+    )
+
+
+def describe_auto(model: AutoSegmenter) -> AutoInfo:
+    encoder = model.encoder
+    own_params = 0 if encoder is None else count_parameters(encoder.image_encoder)
+    return AutoInfo(
+        channels=list(model.config.modalities),
+        head_params=sum(p.numel() for name, p in model.named_parameters() if not name.startswith("base.")),
+        own_encoder_params=own_params,
+        own_encoder_gflops=0.0 if encoder is None else count_model_flops(encoder)[0] / 1e9,
     )
 
 
@@ -84,4 +112,12 @@ def format_info(info: ModelInfo) -> str:
         f"  {'high-res projections':<30} {info.high_res_projection_gflops:10.2f} G  (once per image)",
         f"  {'decoder, one box prompt':<30} {info.decoder_gflops_per_prompt:10.2f} G",
     ]
+    auto = info.auto
+    if auto is not None:
+        lines += [f"automatic mode (no prompt), channels {', '.join(auto.channels)}:",
+                  f"  {'head, all its weights':<30} {auto.head_params / 1e6:10.3f} M  ({auto.head_params:,})"]
+        if auto.own_encoder_params:
+            lines += [f"  {'of which its own encoder':<30} {auto.own_encoder_params / 1e6:10.3f} M  "
+                      f"({auto.own_encoder_params:,}; {auto.own_encoder_gflops:.1f} GFLOPs, once per image "
+                      "segmented without a prompt)"]
     return "\n".join(lines)

@@ -24,13 +24,13 @@ class AutoGraph(nn.Module):
 
     def forward(self, image_embed: torch.Tensor, high_res_feats_0: torch.Tensor, high_res_feats_1: torch.Tensor,
                 modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        auto, base = self.model, self.model.base
+        auto, features = self.model, self.model.features_model
         decoder, heads = auto.auto_decoder, auto.modality_decoder
         patch_logits = auto.prompt_generator.patch_logits(image_embed)
-        no_mask = base.sam_prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        no_mask = features.sam_prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = no_mask + auto.prompt_generator.dense_prompt(patch_logits, tuple(image_embed.shape[-2:]))
         tokens = torch.cat([heads._fixed_tokens(decoder, 1), heads.queries(modality).unsqueeze(1)], dim=1)
-        hs, src = decoder.transformer(image_embed + dense, base.sam_prompt_encoder.get_dense_pe(), tokens)
+        hs, src = decoder.transformer(image_embed + dense, features.sam_prompt_encoder.get_dense_pe(), tokens)
         b, c, h, w = image_embed.shape
         image_tokens = src.transpose(1, 2).reshape(b, c, h, w)
         upscaled = decoder._upscale(image_tokens, [high_res_feats_0, high_res_feats_1])
@@ -51,4 +51,5 @@ def auto_metadata(model: AutoSegmenter) -> dict:
     config = model.config
     return {"modalities": list(config.modalities), "modality_decoder": config.modality_decoder,
             "presence_threshold": config.presence_threshold, "presence_head": config.presence_head,
-            "presence_probe": config.presence_probe, "presence_gate_in_graph": False}
+            "presence_probe": config.presence_probe, "presence_gate_in_graph": False,
+            "own_encoder": model.encoder is not None}

@@ -403,7 +403,8 @@ def export_onnx(
             staged["encoder_int8"] = staging / md.ENCODER_INT8_FILE
             check["encoder_int8_image_embed_max_abs"] = _quantize_encoder_checked(
                 staged["encoder"], staged["encoder_int8"], image, ref_embed)
-        meta = build_metadata(model, model_spec, opset, staged, encoder.folded, attention, check)
+        meta = build_metadata(model, model_spec, opset, staged, encoder.folded, attention, check,
+                              auto_features=None if auto is None else auto.features_model)
         if auto is not None:
             meta["auto"] = auto_metadata(auto)
         files, metadata_path = _publish(out_dir, staged, meta)
@@ -447,7 +448,12 @@ def _checked_graphs(
 
     check = _prompt_graphs_check(graphs, image, (ref_embed, ref_hr0, ref_hr1), prompts, reference_decoder)
     if auto is not None:
-        graphs["auto_decoder"], auto_check = _export_auto(auto, (ref_embed, ref_hr0, ref_hr1), opset, attention)
+        auto_features = (ref_embed, ref_hr0, ref_hr1)
+        if auto.encoder is not None:
+            graphs["auto_encoder"], auto_features, encoder_check = _export_auto_encoder(
+                auto, image, encoder.folded, opset, attention)
+            check.update(encoder_check)
+        graphs["auto_decoder"], auto_check = _export_auto(auto, auto_features, opset, attention)
         check.update(auto_check)
     worst = max(check.values())
     if not np.isfinite(worst) or worst > EXPORT_CHECK_ATOL:
@@ -479,7 +485,7 @@ def _max_abs_by_output(graph: str, names: tuple[str, ...], outputs, references) 
 
 # The staged file of each graph in `_checked_graphs`'s result.
 _GRAPH_FILES = {"encoder": md.ENCODER_FILE, "decoder": md.DECODER_FILE, "box_decoder": md.BOX_DECODER_FILE,
-                "auto_decoder": md.AUTO_FILE}
+                "auto_decoder": md.AUTO_FILE, "auto_encoder": md.AUTO_ENCODER_FILE}
 
 
 def _stage_graphs(staging: Path, graphs: dict[str, bytes]) -> dict[str, Path]:
@@ -523,6 +529,19 @@ def _prompt_graph_proto(module: nn.Module, args: tuple, input_names: tuple[str, 
     return proto
 
 
+def _export_auto_encoder(auto: AutoSegmenter, image: torch.Tensor, fold_high_res: bool, opset: int,
+                         attention: str) -> tuple[bytes, tuple[torch.Tensor, ...], dict[str, float]]:
+    """The automatic path's own encoder as a graph, checked in onnxruntime; with PyTorch's features."""
+    graph = EncoderGraph(auto.encoder, fold_high_res)
+    with torch.inference_mode():
+        reference = auto.encode_image(image)
+    features = (reference.image_embed, *reference.high_res_feats)
+    proto = _onnx_proto(graph, (image,), md.ENCODER_INPUTS, md.ENCODER_OUTPUTS, opset, attention=attention)
+    data = proto.SerializeToString()
+    out = _session(data).run(None, {"image": image.numpy()})
+    return data, features, _max_abs_by_output("auto_encoder", md.ENCODER_OUTPUTS, out, features)
+
+
 def _export_auto(auto: AutoSegmenter, features: tuple[torch.Tensor, ...], opset: int,
                  attention: str) -> tuple[bytes, dict[str, float]]:
     """The automatic head's graph, checked in onnxruntime against PyTorch on the last channel."""
@@ -559,7 +578,9 @@ def build_metadata(
     folded: bool,
     attention: str,
     check: dict[str, float],
+    auto_features: SAM2ImageModel | None = None,
 ) -> dict[str, Any]:
+    """`auto_features`: the image model whose features the automatic graphs take (default `model`)."""
     s = model.image_size
     e = model.config.embedding_size
     low = 4 * e
@@ -610,7 +631,7 @@ def build_metadata(
                 "path": path.name,
                 "sha256": file_sha256(path),
                 "bytes": path.stat().st_size,
-                **_io_spec(key, model),
+                **_io_spec(key, auto_features if key.startswith("auto") and auto_features else model),
             }
             for key, path in files.items()
         },
@@ -625,7 +646,7 @@ def _io_spec(key: str, model: SAM2ImageModel) -> dict[str, Any]:
         "high_res_feats_0": ["float32", [1, d // 8, 4 * e, 4 * e]],
         "high_res_feats_1": ["float32", [1, d // 4, 2 * e, 2 * e]],
     }
-    if key.startswith("encoder"):
+    if key.startswith("encoder") or key == "auto_encoder":
         spec: dict[str, Any] = {"inputs": {"image": ["float32", [1, 3, s, s]]}, "outputs": features}
         if key.endswith("int8"):
             spec["quantization"] = "dynamic INT8 weights (MatMul, Gemm) by onnxruntime.quantization.quantize_dynamic"

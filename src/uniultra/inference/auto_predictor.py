@@ -2,7 +2,8 @@
 
 An automatic-mode checkpoint keeps its base model whole, so `AutoPredictor` is a `Predictor` on
 that base (same preprocessing, same cached embedding, box / point prompts still answered) plus
-the automatic head's `predict_auto`.
+the automatic head's `predict_auto`. A head with an encoder of its own encodes the image a second
+time, on its first `predict_auto` for that image: box prompts never pay for it.
 
 `choose_modality` and `check_modality_option` serve `uniultra evaluate` and `uniultra predict`
 for both kinds of modality: an automatic head's decoding channel and a plain model's encoder
@@ -16,7 +17,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from uniultra.inference.predictor import Predictor
+from uniultra.inference.predictor import Predictor, float32_features
 from uniultra.inference.presence_gate import CALIBRATED_GATE, PresenceGate, answers_empty, gate_in_force
 from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoSegmenter, presence
 
@@ -28,6 +29,9 @@ class AutoPredictor(Predictor):
         self.auto = model.eval()
         # `modality` is also the channel used when `predict_auto` is given none (None: the only one).
         self.modality = modality
+        # With an own encoder: the current image's model input, and its automatic features once computed.
+        self._auto_input: torch.Tensor | None = None
+        self._auto_features = None
 
     @property
     def modality_choices(self) -> tuple[str, ...]:
@@ -43,7 +47,25 @@ class AutoPredictor(Predictor):
         return automatic or super().selects_modality(automatic)
 
     def _encode(self, x: torch.Tensor):
-        return self.auto.encode_image(x)
+        if self.auto.encoder is None:
+            return self.auto.encode_image(x)  # one encoding serves prompts and the automatic path
+        self._auto_input, self._auto_features = x, None
+        return self.model.encode_image(x)
+
+    def reset_image(self) -> None:
+        super().reset_image()
+        self._auto_input, self._auto_features = None, None
+
+    def automatic_features(self):
+        """The current image's features for the automatic path (its own encoder's, computed once)."""
+        features = self._require_image()
+        if self.auto.encoder is None:
+            return features
+        if self._auto_features is None:
+            with torch.inference_mode(), self._encoder_autocast():
+                encoded = self.auto.encode_image(self._auto_input)
+            self._auto_features = float32_features(encoded) if self.cpu_bf16 else encoded
+        return self._auto_features
 
     def resolve_presence_gate(self, gate: PresenceGate = CALIBRATED_GATE) -> float | None:
         """The presence probability `gate` stands for with this checkpoint (None: no gate)."""
@@ -67,7 +89,7 @@ class AutoPredictor(Predictor):
         checkpoint's own) is answered empty.
         """
         threshold = self.resolve_presence_gate(presence_gate)
-        features = self._require_image()
+        features = self.automatic_features()
         channel = self.auto.modality_index(modality if modality is not None else self.modality)
         with self._autocast():
             out = self.auto.decode_auto(features, torch.tensor([channel], device=self.device), gated=False)

@@ -24,13 +24,15 @@ from uniultra.inference.predictor import Predictor
 from uniultra.inference.zoom import ZoomPredictor
 from uniultra.models.auto_checkpoint import (
     CALIBRATION_META,
+    ENCODER_META,
     META_KEY,
     PROBE_META,
+    auto_meta,
     auto_state,
     is_auto_data,
     load_head_state,
 )
-from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter
+from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter, with_own_encoder
 from uniultra.models.checkpoint import (
     CONTROLLER_META,
     FORMAT_NAME,
@@ -238,27 +240,50 @@ def load_default_model(image_size: int | None = None) -> SAM2ImageModel:
 
 def pack_model(
     source: str | os.PathLike, out: str | os.PathLike, half: bool = False, meta: dict[str, Any] | None = None,
-    decoder_blur: int | None = None,
+    decoder_blur: int | None = None, prompt_model: str | os.PathLike | None = None,
 ) -> Path:
     """A standalone deployable file from any loadable checkpoint (adapters merged into one file).
 
     `half` stores floating-point weights as fp16 (half the size); they are widened back to the
     model's fp32 parameters on load. `decoder_blur` sets the decoder's anti-lattice blur
     (DecoderConfig.upscale_blur: 0, 1 or 2; it has no weights), None keeps the source's.
+    `prompt_model`: with an automatic-mode `source`, the model (spec) that answers box and point
+    prompts in the packed file; the source's own base stays as the automatic path's encoder.
     """
     loaded = load_any_model(source)
+    if prompt_model is not None:
+        loaded = _on_prompt_model(loaded, source, prompt_model)
     model = getattr(loaded, "base", loaded)  # an automatic-mode checkpoint keeps its head (auto_state)
     if decoder_blur is not None:
         set_decoder_blur(model, decoder_blur)
     state = _stored(auto_state(loaded) if isinstance(loaded, AutoSegmenter) else model.state_dict(), half)
     info = {"packed_from": Path(source).name, "dtype": "float16" if half else "float32", **(meta or {})}
+    if prompt_model is not None:
+        info["prompt_model"] = _identity(prompt_model)
     if isinstance(loaded, AutoSegmenter):
-        info[META_KEY] = loaded.config.to_dict()
+        info.update(auto_meta(loaded))
         source_meta = read_checkpoint(_spec_path(source)).get("meta") or {}
         for key in (CALIBRATION_META, PROBE_META):  # how the gate and the probe were chosen travel along
             if source_meta.get(key) is not None:
                 info[key] = source_meta[key]
     return save_model(model, out, meta={**info, **_rebuild_meta(model)}, state=state)
+
+
+def _on_prompt_model(loaded: SAM2ImageModel | AutoSegmenter, source: str | os.PathLike,
+                     prompt_model: str | os.PathLike) -> AutoSegmenter:
+    if not isinstance(loaded, AutoSegmenter):
+        raise ValueError(f"{source}: has no automatic head; a prompt model is given only with one "
+                         "(its base then becomes the head's own encoder)")
+    base = load_model(prompt_model)  # the prompt model's plain base: a head it has itself is left out
+    try:
+        return with_own_encoder(loaded, base)
+    except ValueError as exc:
+        raise ValueError(f"{source} on {prompt_model}: {exc}") from None
+
+
+def _identity(spec: str | os.PathLike) -> dict[str, Any]:
+    path = _spec_path(spec)
+    return {"spec": str(spec), "file": path.name, "sha256": file_sha256(path)}
 
 
 def _stored(state: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]:
@@ -347,9 +372,24 @@ def load_auto_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid auto-head config ({exc})") from exc
     base, _ = load_uniultra(path, data=data)
-    model = AutoSegmenter(base, config)
+    encoder = _own_encoder(path, meta) if config.own_encoder else None
+    model = AutoSegmenter(base, config, encoder=encoder)
     load_head_state(model, data["state_dict"], Path(path))
     return model.to(device).eval()
+
+
+def _own_encoder(path: str | os.PathLike, meta: dict[str, Any]) -> SAM2ImageModel:
+    """The automatic path's own image model, built (weights still random) from the file's meta."""
+    recorded = meta.get(ENCODER_META)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        raise CheckpointError(f"{path}: its automatic head has an encoder of its own but no meta['{ENCODER_META}']")
+    try:
+        encoder = SAM2ImageModel(ImageModelConfig.from_dict(recorded["config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid config of the automatic path's encoder ({exc})") from exc
+    if recorded.get("peft"):
+        _apply_peft(encoder, recorded["peft"], path)
+    return encoder
 
 
 def load_any_model(spec: str | os.PathLike, image_size: int | None = None,

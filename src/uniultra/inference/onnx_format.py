@@ -47,6 +47,9 @@ BOX_DECODER_INPUTS = ("image_tokens", "high_res_feats_0", "high_res_feats_1", "p
 AUTO_FILE = "auto_decoder.onnx"
 AUTO_INPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1", "modality")
 AUTO_OUTPUTS = ("auto_masks", "presence")
+# The automatic head's own encoder, when it has one (inputs and outputs as the encoder's): its outputs feed
+# the automatic graph, and it runs only when an image is segmented without a prompt.
+AUTO_ENCODER_FILE = "auto_encoder.onnx"
 
 LABEL_MEANINGS = {
     "-1": "padding (ignored; lets prompts of different lengths share a batch)",

@@ -51,6 +51,11 @@ class ExportedPredictor(ImageSession):
         self.presence_threshold = (self.auto_info or {}).get("presence_threshold")
         self.modality: str | None = None  # the channel `predict_without_prompt` decodes through
         self.has_box_decoder = "box_decoder" in self.metadata["files"]
+        # An automatic head with an encoder of its own: the image is encoded for it on the first
+        # `predict_auto` (`_automatic_features`), never for prompts.
+        self.has_auto_encoder = "auto_encoder" in self.metadata["files"]
+        self._auto_input: np.ndarray | None = None
+        self._auto_features: dict[str, np.ndarray] | None = None
         decoder_config = self.metadata.get("model", {}).get("config", {}).get("decoder", {})
         self.supports_exact_box = bool(decoder_config.get("exact_box_tokens", False))
 
@@ -65,6 +70,22 @@ class ExportedPredictor(ImageSession):
     def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The automatic graph's (logits, presence) for `feeds`."""
         raise NotImplementedError
+
+    def _encode_auto(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """(1, 3, S, S) model input -> the automatic path's own encoder's outputs by name."""
+        raise NotImplementedError
+
+    def reset_image(self) -> None:
+        super().reset_image()
+        self._auto_input, self._auto_features = None, None
+
+    def _automatic_features(self) -> dict[str, np.ndarray]:
+        features = self._require_image()
+        if not self.has_auto_encoder:
+            return features
+        if self._auto_features is None:
+            self._auto_features = self._encode_auto(self._auto_input)
+        return self._auto_features
 
     def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
         """Only the automatic head's channel (an export holds no modality controller)."""
@@ -121,7 +142,7 @@ class ExportedPredictor(ImageSession):
         threshold = self.resolve_presence_gate(presence_gate)  # an older export refuses all but its own
         if self.gate_in_graph:
             threshold = None  # the graph has applied it
-        features = self._require_image()
+        features = self._automatic_features()
         channel = self._channel(modality if modality is not None else self.modality)
         feeds = {**_encoder_outputs(features), "modality": np.array([channel], dtype=np.int64)}
         logits, presence = self._run_auto(feeds)
@@ -150,7 +171,9 @@ class ExportedPredictor(ImageSession):
     def set_image(self, image: np.ndarray | str | os.PathLike) -> None:
         """Compute the image embedding once. Accepts an array (gray, RGB, RGBA; 8/16-bit, float) or a path."""
         image = self.load_image(image)
-        features = self._encode(self.preprocess(image))
+        x = self.preprocess(image)
+        features = self._encode(x)
+        self._auto_input, self._auto_features = (x if self.has_auto_encoder else None), None
         if self.has_box_decoder:
             features["image_tokens"] = md.image_tokens(features["image_embed"])
         self._remember(features, image)
@@ -264,6 +287,10 @@ class OnnxPredictor(ExportedPredictor):
         if "auto_decoder" in files:
             self.auto = ort.InferenceSession(str(self.export_dir / files["auto_decoder"]["path"]), options,
                                              providers=providers)
+        self.auto_encoder = None
+        if self.has_auto_encoder:
+            self.auto_encoder = ort.InferenceSession(str(self.export_dir / files["auto_encoder"]["path"]), options,
+                                                     providers=providers)
 
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self._encoder_outputs, self.encoder.run(None, {"image": x}), strict=True))
@@ -273,6 +300,10 @@ class OnnxPredictor(ExportedPredictor):
 
     def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.auto.run(list(md.AUTO_OUTPUTS), feeds)
+
+    def _encode_auto(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.auto_encoder.get_outputs()]
+        return dict(zip(names, self.auto_encoder.run(None, {"image": x}), strict=True))
 
 
 def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = False) -> Any:

@@ -66,6 +66,10 @@ class OpenVinoPredictor(ExportedPredictor):
         self.auto = None
         if "auto_decoder" in files:
             self.auto = core.compile_model(str(self.export_dir / files["auto_decoder"]["path"]), "CPU", decoding)
+        self.auto_encoder = None
+        if self.has_auto_encoder:  # fp32 or bf16 as the encoder (never the NNCF INT8 one: that is the prompts')
+            self.auto_encoder = core.compile_model(str(self.export_dir / files["auto_encoder"]["path"]), "CPU",
+                                                   decoding)
         self._make_requests()
 
     def _make_requests(self) -> None:
@@ -73,6 +77,7 @@ class OpenVinoPredictor(ExportedPredictor):
         self._decoder_request = self.decoder.create_infer_request()
         self._box_request = None if self.box_decoder is None else self.box_decoder.create_infer_request()
         self._auto_request = None if self.auto is None else self.auto.create_infer_request()
+        self._auto_encoder_request = None if self.auto_encoder is None else self.auto_encoder.create_infer_request()
 
     def _int8_encoder_path(self) -> Path:
         path = self.export_dir / OV_INT8_ENCODER
@@ -94,6 +99,9 @@ class OpenVinoPredictor(ExportedPredictor):
     def _run_auto(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs = _by_name(self._auto_request.infer(feeds))
         return [outputs[name] for name in AUTO_OUTPUTS]
+
+    def _encode_auto(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return _by_name(self._auto_encoder_request.infer({"image": x}))
 
     def fork(self) -> OpenVinoPredictor:
         twin = super().fork()

@@ -81,7 +81,7 @@ class Predictor(ImageSession):
         x = self.preprocess(image)
         with self._encoder_autocast(), use_modality(self.model, self._controller_modality()):
             features = self._encode(x)
-        self._remember(_float32(features) if self.cpu_bf16 else features, image)
+        self._remember(float32_features(features) if self.cpu_bf16 else features, image)
 
     def _controller_modality(self) -> str | None:
         """The modality the encoder's controller runs: `modality` if the controller knows it
@@ -170,14 +170,14 @@ class Predictor(ImageSession):
         return nullcontext()
 
 
-def _float32(value: Any) -> Any:
+def float32_features(value: Any) -> Any:
     """Features computed under bf16 autocast, widened to fp32 (tensors inside dataclasses and lists)."""
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
     if isinstance(value, list | tuple):
-        return type(value)(_float32(v) for v in value)
+        return type(value)(float32_features(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: _float32(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        fields = {f.name: float32_features(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
         return dataclasses.replace(value, **fields)
     return value
 

@@ -23,6 +23,8 @@ META_KEY = "auto_head"
 CALIBRATION_META = "presence_calibration"
 # meta key of the presence probe's fit report (uniultra.auto.presence_fit).
 PROBE_META = "presence_probe_fit"
+# meta key of what rebuilds an automatic path's own encoder: {"config": model config, "peft": PEFT config}.
+ENCODER_META = "auto_encoder"
 
 
 def fitted_probe_channels(meta: dict | None) -> tuple[str, ...]:
@@ -31,25 +33,26 @@ def fitted_probe_channels(meta: dict | None) -> tuple[str, ...]:
     return tuple(name for name, fit in report.items() if fit.get("fitted"))
 
 
-# The head's modules, stored under AUTO_HEAD_PREFIX + name (presence head / probe and decoder only when
-# configured).
-HEAD_MODULES = ("prompt_generator", "modality_decoder", "presence_head", "presence_probe", "decoder")
-
-
 def auto_state(model: AutoSegmenter) -> dict[str, torch.Tensor]:
-    """Base weights under their own names, head weights under AUTO_HEAD_PREFIX."""
+    """Base weights under their own names, head weights (an own encoder's too) under AUTO_HEAD_PREFIX."""
     state = dict(model.base.state_dict())
-    for name in HEAD_MODULES:
-        module = getattr(model, name)
-        for key, value in ({} if module is None else module.state_dict()).items():
-            state[f"{AUTO_HEAD_PREFIX}{name}.{key}"] = value
+    state.update({f"{AUTO_HEAD_PREFIX}{k}": v for k, v in model.head_state().items()})
     return state
+
+
+def auto_meta(model: AutoSegmenter) -> dict[str, Any]:
+    """The meta entries that rebuild the head (and its own encoder) around the base."""
+    info: dict[str, Any] = {META_KEY: model.config.to_dict()}
+    if model.encoder is not None:
+        peft = getattr(model.encoder, "peft_config", None)
+        info[ENCODER_META] = {"config": model.encoder.config.to_dict(),
+                              "peft": None if peft is None else peft.to_dict()}
+    return info
 
 
 def save_auto_model(model: AutoSegmenter, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Write base + head weights atomically (`.pt`, or `.safetensors` by suffix)."""
-    info = dict(meta or {})
-    info[META_KEY] = model.config.to_dict()
+    info = {**(meta or {}), **auto_meta(model)}
     peft = getattr(model.base, "peft_config", None)
     if peft is not None:  # an adapted base needs its PEFT config to be rebuilt
         info.setdefault("peft", peft.to_dict())
@@ -74,7 +77,7 @@ def is_auto_data(data: dict[str, Any]) -> bool:
 
 def load_head_state(model: AutoSegmenter, state: dict[str, torch.Tensor], path: Path) -> None:
     head = {k[len(AUTO_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(AUTO_HEAD_PREFIX)}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("base.")}
+    own = model.head_state()
     missing = sorted(set(own) - set(head))
     extra = sorted(set(head) - set(own))
     if missing or extra:

@@ -2,7 +2,9 @@
 query-decoupled modality decoder on top (SPEC 5).
 
 The base model is kept whole and unchanged in structure, so the same weights still answer box
-prompts through `base.decode`; the automatic path is `decode_auto`.
+prompts through `base.decode`; the automatic path is `decode_auto`. The automatic path may run on an
+encoder of its own (`own_encoder`, see `with_own_encoder`): one trained on whole scans gives a far
+better presence score and no-prompt mask than a box model's encoder trained on crops around a target.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class AutoHeadConfig:
     # A copy of the base's mask decoder for the automatic path, so that training it leaves the base's
     # box / point answers exactly as they were (a head shipped inside its base model needs this).
     own_decoder: bool = False
+    # An image encoder of its own for the automatic path (`AutoSegmenter.encoder`), beside the base's,
+    # which then only answers prompts. Needs `own_decoder`: that copy also holds the encoder's high-res
+    # projections.
+    own_encoder: bool = False
 
     def __post_init__(self) -> None:
         if not self.modalities or any(not isinstance(m, str) or not m for m in self.modalities):
@@ -61,6 +67,8 @@ class AutoHeadConfig:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
         if self.presence_threshold is not None and not 0.0 <= self.presence_threshold <= 1.0:
             raise ValueError(f"presence_threshold must lie in [0, 1], got {self.presence_threshold}")
+        if self.own_encoder and not self.own_decoder:
+            raise ValueError("own_encoder needs own_decoder (the copy holds the encoder's high-res projections)")
 
     @property
     def channels(self) -> int:
@@ -74,7 +82,7 @@ class AutoHeadConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutoHeadConfig:
         known = {"modalities", "modality_decoder", "patch_size", "presence_threshold", "presence_head",
-                 "presence_probe", "own_decoder"}
+                 "presence_probe", "own_decoder", "own_encoder"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown auto-head config keys {unknown} (known: {sorted(known)})")
@@ -91,28 +99,55 @@ class AutoOutput:
     presence_logits: torch.Tensor | None = None  # (B,) with a presence probe or head
 
 
+# Keys of an own encoder's state that are stored: its mask decoder IS the head's decoder copy (stored
+# once, as `decoder.*`), of which it uses only the high-res projections.
+ENCODER_KEYS = ("image_encoder.", "no_mem_embed", "sam_prompt_encoder.")
+
+
 class AutoSegmenter(nn.Module):
-    def __init__(self, base: SAM2ImageModel, config: AutoHeadConfig) -> None:
+    def __init__(self, base: SAM2ImageModel, config: AutoHeadConfig, encoder: SAM2ImageModel | None = None) -> None:
+        """`encoder`: the automatic path's own image model (only with `config.own_encoder`); its mask
+        decoder is replaced by the head's copy (`decoder`), which keeps the encoder's projections."""
         super().__init__()
-        stride = base.config.backbone_stride
-        if config.patch_size % stride or base.image_size % config.patch_size:
+        if config.own_encoder != (encoder is not None):
+            raise ValueError("an encoder of its own is given exactly when config.own_encoder is true")
+        features = encoder if encoder is not None else base
+        stride = features.config.backbone_stride
+        if config.patch_size % stride or features.image_size % config.patch_size:
             raise ValueError(
                 f"patch_size {config.patch_size} must be a multiple of the backbone stride {stride} "
-                f"and divide the image size {base.image_size}"
+                f"and divide the image size {features.image_size}"
             )
+        if features.image_size != base.image_size:
+            raise ValueError(f"the automatic path's encoder runs at {features.image_size} px, the base at "
+                             f"{base.image_size} px: both must take the same input")
         self.base = base
         self.config = config
-        dim = base.config.neck.d_model
+        dim = features.config.neck.d_model
         self.prompt_generator = PatchPromptGenerator(dim, config.patch_size // stride)
-        self.modality_decoder = ModalityDecoder(base.sam_mask_decoder, config.channels)
+        self.modality_decoder = ModalityDecoder(features.sam_mask_decoder, config.channels)
         self.presence_head = PresenceHead(dim, config.channels) if config.presence_head else None
+        self.decoder = copy.deepcopy(features.sam_mask_decoder) if config.own_decoder else None
+        self.encoder = encoder
+        if encoder is not None:
+            encoder.sam_mask_decoder = self.decoder
         self.presence_probe = self._new_probe() if config.presence_probe else None
-        self.decoder = copy.deepcopy(base.sam_mask_decoder) if config.own_decoder else None
+
+    @property
+    def features_model(self) -> SAM2ImageModel:
+        """The image model whose encoder (and prompt encoder's no-mask embedding) the automatic path uses."""
+        return self.encoder if self.encoder is not None else self.base
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """Every weight that is not the base's, as stored in a checkpoint (an own encoder's shared
+        decoder only once, as `decoder.*`)."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith("base.") and not k.startswith("encoder.sam_mask_decoder.")}
 
     def _new_probe(self) -> PresenceProbe:
-        decoder = self.base.sam_mask_decoder
+        decoder = self.auto_decoder
         high_res = (decoder.conv_s0.out_channels, decoder.conv_s1.out_channels) if decoder.use_high_res_features else ()
-        return PresenceProbe(self.base.config.neck.d_model, high_res, self.config.channels)
+        return PresenceProbe(self.features_model.config.neck.d_model, high_res, self.config.channels)
 
     def attach_presence_probe(self) -> PresenceProbe:
         """Add an unfitted presence probe to a head trained without one (e.g. an already shipped model)."""
@@ -141,7 +176,8 @@ class AutoSegmenter(nn.Module):
         return self.base.normalize(images)
 
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        return self.base.encode_image(images)
+        """The automatic path's features (its own encoder's when it has one; box prompts need the base's)."""
+        return self.features_model.encode_image(images)
 
     def modality_index(self, name: str | None) -> int:
         """Decoding channel of a modality / dataset name."""
@@ -163,7 +199,7 @@ class AutoSegmenter(nn.Module):
         embed = features.image_embed
         modality = self._check_modality(modality, embed.shape[0])
         patch_logits = self.prompt_generator.patch_logits(embed)
-        prompt_encoder = self.base.sam_prompt_encoder
+        prompt_encoder = self.features_model.sam_prompt_encoder
         # No sparse prompt; the dense prompt is the base's "no mask" embedding plus the patch prompt.
         no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = no_mask + self.prompt_generator.dense_prompt(patch_logits, tuple(embed.shape[-2:]))
@@ -193,3 +229,24 @@ class AutoSegmenter(nn.Module):
         if batch and (int(modality.min()) < 0 or int(modality.max()) >= channels):
             raise ValueError(f"modality ids must lie in [0, {channels}), got {modality.tolist()}")
         return modality.long()
+
+
+def with_own_encoder(head: AutoSegmenter, base: SAM2ImageModel) -> AutoSegmenter:
+    """`head` (trained on its base's features, with a decoder copy) moved onto `base`: `base` answers
+    prompts, `head`'s base stays the automatic path's encoder. Neither input is changed."""
+    if not head.config.own_decoder:
+        raise ValueError("an automatic head moves onto another base only with a decoder of its own (own_decoder)")
+    if head.encoder is not None:
+        raise ValueError("this automatic head already runs on an encoder of its own")
+    features = copy.deepcopy(head.base)
+    # The copy's high-res projections are never trained (the encoding step applies the encoder's own):
+    # the encoder's values are the ones the head's features were made with.
+    projections = {k: v for k, v in features.sam_mask_decoder.state_dict().items()
+                   if k.startswith(("conv_s0.", "conv_s1."))}
+    combined = AutoSegmenter(base, dataclasses.replace(head.config, own_encoder=True), encoder=features)
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("base.")}
+    state.update({f"decoder.{k}": v for k, v in projections.items()})
+    missing, unexpected = combined.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("base.", "encoder.")) for k in missing):
+        raise ValueError(f"head weights do not fit (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    return combined.to(next(head.parameters()).device)
