@@ -1,8 +1,10 @@
 """Whole predict time per box: `set_image` + `predict(box=...)` on one real image, any model.
 
 For a zoomed model (the default) this is one crop, one encoder run and one decoder run per box:
-what a user waits for after drawing a box. Median of repeated runs after warm-up, per thread count,
-all models in the same run (compare only rows of one run: the CPU and its load are recorded).
+what a user waits for after drawing a box. With `--auto CHANNEL`, also `set_image` +
+`predict_auto(CHANNEL)` (no prompt: the whole image, through an own automatic encoder where the model
+has one). Median of repeated runs after warm-up, per thread count, all models in the same run
+(compare only rows of one run: the CPU and its load are recorded).
 
     python benchmarks/bench_box_latency.py --models default runs/previous-default.safetensors
 """
@@ -48,6 +50,14 @@ def time_box(predictor, image: np.ndarray, box: np.ndarray, warmup: int, repeats
     return time_calls(once, warmup, repeats)
 
 
+def time_auto(predictor, image: np.ndarray, channel: str, warmup: int, repeats: int) -> list[float]:
+    def once() -> None:
+        predictor.set_image(image)
+        predictor.predict_auto(channel)
+
+    return time_calls(once, warmup, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["default"])
@@ -55,6 +65,8 @@ def main() -> None:
     parser.add_argument("--box", nargs=4, type=float, default=[200, 150, 400, 330])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--auto", default=None, metavar="CHANNEL",
+                        help="also time an automatic (no-prompt) answer through this channel")
     parser.add_argument("--name", default="box-latency")
     args = parser.parse_args()
     image, box = read_image(args.image), np.array(args.box)
@@ -63,16 +75,21 @@ def main() -> None:
         torch.set_num_threads(threads)
         for spec in args.models:
             predictor = load_predictor(spec)
-            seconds = time_box(predictor, image, box, 3, args.repeats)
-            rows.append({"model": spec, "predictor": type(predictor).__name__, "threads": threads,
-                         "median_ms": 1000 * float(np.median(seconds)),
-                         "p10_ms": 1000 * float(np.percentile(seconds, 10)),
-                         "p90_ms": 1000 * float(np.percentile(seconds, 90)), "load_average": os.getloadavg()[0]})
-            print(json.dumps(rows[-1]), flush=True)
+            calls = {"box": lambda p=predictor: time_box(p, image, box, 3, args.repeats)}
+            if args.auto:
+                calls["auto"] = lambda p=predictor: time_auto(p, image, args.auto, 3, args.repeats)
+            for call, timed in calls.items():
+                seconds = timed()
+                rows.append({"model": spec, "predictor": type(predictor).__name__, "call": call,
+                             "threads": threads, "median_ms": 1000 * float(np.median(seconds)),
+                             "p10_ms": 1000 * float(np.percentile(seconds, 10)),
+                             "p90_ms": 1000 * float(np.percentile(seconds, 90)), "load_average": os.getloadavg()[0]})
+                print(json.dumps(rows[-1]), flush=True)
     document = {"benchmark": args.name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "machine": {**machine_info(), "cpu_model": cpu_model()}, "image": Path(args.image).name,
                 "image_hw": list(image.shape[:2]), "box": args.box, "rows": rows,
-                "command": "python benchmarks/bench_box_latency.py --models " + " ".join(args.models)}
+                "command": "python benchmarks/bench_box_latency.py --models " + " ".join(args.models)
+                + (f" --auto {args.auto}" if args.auto else "")}
     atomic_write_text(ROOT / "benchmarks" / "results" / f"{args.name}.json", json.dumps(document, indent=1))
 
 

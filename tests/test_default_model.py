@@ -25,8 +25,9 @@ def default_model():
 def test_encoder_is_under_a_million_parameters(default_model):
     assert count_parameters(default_model.image_encoder) <= 900_000
     assert default_model.image_size == 256
-    # fp16: the base (10.1 MB) and the automatic head with its own decoder copy (10.3 MB).
-    assert bundled_default_path().stat().st_size < 22e6
+    # fp16: the base (10.1 MB) and the automatic head with its own decoder copy (10.3 MB) and, since
+    # 2026-12-06 evening, its own whole-scan encoder (1.8 MB).
+    assert bundled_default_path().stat().st_size < 23e6
 
 
 def test_runs_zoomed_and_without_the_lattice(default_model):
@@ -79,3 +80,10 @@ def test_packing_the_default_keeps_its_automatic_head(tmp_path):
     assert calibration == read_checkpoint(bundled_default_path())["meta"]["presence_calibration"]
     assert calibration["split"].startswith("val") and calibration["threshold"] == pytest.approx(
         model.config.presence_threshold)
+    # Its automatic path keeps an encoder of its own (a whole-scan model's), also under a million parameters,
+    # and the prompt model stays the one box prompts are answered by.
+    assert model.encoder is not None and count_parameters(model.encoder.image_encoder) <= 900_000
+    plain = load_model("default")
+    assert all(np.array_equal(v.numpy(), model.base.state_dict()[k].numpy()) for k, v in plain.state_dict().items())
+    own, prompts = (m.image_encoder.trunk.patch_embed.proj.weight.detach().numpy() for m in (model.encoder, plain))
+    assert not np.array_equal(own, prompts)

@@ -418,8 +418,9 @@ class HeadStub:
     mask_threshold = 0.0
     modality_choices = ("a", "b")
 
-    def __init__(self, head_mask: np.ndarray) -> None:
+    def __init__(self, head_mask: np.ndarray, head_logits: np.ndarray | None = None) -> None:
         self.head_mask, self.modality, self.auto_calls = head_mask, None, []
+        self.head_logits = np.where(head_mask, 10.0, -10.0).astype(np.float32) if head_logits is None else head_logits
 
     def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
         return automatic
@@ -433,7 +434,7 @@ class HeadStub:
 
     def predict_auto(self, modality=None, return_logits=False):
         self.auto_calls.append(modality)
-        return self.head_mask, 1.0, np.zeros((16, 16))
+        return (self.head_logits if return_logits else self.head_mask), 1.0, np.zeros((16, 16))
 
     def predict(self, box=None, points=None, labels=None, multimask=False, return_logits=False):
         answer = np.zeros(self.hw, bool)
@@ -466,8 +467,9 @@ def test_a_tap_in_the_heads_part_is_answered_as_its_box():
     stub.modality = "b"
     answer = _tap(zoom, 70, 55)
     assert stub.auto_calls == ["b"]
-    assert answer[head].all()  # the part's box, loosened by TAP_LOCATOR_PADDING, filled by the box answer
-    assert answer.sum() < 1.2 * head.sum()
+    # The part's box (loosened by TAP_LOCATOR_PADDING) filled by the box answer, averaged with the head's
+    # logits: where the head says a firm no inside the loosened box, the mean says no too.
+    np.testing.assert_array_equal(answer, head)
     zoom.exact_boxes = True  # --tight-boxes: the part's loosened box still goes without the exact-box tokens
     np.testing.assert_array_equal(_tap(zoom, 70, 55), answer)  # (the stub takes no exact_box argument)
     zoom.exact_boxes = False
@@ -476,6 +478,18 @@ def test_a_tap_in_the_heads_part_is_answered_as_its_box():
         stub.modality, zoom.tap_locator = modality, locator
         assert _tap(zoom, x, y).sum() <= 25
     assert not ZoomPredictor(stub, tap_locator=False).selects_modality(tap=True)
+
+
+def test_a_located_tap_is_the_mean_of_the_heads_and_the_box_answers_logits():
+    head = _rectangle(40, 30, 100, 80)
+    logits = np.full((H, W), -10.0, np.float32)
+    logits[28:82, 38:102] = -2.0  # a weak no around the part, inside its loosened box
+    logits[head] = 10.0
+    stub = HeadStub(head, logits)
+    stub.modality = "a"
+    answer = _tap(ZoomPredictor(stub, tap_regions=False), 70, 55)
+    # Box answer +10 everywhere in the box: the weak ring joins ((10 - 2) / 2 > 0), the rest stays out.
+    np.testing.assert_array_equal(answer, logits > -5)
 
 
 def test_a_located_answer_that_disagrees_with_the_part_is_not_kept():
