@@ -12,6 +12,7 @@ from uniultra.auto.calibration import ImageOutcome, choose_threshold, mean_dice
 from uniultra.auto.trainer import train_auto
 from uniultra.cli import main
 from uniultra.inference.loading import load_auto_model
+from uniultra.models.auto_checkpoint import save_auto_model
 from uniultra.models.auto_segmenter import ABSENT_LOGIT, AutoHeadConfig, AutoSegmenter
 from uniultra.models.image_model import SAM2ImageModel
 
@@ -62,7 +63,7 @@ def test_gate_empties_absent_images_in_eval_mode_only():
         AutoHeadConfig(presence_threshold=1.5)
 
 
-def test_training_calibrates_best_pt_and_the_command_recalibrates(phantom_sets, tmp_path):  # noqa: F811
+def test_training_calibrates_best_pt_and_the_command_recalibrates(phantom_sets, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     config = run_config(out, phantom_sets)
     result = train_auto(config)
@@ -80,3 +81,12 @@ def test_training_calibrates_best_pt_and_the_command_recalibrates(phantom_sets, 
     assert main(["auto", "calibrate", "--config", str(config_file), "--model", str(out / "best.pt")]) == 0
     again = torch.load(out / "best.pt", weights_only=True)["meta"]["presence_calibration"]
     assert again["threshold"] == calibration["threshold"]  # same weights, same val split: same choice
+
+    # A head whose automatic path reads another encoder than the config's model.base is refused: the
+    # command's cached features would not be the ones it decodes.
+    other = load_auto_model(out / "best.pt")
+    with torch.no_grad():
+        next(other.base.image_encoder.parameters()).add_(0.1)
+    save_auto_model(other, tmp_path / "other.pt")
+    assert main(["auto", "calibrate", "--config", str(config_file), "--model", str(tmp_path / "other.pt")]) != 0
+    assert "other.pt: its automatic path runs another image encoder" in capsys.readouterr().err

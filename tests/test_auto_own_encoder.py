@@ -155,3 +155,15 @@ def test_info_counts_the_automatic_encoder_apart():
         p.numel() for p in prompts.sam_prompt_encoder.parameters()) + prompts.no_mem_embed.numel()
     assert combined.encoder_params == describe(prompts).encoder_params
     assert "of which its own encoder" in format_info(combined)
+
+
+def test_serving_describes_the_automatic_encoder(tmp_path):
+    from uniultra.inference.loading import load_for_serving
+
+    path = tmp_path / "combined.pt"
+    save_auto_model(with_own_encoder(whole_scan_head(), prompt_model()), path)
+    model, described = load_for_serving(str(path))
+    assert isinstance(model, AutoSegmenter) and described.endswith("busi, ddti (on its own encoder)")
+    head_path = tmp_path / "head.pt"
+    save_auto_model(whole_scan_head(), head_path)
+    assert "own encoder" not in load_for_serving(str(head_path))[1]

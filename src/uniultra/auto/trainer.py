@@ -439,7 +439,7 @@ class AutoTrainer(EpochLoop):
         """
         if not self.val_splits:
             return None
-        model = load_auto_model(path, self.ctx.device)
+        model = self._load_on_cached_features(path)
         model.config = dataclasses.replace(model.config, presence_threshold=None)
         outcomes = {s.images.name: [ImageOutcome(presence=r[4], dice=r[0], truth_empty=r[2])
                                     for r in self._score_split(s, model)] for s in self.val_splits}
@@ -454,6 +454,18 @@ class AutoTrainer(EpochLoop):
         meta[CALIBRATION_META] = result.as_dict()
         save_auto_model(model, path, meta=meta)
         return result
+
+    def _load_on_cached_features(self, path: Path) -> AutoSegmenter:
+        """The auto checkpoint `path`, refused unless its automatic path reads this run's encoder (the
+        cached features are `model.base`'s; a packed file's own encoder must be that model's)."""
+        model = load_auto_model(path, self.ctx.device)
+        mine = self.model.features_model.image_encoder.state_dict()
+        theirs = model.features_model.image_encoder.state_dict()
+        if mine.keys() != theirs.keys() or any(not torch.equal(v, theirs[k].to(v.device)) for k, v in mine.items()):
+            raise ValueError(f"{path}: its automatic path runs another image encoder than model.base of {self.source} "
+                             f"({self.config.model.base}), whose features this command reads: give the config its "
+                             "head was trained with")
+        return model
 
     def _cross_fitted_train_outcomes(self, model: AutoSegmenter, meta: dict[str, Any], path: Path,
                                      folds: int) -> dict[str, list]:
@@ -484,7 +496,7 @@ class AutoTrainer(EpochLoop):
     def fit_presence_probe(self, path: Path) -> dict[str, dict]:
         """Fit the presence probe of the auto checkpoint `path` (attached when it has none) on the
         train splits' cached features, strength chosen on val, and rewrite the checkpoint."""
-        model = load_auto_model(path, self.ctx.device)
+        model = self._load_on_cached_features(path)
         probe = model.presence_probe if model.presence_probe is not None else model.attach_presence_probe()
         report = fit_presence_probe(probe, self._channel_statistics(self.train_splits),
                                     self._channel_statistics(self.val_splits))

@@ -477,6 +477,8 @@ def load_for_serving(spec: str, image_size: int | None = None,
     model = load_any_model(spec.removeprefix(TORCH_BF16_PREFIX), image_size=image_size, device=device)
     base = getattr(model, "base", model)  # an automatic-mode model wraps a box-promptable base
     auto = "" if base is model else f", automatic mode for {', '.join(model.config.modalities)}"
+    if base is not model and model.encoder is not None:
+        auto += " (on its own encoder)"
     described = f"{base.config.name}, {base.config.image_size} px{auto}{', encoder bf16' if bf16 else ''}"
     return ((lambda: predictor_for(model, cpu_bf16=True)) if bf16 else model), described
 
