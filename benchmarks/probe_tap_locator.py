@@ -12,7 +12,9 @@ Rows: the shipped answer, the head's part itself, the locator always (+ each pad
 kept only when its answer agrees with the part (IoU above each of AGREEMENTS; what
 `ZoomPredictor` ships with TAP_LOCATOR_AGREEMENT and TAP_LOCATOR_PADDING), Dice over the split's
 one-object images (tap = the farthest interior point, as `uniultra evaluate --prompt point`).
-Writes `benchmarks/results/probe-tap-locator-<split>.json` (or `--name`).
+Writes `benchmarks/results/probe-tap-locator-<split>.json` (or `--name`). A set the head has no channel for
+(a leave-one-out fold's model on its held-out set) gets the shipped answer and, with --every-channel, the
+every-channel rows only.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str
     zoom.set_image(item["image"])
     tap = dict(points=point[None], labels=np.ones(1, dtype=np.int64))
     shipped = np.asarray(zoom.predict(**tap)[0][0], dtype=bool)
+    if channel not in zoom.modality_choices:  # a held-out set (--split all on a fold's model): no channel of its own
+        row = {"shipped": dice(shipped, truth), "tap_in_head_mask": False, "head_part": 0.0,
+               **{f"{kind} pad {pad:g}": dice(shipped, truth) for pad in paddings for kind in ("locator", "blend")}}
+        return {**row, **(every_channel(zoom, truth, point, paddings[0], row["shipped"]) if every else {})}
     head_logits, presence, _ = zoom.predict_auto(channel, return_logits=True)
     found = np.asarray(head_logits) > zoom.mask_threshold
     part = tapped_part(found, point)
