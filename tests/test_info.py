@@ -48,3 +48,18 @@ def test_table_output_names_every_part(capsys):
 def test_bad_size_is_a_clear_error(capsys):
     assert main(["info", "--preset", "tiny", "--size", "1000"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_flops_count_the_peft_modules():
+    from uniultra.evaluation.model_info import count_model_flops
+    from uniultra.models.config import preset
+    from uniultra.models.image_model import SAM2ImageModel
+    from uniultra.peft.apply import apply_peft
+
+    plain = SAM2ImageModel(preset("mini", 256))
+    adapted = SAM2ImageModel(preset("mini", 256))
+    apply_peft(adapted, {"method": "ch_adapter"})
+    plain_encoder, plain_projection, plain_decoder = count_model_flops(plain)
+    encoder, projection, decoder = count_model_flops(adapted)
+    assert encoder > plain_encoder  # every adapted block runs its adapter too
+    assert (projection, decoder) == (plain_projection, plain_decoder)

@@ -9,6 +9,7 @@ import torch
 from uniultra.evaluation.efficiency import count_flops, count_parameters
 from uniultra.models.auto_segmenter import AutoSegmenter
 from uniultra.models.image_model import SAM2ImageModel
+from uniultra.peft.apply import apply_peft
 
 
 @dataclass
@@ -75,9 +76,10 @@ def count_model_flops(model: SAM2ImageModel) -> tuple[int, int, int]:
     """FLOPs of the image encoder (trunk + neck), of the decoder's once-per-image high-res
     projections (conv_s0, conv_s1), and of one box-prompt decoding; attention included.
 
-    The count runs on shape-only "meta" copies, so even Hiera-L at 1024 costs no real compute.
+    The count runs on shape-only "meta" copies, so even Hiera-L at 1024 costs no real compute; a
+    copy has the model's PEFT modules (CH-Adapters run in every block they sit in).
     """
-    meta = SAM2ImageModel(model.config).to("meta") if _on_real_device(model) else model
+    meta = _shape_twin(model) if _on_real_device(model) else model
     size = model.image_size
     images = torch.zeros(1, 3, size, size, device="meta")
     box = torch.tensor([[0.1 * size, 0.1 * size, 0.6 * size, 0.7 * size]], device="meta")
@@ -87,6 +89,15 @@ def count_model_flops(model: SAM2ImageModel) -> tuple[int, int, int]:
         features = meta.encode_image(images)
         decoder_flops = count_flops(lambda: meta.decode(features, boxes=box))
     return encoder_flops, per_image_flops - encoder_flops, decoder_flops
+
+
+def _shape_twin(model: SAM2ImageModel) -> SAM2ImageModel:
+    """A "meta" model of `model`'s architecture, its PEFT modules included."""
+    twin = SAM2ImageModel(model.config)
+    peft = getattr(model, "peft_config", None)
+    if peft is not None:
+        apply_peft(twin, peft)
+    return twin.to("meta")
 
 
 def _on_real_device(model: torch.nn.Module) -> bool:
