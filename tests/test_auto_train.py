@@ -21,6 +21,7 @@ from uniultra.engine.config import DataEntry, PhantomSpec
 from uniultra.engine.data import ensure_phantoms
 from uniultra.engine.run_archive import pack_run, restore_run
 from uniultra.inference.loading import load_auto_model, load_model
+from uniultra.models.auto_checkpoint import save_auto_model
 from uniultra.models.image_model import SAM2ImageModel
 
 SIZE = 128
@@ -163,3 +164,35 @@ def test_the_shipped_configs_are_valid():
     assert universal.modalities == ("busi", "ddti", "tg3k") and universal.model.modality_decoder
     assert not shared.model.modality_decoder
     assert universal.replace(model=shared.model, out_dir=shared.out_dir) == shared
+
+
+def test_init_head_starts_a_run_from_a_finished_head(phantom_sets, tmp_path):
+    first = train_auto(run_config(tmp_path / "first", phantom_sets)).model
+    first.attach_presence_probe()  # a file whose head has a probe: dropped for a run that fits none
+    first.presence_probe.weight.normal_()
+    save_auto_model(first, tmp_path / "head.pt")
+    warm = run_config(tmp_path / "warm", phantom_sets, model={"base": "preset:mini", "image_size": SIZE,
+                                                              "init_head": str(tmp_path / "head.pt"),
+                                                              "freeze_encoder": False},
+                      augment={"hflip": 0.5})
+    model, _ = build_auto_model(warm)
+    assert model.presence_probe is None
+    want = {k: v for k, v in first.head_state().items() if not k.startswith("presence_probe.")}
+    got = model.head_state()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    cold, _ = build_auto_model(run_config(tmp_path / "cold", phantom_sets))
+    key = "prompt_generator.score.0.weight"
+    assert not torch.equal(cold.head_state()[key], want[key])
+
+
+def test_init_head_refuses_other_channels_and_missing_files(phantom_sets, tmp_path):
+    train_auto(run_config(tmp_path / "first", phantom_sets))
+    best = str(tmp_path / "first" / "best.pt")
+    swapped = run_config(tmp_path / "swapped", phantom_sets[::-1],
+                         model={"base": "preset:mini", "image_size": SIZE, "init_head": best})
+    with pytest.raises(ValueError, match=r"best\.pt: its channels \['pa', 'pb'\] are not this run's \['pb', 'pa'\]"):
+        build_auto_model(swapped)
+    missing = run_config(tmp_path / "missing", phantom_sets,
+                         model={"base": "preset:mini", "image_size": SIZE, "init_head": str(tmp_path / "no.pt")})
+    with pytest.raises(FileNotFoundError, match=r"init_head .*no\.pt does not exist"):
+        build_auto_model(missing)

@@ -35,6 +35,10 @@ class AutoModelSection:
     - `presence_probe`: after training, fit a presence probe on the encoder's pooled features
       (uniultra.models.presence_probe; closed form, train split, strength chosen on val); it then
       gives the presence score the gate is calibrated on. Needs `freeze_encoder` (cached features).
+    - `init_head`: an automatic checkpoint (a finished run's best.pt, trained with the same data
+      entries and head settings) whose head weights start this run instead of a random init: a warm
+      start, e.g. for training the encoder with a head that already works (`freeze_encoder: false`).
+      Its presence probe, if any, is left out when this run has none.
     - `presence_cross_fit`: K >= 2 chooses the gate on the val images AND the train images of every
       channel with a fitted probe, each scored by a probe refitted without its part of a K-fold split
       (BUSI: 119 normal scans, val and train, instead of 10); 0: val only. Needs `presence_probe`.
@@ -50,6 +54,7 @@ class AutoModelSection:
     presence_probe: bool = False
     own_decoder: bool = False
     presence_cross_fit: int = 0
+    init_head: str | None = None
 
     def __post_init__(self) -> None:
         if self.presence_probe and not self.freeze_encoder:

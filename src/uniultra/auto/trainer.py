@@ -59,9 +59,17 @@ from uniultra.engine.trainer import TrainHooks, TrainState
 from uniultra.engine.weights_hash import state_hash
 from uniultra.inference.loading import load_auto_model
 from uniultra.inference.transforms import upsample_logits
-from uniultra.models.auto_checkpoint import CALIBRATION_META, PROBE_META, fitted_probe_channels, save_auto_model
+from uniultra.models.auto_checkpoint import (
+    CALIBRATION_META,
+    META_KEY,
+    PROBE_META,
+    fitted_probe_channels,
+    is_auto_data,
+    load_head_state,
+    save_auto_model,
+)
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoOutput, AutoSegmenter, presence
-from uniultra.models.checkpoint import read_checkpoint
+from uniultra.models.checkpoint import AUTO_HEAD_PREFIX, read_checkpoint
 from uniultra.models.image_model import ImageFeatures, SAM2ImageModel
 from uniultra.models.patch_prompt import patch_targets
 from uniultra.models.presence_probe import pooled_statistics
@@ -112,7 +120,29 @@ def build_auto_model(config: AutoTrainConfig, source: str = "config") -> tuple[A
     head = AutoHeadConfig(modalities=config.modalities, modality_decoder=m.modality_decoder, patch_size=m.patch_size,
                           presence_head=m.presence_head, presence_probe=m.presence_probe, own_decoder=m.own_decoder)
     torch.manual_seed(config.seed)  # the prompt generator's random init
-    return AutoSegmenter(base, head), identity
+    model = AutoSegmenter(base, head)
+    if m.init_head is not None:
+        warm_start_head(model, Path(m.init_head), source)
+    return model, identity
+
+
+def warm_start_head(model: AutoSegmenter, path: Path, source: str = "config") -> None:
+    """Load the head weights of the automatic checkpoint `path` into `model` (`model.init_head`): same
+    channels in the same order, same head settings; a presence probe in the file is dropped when
+    `model` has none (it is fitted after training, on the final encoder's features)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_head {path} does not exist ({source})")
+    data = read_checkpoint(path)
+    if not is_auto_data(data):
+        raise ValueError(f"model.init_head {path}: not an automatic checkpoint (no head to start from; {source})")
+    theirs = tuple(data["meta"][META_KEY].get("modalities") or ())
+    if theirs != model.config.modalities:
+        raise ValueError(f"model.init_head {path}: its channels {list(theirs)} are not this run's "
+                         f"{list(model.config.modalities)} (the data entries, in order; {source})")
+    probe = f"{AUTO_HEAD_PREFIX}presence_probe."
+    state = {k: v for k, v in data["state_dict"].items()
+             if not (model.presence_probe is None and k.startswith(probe))}
+    load_head_state(model, state, path)
 
 
 def mark_trainable(model: AutoSegmenter, config: AutoTrainConfig) -> dict[str, nn.Parameter]:
