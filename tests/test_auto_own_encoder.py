@@ -14,6 +14,7 @@ from uniultra.cli import main
 from uniultra.inference.auto_predictor import AutoPredictor
 from uniultra.inference.loading import load_any_model, load_auto_model, load_model, pack_model
 from uniultra.inference.predictor import Predictor
+from uniultra.inference.zoom import ZoomPredictor
 from uniultra.models.auto_checkpoint import save_auto_model
 from uniultra.models.auto_segmenter import AutoHeadConfig, AutoSegmenter, with_own_encoder
 from uniultra.models.checkpoint import CheckpointError, read_checkpoint, save_model
@@ -167,3 +168,22 @@ def test_serving_describes_the_automatic_encoder(tmp_path):
     head_path = tmp_path / "head.pt"
     save_auto_model(whole_scan_head(), head_path)
     assert "own encoder" not in load_for_serving(str(head_path))[1]
+
+
+def test_taps_on_one_image_read_the_head_once(monkeypatch):
+    combined = with_own_encoder(whole_scan_head(), prompt_model()).eval()
+    calls = []
+    original = combined.encoder.encode_image
+    monkeypatch.setattr(combined.encoder, "encode_image", lambda x: calls.append(1) or original(x))
+    zoom = ZoomPredictor(AutoPredictor(combined))
+    zoom.modality = "busi"
+    tap = dict(points=np.array([[40.0, 45.0]]), labels=np.array([1]))
+    zoom.set_image(scan())
+    first = zoom.predict(**tap)[0]
+    second = zoom.predict(points=np.array([[70.0, 30.0]]), labels=np.array([1]))[0]
+    again = zoom.predict(**tap)[0]
+    assert calls == [1]  # each tap's crops re-encode for the prompt model; the head's answer is kept
+    assert np.array_equal(first, again) and first.shape == second.shape == (1, *scan().shape)
+    zoom.set_image(scan(4))
+    zoom.predict(**tap)
+    assert calls == [1, 1]

@@ -127,6 +127,9 @@ class ZoomPredictor(ImageSession):
         # Taps not located by the head: the unsupervised regions holding them compete with the crops.
         self.tap_regions = tap_regions
         self._region_maps: np.ndarray | None = None
+        # The head's whole-image logits per modality, for the image set: every tap on it reads them, while
+        # each tap's crops replace the whole image's encoding in the wrapped predictor.
+        self._head_logits: dict[str, np.ndarray] = {}
         self._whole_image_set = False
 
     def around(self, predictor) -> ZoomPredictor:
@@ -135,7 +138,7 @@ class ZoomPredictor(ImageSession):
         twin = copy.copy(self)
         twin.predictor = predictor
         twin.reset_image()
-        twin._region_maps, twin._whole_image_set = None, False
+        twin._region_maps, twin._head_logits, twin._whole_image_set = None, {}, False
         return twin
 
     def __getattr__(self, name: str):
@@ -150,6 +153,7 @@ class ZoomPredictor(ImageSession):
         self._remember(image, image)
         self._whole_image_set = False
         self._region_maps = None
+        self._head_logits = {}
 
     def predict(self, box=None, points=None, labels=None, mask_input=None, multimask: bool = False,
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -268,9 +272,8 @@ class ZoomPredictor(ImageSession):
         with the part (TAP_LOCATOR_AGREEMENT); None without a head, a modality or such a part."""
         if not self._locates_taps() or self.predictor.modality is None:
             return None
-        self._encode_whole_image()
         threshold, positives = self.predictor.mask_threshold, points[labels == 1]
-        head = np.asarray(self.predictor.predict_auto(self.predictor.modality, return_logits=True)[0], np.float32)
+        head = self._head_answer(self.predictor.modality)
         part = parts_under(head > threshold, positives)
         if part is None:
             return None
@@ -287,6 +290,14 @@ class ZoomPredictor(ImageSession):
             return None
         answer = np.where(kept, blend, -LOGIT_CLAMP)[None]
         return (answer if return_logits else answer > threshold), scores, low
+
+    def _head_answer(self, modality: str) -> np.ndarray:
+        """The automatic head's logits for `modality` on the whole image, computed once per image."""
+        if modality not in self._head_logits:
+            self._encode_whole_image()
+            logits = self.predictor.predict_auto(modality, return_logits=True)[0]
+            self._head_logits[modality] = np.asarray(logits, np.float32)
+        return self._head_logits[modality]
 
     def _tap_rois(self, positives: np.ndarray) -> list[Roi]:
         return [tap_square(positives, scale, self.orig_hw) for scale in self.tap_scales]
