@@ -3,8 +3,10 @@
 For a zoomed model (the default) this is one crop, one encoder run and one decoder run per box:
 what a user waits for after drawing a box. With `--auto CHANNEL`, also `set_image` +
 `predict_auto(CHANNEL)` (no prompt: the whole image, through an own automatic encoder where the model
-has one). Median of repeated runs after warm-up, per thread count, all models in the same run
-(compare only rows of one run: the CPU and its load are recorded).
+has one), and with `--tap X Y` a later tap on the same image with CHANNEL named (`predict(points=...)`
+after a first, untimed tap: a located tap reuses the head's answer for the image). Median of repeated
+runs after warm-up, per thread count, all models in the same run (compare only rows of one run: the CPU
+and its load are recorded).
 
     python benchmarks/bench_box_latency.py --models default runs/previous-default.safetensors
 """
@@ -58,6 +60,18 @@ def time_auto(predictor, image: np.ndarray, channel: str, warmup: int, repeats: 
     return time_calls(once, warmup, repeats)
 
 
+def time_later_tap(predictor, image: np.ndarray, tap: np.ndarray, channel: str, warmup: int,
+                   repeats: int) -> list[float]:
+    """A tap on an image already tapped once, its anatomy named (the located-tap path of a zoomed model)."""
+    predictor.modality = channel
+    predictor.set_image(image)
+    try:
+        return time_calls(lambda: predictor.predict(points=tap[None], labels=np.ones(1, dtype=np.int64)),
+                          warmup, repeats)
+    finally:
+        predictor.modality = None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["default"])
@@ -67,6 +81,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--auto", default=None, metavar="CHANNEL",
                         help="also time an automatic (no-prompt) answer through this channel")
+    parser.add_argument("--tap", nargs=2, type=float, default=None, metavar=("X", "Y"),
+                        help="with --auto: also time a later tap at (X, Y) with that channel named")
     parser.add_argument("--name", default="box-latency")
     args = parser.parse_args()
     image, box = read_image(args.image), np.array(args.box)
@@ -78,6 +94,9 @@ def main() -> None:
             calls = {"box": lambda p=predictor: time_box(p, image, box, 3, args.repeats)}
             if args.auto:
                 calls["auto"] = lambda p=predictor: time_auto(p, image, args.auto, 3, args.repeats)
+            if args.auto and args.tap and predictor.selects_modality(tap=True):
+                calls["later tap"] = lambda p=predictor: time_later_tap(p, image, np.array(args.tap), args.auto, 3,
+                                                                        args.repeats)
             for call, timed in calls.items():
                 seconds = timed()
                 rows.append({"model": spec, "predictor": type(predictor).__name__, "call": call,
@@ -89,7 +108,8 @@ def main() -> None:
                 "machine": {**machine_info(), "cpu_model": cpu_model()}, "image": Path(args.image).name,
                 "image_hw": list(image.shape[:2]), "box": args.box, "rows": rows,
                 "command": "python benchmarks/bench_box_latency.py --models " + " ".join(args.models)
-                + (f" --auto {args.auto}" if args.auto else "")}
+                + (f" --auto {args.auto}" if args.auto else "")
+                + (f" --tap {args.tap[0]:g} {args.tap[1]:g}" if args.tap else "")}
     atomic_write_text(ROOT / "benchmarks" / "results" / f"{args.name}.json", json.dumps(document, indent=1))
 
 
