@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from test_auto_train import phantom_sets, run_config  # noqa: F401 (phantom_sets is a fixture)
 from uniultra.auto.presence_fit import (
@@ -203,7 +204,21 @@ def test_training_with_cross_fitting_and_no_fitted_channel_calibrates_on_val(pha
     assert meta["presence_calibration"]["split"] == "val"
 
 
-def test_a_probe_needs_cached_features(tmp_path, phantom_sets):  # noqa: F811
-    with pytest.raises(ValueError, match="freeze_encoder"):
-        run_config(tmp_path, phantom_sets, model={"base": "preset:mini", "image_size": SIZE,
+def test_a_run_that_trains_its_encoder_fits_the_probe_on_the_trained_encoder(tmp_path, phantom_sets):  # noqa: F811
+    out = tmp_path / "run"
+    config = run_config(out, phantom_sets, model={"base": "preset:mini", "image_size": SIZE, "presence_head": True,
                                                   "presence_probe": True, "freeze_encoder": False})
+    train_auto(config)
+    best = out / "best.pt"
+    meta = read_checkpoint(best)["meta"]
+    assert set(meta[PROBE_META]) == {"pa", "pb"} and meta["presence_calibration"]["split"] == "val"
+    model = load_auto_model(best)
+    assert model.presence_probe is not None
+    trained = model.base.image_encoder.state_dict()
+    torch.manual_seed(config.seed)  # the preset base's init (uniultra.auto.trainer.load_base)
+    start = SAM2ImageModel.from_preset("mini", SIZE).image_encoder.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in trained.items())  # the encoder did train
+    # The finished run's config calibrates again: its features are the checkpoint's encoder's.
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["auto", "calibrate", "--config", str(path), "--model", str(best)]) == 0

@@ -34,7 +34,8 @@ class AutoModelSection:
       with `loss.presence` x BCE against "the mask is not empty".
     - `presence_probe`: after training, fit a presence probe on the encoder's pooled features
       (uniultra.models.presence_probe; closed form, train split, strength chosen on val); it then
-      gives the presence score the gate is calibrated on. Needs `freeze_encoder` (cached features).
+      gives the presence score the gate is calibrated on. It reads cached features: with
+      `freeze_encoder: false`, those of the encoder as trained (best.pt), computed after training.
     - `init_head`: an automatic checkpoint (a finished run's best.pt, trained with the same data
       entries and head settings) whose head weights start this run instead of a random init: a warm
       start, e.g. for training the encoder with a head that already works (`freeze_encoder: false`).
@@ -57,8 +58,6 @@ class AutoModelSection:
     init_head: str | None = None
 
     def __post_init__(self) -> None:
-        if self.presence_probe and not self.freeze_encoder:
-            raise ValueError("model.presence_probe needs model.freeze_encoder: true (it is fitted on cached features)")
         check_cross_fit(self.presence_cross_fit)
         if self.presence_cross_fit and not self.presence_probe:
             raise ValueError("model.presence_cross_fit needs model.presence_probe: true (it refits the probe)")

@@ -114,6 +114,14 @@ def load_base(config: AutoTrainConfig, source: str = "config") -> tuple[SAM2Imag
     return load_base_model(spec, size)
 
 
+def frozen_features_config(config: AutoTrainConfig, checkpoint: str | os.PathLike) -> AutoTrainConfig:
+    """`config` with `checkpoint`'s image model as a frozen base: for a run that trained its encoder
+    (`model.freeze_encoder: false`), the presence probe and gate are fitted on the cached features of the
+    encoder it trained, never on those of the base it started from."""
+    model = dataclasses.replace(config.model, base=str(checkpoint), freeze_encoder=True, init_head=None)
+    return config.replace(model=model, augment=None)
+
+
 def build_auto_model(config: AutoTrainConfig, source: str = "config") -> tuple[AutoSegmenter, dict[str, Any]]:
     base, identity = load_base(config, source)
     m = config.model
@@ -284,12 +292,22 @@ class AutoTrainer(EpochLoop):
         self._say(f"training the automatic head {cfg.optim.epochs} epochs x {self.steps_per_epoch} steps "
                   f"(batch {cfg.optim.batch_size}) on {self.ctx.device}; out {self.out_dir}")
         self._run_epochs()
+        best = self.out_dir / "best.pt"
+        fitter = self if cfg.model.freeze_encoder else self._fitter_on_trained_encoder(best)
         if cfg.model.presence_probe:
-            self._say(probe_text(self.fit_presence_probe(self.out_dir / "best.pt")))
-        calibration = self.calibrate_presence(self.out_dir / "best.pt", cross_fit=cfg.model.presence_cross_fit)
+            self._say(probe_text(fitter.fit_presence_probe(best)))
+        calibration = fitter.calibrate_presence(best, cross_fit=cfg.model.presence_cross_fit)
         if calibration is not None:
             self._say(calibration_text(calibration))
         return AutoTrainResult(self.out_dir, self.state, self.model, list(self.log.epochs), calibration)
+
+    def _fitter_on_trained_encoder(self, best: Path) -> AutoTrainer:
+        """A trainer whose cached features are those of `best`'s trained encoder, ready to fit the presence
+        probe and choose the gate (a run that trained its encoder scores presence with it)."""
+        cfg = self.config
+        fitter = AutoTrainer(frozen_features_config(cfg, best), source=f"{self.source} (trained encoder of {best})")
+        fitter.setup_validation(train=cfg.model.presence_probe, native_train=cfg.model.presence_cross_fit > 0)
+        return fitter
 
     # -- set-up ---------------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def run_auto_calibrate(args: argparse.Namespace) -> int:
     from uniultra.models.auto_checkpoint import fitted_probe_channels
     from uniultra.models.checkpoint import read_checkpoint
 
-    config = load_auto_config(args.config, set_overrides(args.set_options))
+    config = on_cached_features(load_auto_config(args.config, set_overrides(args.set_options)), args.model)
     folds = check_cross_fit(config.model.presence_cross_fit if args.cross_fit is None else args.cross_fit)
     # Only the datasets whose probe was fitted are scored out of fold: the others are never gated.
     fitted = fitted_probe_channels(read_checkpoint(args.model).get("meta")) if folds else ()
@@ -100,7 +100,7 @@ def run_auto_fit_presence(args: argparse.Namespace) -> int:
     from uniultra.auto.config import check_cross_fit, load_auto_config
     from uniultra.auto.trainer import AutoTrainer, calibration_text, probe_text
 
-    config = load_auto_config(args.config, set_overrides(args.set_options))
+    config = on_cached_features(load_auto_config(args.config, set_overrides(args.set_options)), args.model)
     folds = check_cross_fit(config.model.presence_cross_fit if args.cross_fit is None else args.cross_fit)
     trainer = AutoTrainer(config, source=str(args.config))
     trainer.setup_validation(train=True, native_train=bool(folds))
@@ -110,3 +110,12 @@ def run_auto_fit_presence(args: argparse.Namespace) -> int:
     if trainer.val_splits:
         print(calibration_text(trainer.calibrate_presence(args.model, cross_fit=folds)))
     return 0
+
+
+def on_cached_features(config, checkpoint: Path):
+    """`config` as `calibrate` and `fit-presence` read it: for a run that trained its encoder
+    (`model.freeze_encoder: false`), the checkpoint's trained encoder is the frozen base whose
+    features are cached and scored."""
+    from uniultra.auto.trainer import frozen_features_config
+
+    return config if config.model.freeze_encoder else frozen_features_config(config, checkpoint)
