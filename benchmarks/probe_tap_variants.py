@@ -13,7 +13,9 @@ image (tap = the farthest interior point), the Dice of:
 - `lower threshold`: where the tap lies in no part of the head's mask, the part of its logits above
   -1, -2 or -3 (the first that holds the tap) locates it, under the same rule;
 - `regions where the locator gives up`: the answer with no anatomy named (the crops AND the unsupervised
-  regions holding the tap) wherever the shipped rule falls back on the crops.
+  regions holding the tap) wherever the shipped rule falls back on the crops;
+- `located answer votes`: a located answer that disagrees with the head's part joins the crops' vote
+  (`ZoomPredictor.tap_locator_votes`) instead of being dropped.
 Writes `benchmarks/results/probe-tap-variants-<split>.json` (or `--name`).
 """
 
@@ -91,8 +93,12 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str
     crops = np.asarray(zoom.predict(**tap)[0][0], bool)
     zoom.tap_locator = True
     shipped = np.asarray(zoom.predict(**tap)[0][0], bool)
+    zoom.tap_locator_votes = True
+    votes = np.asarray(zoom.predict(**tap)[0][0], bool)
+    zoom.tap_locator_votes = False
     head = np.asarray(zoom.predict_auto(channel, return_logits=True)[0], np.float32)
-    row = {"shipped": dice(shipped, truth), "crops": dice(crops, truth), "unnamed": dice(unnamed, truth)}
+    row = {"shipped": dice(shipped, truth), "crops": dice(crops, truth), "unnamed": dice(unnamed, truth),
+           "located answer votes": dice(votes, truth)}
     part = parts_under(head > zoom.mask_threshold, point[None])
     if part is not None:
         row["located"] = located_rows(zoom, image, head, part, point, truth)
@@ -117,9 +123,9 @@ def variant(row: dict, name: str) -> float:
 
 
 def summarise(rows: list[dict]) -> dict:
-    names = ("shipped", "crops", *BLENDS, "lower threshold", "regions where the locator gives up")
-    rule = {"dice_" + name.replace(" ", "_"): round(100 * float(np.mean([variant(r, name) if name not in
-                                                                           ("shipped", "crops") else r[name]
+    direct = ("shipped", "crops", "located answer votes")
+    names = (*direct, *BLENDS, "lower threshold", "regions where the locator gives up")
+    rule = {"dice_" + name.replace(" ", "_"): round(100 * float(np.mean([r[name] if name in direct else variant(r, name)
                                                                            for r in rows])), 2)
             for name in names}
     gave_up = sum(1 for r in rows if r.get("located", {}).get("agreement", 0.0) <= TAP_LOCATOR_AGREEMENT)

@@ -500,6 +500,23 @@ def test_a_located_answer_that_disagrees_with_the_part_is_not_kept():
     assert stub.auto_calls == ["a"] and answer.sum() <= 25
 
 
+def test_a_disagreeing_located_answer_can_join_the_crops_vote(monkeypatch):
+    import uniultra.inference.zoom as zoom_module
+
+    head = _rectangle(20, 20, 30, 100) | _rectangle(20, 90, 140, 100)
+    stub = HeadStub(head)
+    stub.modality = "a"
+    voted = []
+    most_agreed = zoom_module._most_agreed
+    monkeypatch.setattr(zoom_module, "_most_agreed", lambda answers, *a, **k: voted.append(answers) or
+                        most_agreed(answers, *a, **k))
+    for votes in (False, True):
+        answer = _tap(ZoomPredictor(stub, tap_regions=False, tap_locator_votes=votes), 25, 50)
+        assert answer.sum() <= 25  # the crops agree with each other, not with the L's box answer
+    without, with_located = (len(v) for v in voted)
+    assert with_located == without + 1 and voted[1][-1][0][0][head].all()
+
+
 def test_taps_need_no_modality_where_boxes_need_none():
     from uniultra.inference.auto_predictor import check_modality_option, choose_modality
 
