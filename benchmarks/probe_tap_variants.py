@@ -2,7 +2,8 @@
 
     python benchmarks/probe_tap_variants.py --split val
 
-The shipped rule (`ZoomPredictor._located_tap`): the automatic head's part under the tap, its box loosened
+The shipped rule (`ZoomPredictor._located_tap`): the automatic head's part under the tap (its logits read with the
+presence gate off since 2026-12-06 night: a tap says the object is there), its box loosened
 by TAP_LOCATOR_PADDING, answered with the tap; kept when it agrees with the part (TAP_LOCATOR_AGREEMENT), the
 answer being the mean of the box answer's and the head's logits; else the tap's crops answer. Per one-object
 image (tap = the farthest interior point), the Dice of:
@@ -96,7 +97,7 @@ def probe_image(zoom: ZoomPredictor, item: dict, point: np.ndarray, channel: str
     zoom.tap_locator_votes = True
     votes = np.asarray(zoom.predict(**tap)[0][0], bool)
     zoom.tap_locator_votes = False
-    head = np.asarray(zoom.predict_auto(channel, return_logits=True)[0], np.float32)
+    head = np.asarray(zoom.predict_auto(channel, return_logits=True, presence_gate="off")[0], np.float32)
     row = {"shipped": dice(shipped, truth), "crops": dice(crops, truth), "unnamed": dice(unnamed, truth),
            "located answer votes": dice(votes, truth)}
     part = parts_under(head > zoom.mask_threshold, point[None])

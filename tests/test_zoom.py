@@ -419,7 +419,7 @@ class HeadStub:
     modality_choices = ("a", "b")
 
     def __init__(self, head_mask: np.ndarray, head_logits: np.ndarray | None = None) -> None:
-        self.head_mask, self.modality, self.auto_calls = head_mask, None, []
+        self.head_mask, self.modality, self.auto_calls, self.gates = head_mask, None, [], []
         self.head_logits = np.where(head_mask, 10.0, -10.0).astype(np.float32) if head_logits is None else head_logits
 
     def selects_modality(self, automatic: bool = False, tap: bool = False) -> bool:
@@ -432,8 +432,9 @@ class HeadStub:
     def set_image(self, image: np.ndarray) -> None:
         self.hw = image.shape[:2]
 
-    def predict_auto(self, modality=None, return_logits=False):
+    def predict_auto(self, modality=None, return_logits=False, presence_gate="calibrated"):
         self.auto_calls.append(modality)
+        self.gates.append(presence_gate)
         return (self.head_logits if return_logits else self.head_mask), 1.0, np.zeros((16, 16))
 
     def predict(self, box=None, points=None, labels=None, multimask=False, return_logits=False):
@@ -466,7 +467,7 @@ def test_a_tap_in_the_heads_part_is_answered_as_its_box():
     assert zoom.selects_modality(tap=True) and not zoom.selects_modality()
     stub.modality = "b"
     answer = _tap(zoom, 70, 55)
-    assert stub.auto_calls == ["b"]
+    assert stub.auto_calls == ["b"] and stub.gates == ["off"]  # a tap says the object is there: no presence gate
     # The part's box (loosened by TAP_LOCATOR_PADDING) filled by the box answer, averaged with the head's
     # logits: where the head says a firm no inside the loosened box, the mean says no too.
     np.testing.assert_array_equal(answer, head)

@@ -301,7 +301,8 @@ class ZoomPredictor(ImageSession):
         """The automatic head's logits for `modality` on the whole image, computed once per image."""
         if modality not in self._head_logits:
             self._encode_whole_image()
-            logits = self.predictor.predict_auto(modality, return_logits=True)[0]
+            # A tap says the object is there: the presence gate, which answers "is anything here", stays off.
+            logits = self.predictor.predict_auto(modality, return_logits=True, presence_gate="off")[0]
             self._head_logits[modality] = np.asarray(logits, np.float32)
         return self._head_logits[modality]
 
